@@ -288,6 +288,9 @@ def onnx_accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
 
 def write_readme(output_dir: Path, split: DigitsSplit, accuracies: dict[str, float]) -> None:
     """Write ``models/README.md`` describing the files and the measured accuracies."""
+    mlp_accuracy = accuracies["digits_mlp.onnx"]
+    vit_accuracy = accuracies["digits_vit.onnx"]
+    n_calib, n_eval = len(split.calib_labels), len(split.eval_labels)
     text = f"""# Test models
 
 Small ONNX models and data used by the tests and examples. Regenerate everything here with
@@ -298,15 +301,18 @@ python tools/make_digits_models.py
 
 (seeded: reruns give the same weights; a few seconds on a CPU). The data is scikit-learn's digits set
 (8x8 images, 10 classes), pixels scaled to [0, 1] and flattened to 64 values, split with a fixed
-permutation into {len(split.train_labels)} training, {len(split.calib_labels)} calibration and
-{len(split.eval_labels)} evaluation images.
+permutation into {len(split.train_labels)} training, {n_calib} calibration and {n_eval} evaluation images.
 
-| file | what it is |
-|---|---|
-| `digits_mlp.onnx` | MLP 64→256→256→10 (ReLU). Input `input` float32 [batch, 64], output `logits` [batch, 10]. Its three Linear layers are `Gemm` nodes with `transB=1`. Eval accuracy {accuracies["digits_mlp.onnx"]:.4f}. |
-| `digits_vit.onnx` | Tiny ViT: 16 patches of 2x2, dim 64, learned positions, 2 pre-norm blocks (4 heads, q/k/v/out projections, MLP 64→128→64 GELU), mean pool, linear head. Same input/output. 13 Linear layers on 3-D activations are `MatMul` with a constant `[K, N]` initializer (+ `Add`); the head is a `Gemm`. Eval accuracy {accuracies["digits_vit.onnx"]:.4f}. |
-| `digits_calib.npz` | key `input`: float32 [{len(split.calib_labels)}, 64], calibration images (disjoint from train and eval). |
-| `digits_eval.npz` | keys `input` float32 [{len(split.eval_labels)}, 64] and `labels` int64 [{len(split.eval_labels)}]. |
+- `digits_mlp.onnx`: MLP 64→256→256→10 (ReLU). Input `input` float32 [batch, 64], output `logits`
+  [batch, 10]. Its three Linear layers are `Gemm` nodes with `transB=1` (weight stored [N, K]).
+  Eval accuracy {mlp_accuracy:.4f}.
+- `digits_vit.onnx`: tiny ViT: 16 patches of 2x2 pixels, dim 64, learned positions, 2 pre-norm blocks
+  (4 heads, q/k/v/out projections, MLP 64→128→64 with GELU), mean pool, linear head. Same input and
+  output. Its 13 Linear layers on 3-D activations are `MatMul` with a constant [K, N] initializer
+  followed by `Add(bias, ·)`; the head is a `Gemm`. Eval accuracy {vit_accuracy:.4f}.
+- `digits_calib.npz`: key `input` float32 [{n_calib}, 64], calibration images (disjoint from train
+  and eval).
+- `digits_eval.npz`: keys `input` float32 [{n_eval}, 64] and `labels` int64 [{n_eval}].
 
 Accuracy of any of these models (or a rewritten one):
 
@@ -331,7 +337,9 @@ def display_path(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Train, export and evaluate both digit classifiers; write data and README into ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUTPUT_DIR, help="output folder (default: models/)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUTPUT_DIR, help="output folder (default: models/)"
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log per-epoch losses")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if arguments.verbose else logging.INFO, format="%(message)s")
@@ -373,11 +381,15 @@ def main(argv: list[str] | None = None) -> int:
 
     vit_counts = count_constant_weight_matmuls(output_dir / "digits_vit.onnx")
     if vit_counts["MatMul_constant_weight"] < 10:
-        logger.error("digits_vit.onnx has only %d constant-weight MatMuls", vit_counts["MatMul_constant_weight"])
+        logger.error(
+            "digits_vit.onnx has only %d constant-weight MatMuls, expected 13",
+            vit_counts["MatMul_constant_weight"],
+        )
         return 1
     write_readme(output_dir, split, accuracies)
     for filename, accuracy in accuracies.items():
-        print(f"{display_path(output_dir / filename)}  accuracy {accuracy:.4f}  ({len(split.eval_labels)} samples)")
+        shown = display_path(output_dir / filename)
+        print(f"{shown}  accuracy {accuracy:.4f}  ({len(split.eval_labels)} samples)")
     return 0
 
 
