@@ -1,0 +1,162 @@
+"""``inspect``: every site with its shape, break-even rank and energy ranks; every skip with its reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxsvd.config import RewriteConfig
+from onnxsvd.errors import FactorizationError
+from onnxsvd.factorize import decompose
+from onnxsvd.graph import GraphIndex, find_sites, load_weight
+from onnxsvd.rank import break_even_rank, energy_rank
+
+__all__ = ["SiteSummary", "SkipSummary", "Inspection", "inspect_model", "plot_spectra"]
+
+DEFAULT_ENERGIES = (0.8, 0.9, 0.99)
+
+
+@dataclasses.dataclass
+class SiteSummary:
+    """One site: its normal-form shape, parameters, break-even rank and the ranks keeping each energy."""
+
+    name: str
+    op_type: str
+    shape: list[int]
+    params: int
+    break_even_rank: int
+    energy_ranks: dict[str, int]
+    weight_side: str
+    dtype: str
+    shared_with: list[str]
+    singular_values: list[float] | None = None
+    note: str = ""
+
+
+@dataclasses.dataclass
+class SkipSummary:
+    name: str
+    op_type: str
+    reason: str
+    shape: list[int] | None
+
+
+@dataclasses.dataclass
+class Inspection:
+    """What ``inspect`` shows: the sites, the skips, and the model's total parameters."""
+
+    sites: list[SiteSummary]
+    skips: list[SkipSummary]
+    params_total: int
+    params_in_sites: int
+
+    def to_dict(self, with_spectra: bool = False) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if not with_spectra:
+            for site in data["sites"]:
+                site.pop("singular_values", None)
+        return data
+
+
+def inspect_model(
+    model: onnx.ModelProto,
+    config: RewriteConfig | None = None,
+    energies: Sequence[float] = DEFAULT_ENERGIES,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> Inspection:
+    """Survey ``model``: compute each weight's spectrum (plain SVD) and the ranks for ``energies``."""
+    from onnxsvd.io import count_parameters
+
+    config = config or RewriteConfig()
+    match = find_sites(model, config)
+    index = GraphIndex(model.graph)
+    spectra: dict[str, np.ndarray | None] = {}
+    notes: dict[str, str] = {}
+    groups: dict[str, list[str]] = {}
+    for site in match.sites:
+        groups.setdefault(site.group, []).append(site.name)
+    summaries: list[SiteSummary] = []
+    for site in match.sites:
+        if site.group not in spectra:
+            try:
+                spectra[site.group] = decompose(
+                    load_weight(index, site, str(base_dir) if base_dir else None)
+                ).s  # [min(K, N)]
+            except FactorizationError as error:
+                spectra[site.group], notes[site.group] = None, str(error)
+        spectrum = spectra[site.group]
+        ranks = {f"{e:g}": energy_rank(spectrum, e) for e in energies} if spectrum is not None else {}
+        summaries.append(
+            SiteSummary(
+                name=site.name,
+                op_type=site.op_type,
+                shape=[site.k, site.n],
+                params=site.params,
+                break_even_rank=break_even_rank(site.k, site.n),
+                energy_ranks=ranks,
+                weight_side=site.weight_side,
+                dtype=onnx.helper.tensor_dtype_to_string(site.weight.storage_dtype).replace("TensorProto.", ""),
+                shared_with=[n for n in groups[site.group] if n != site.name],
+                singular_values=[float(v) for v in spectrum] if spectrum is not None else None,
+                note=notes.get(site.group, ""),
+            )
+        )
+    skips = [
+        SkipSummary(s.name, s.op_type, s.reason, list(s.shape) if s.shape is not None else None) for s in match.skips
+    ]
+    counted: set[str] = set()
+    in_sites = 0
+    for site in match.sites:
+        if site.group not in counted:
+            counted.add(site.group)
+            in_sites += site.params
+    return Inspection(summaries, skips, count_parameters(model), in_sites)
+
+
+def plot_spectra(inspection: Inspection, path: str | os.PathLike[str]) -> Path:
+    """Draw normalised singular value spectra (σ_i/σ_1 against i/min(K, N)), one line per site."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        from onnxsvd.errors import UsageError
+
+        raise UsageError("--plot needs matplotlib: pip install 'onnxsvd[plot]'") from error
+    from onnxsvd.io import atomic_path
+
+    figure, (axis_spectrum, axis_energy) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for site in inspection.sites:
+        if not site.singular_values:
+            continue
+        values = np.asarray(site.singular_values)
+        if values[0] <= 0:
+            continue
+        position = np.arange(1, values.size + 1) / values.size
+        label = site.name if len(inspection.sites) <= 12 else None
+        axis_spectrum.semilogy(position, values / values[0], linewidth=1, label=label)
+        energy = np.cumsum(values**2) / np.sum(values**2)
+        axis_energy.plot(position, energy, linewidth=1)
+    axis_spectrum.set_xlabel("rank / min(K, N)")
+    axis_spectrum.set_ylabel("σ_i / σ_1")
+    axis_spectrum.set_title("singular value spectra")
+    axis_energy.set_xlabel("rank / min(K, N)")
+    axis_energy.set_ylabel("kept energy Σσ² share")
+    axis_energy.set_title("cumulative energy")
+    for level in (0.8, 0.9, 0.99):
+        axis_energy.axhline(level, color="grey", linestyle=":", linewidth=0.8)
+    if len(inspection.sites) <= 12:
+        axis_spectrum.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
+    plt.close(figure)
+    return path

@@ -1,0 +1,131 @@
+"""Configuration: frozen dataclasses, every default in one place, validated on construction.
+
+The CLI parses its options into these; the library takes them. An invalid value raises
+:class:`onnxsvd.errors.UsageError` with a message that says what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from onnxsvd.errors import UsageError
+
+__all__ = [
+    "RANK_POLICIES",
+    "METHODS",
+    "LAYOUTS",
+    "STORAGE_DTYPES",
+    "SVD_SOLVERS",
+    "RankPolicy",
+    "RewriteConfig",
+]
+
+#: Registries: the values each option accepts.
+RANK_POLICIES = ("rank", "ratio", "energy")
+METHODS = ("svd", "asvd", "whiten")
+LAYOUTS = ("fused", "stages")
+STORAGE_DTYPES = ("auto", "fp32", "fp16")
+SVD_SOLVERS = ("auto", "exact", "randomized")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankPolicy:
+    """How the rank of each layer is chosen.
+
+    Attributes:
+        kind: ``"ratio"`` (kept fraction of the layer's parameters, ``r = ⌊ρ·K·N/(K+N)⌋``),
+            ``"rank"`` (a fixed rank) or ``"energy"`` (smallest rank keeping β of ``Σσ²``).
+        value: ρ in (0, 1], the rank (≥ 1), or β in (0, 1].
+        align: round ranks to a multiple of this (GEMM kernels like multiples of 8); 1 disables it.
+        allow_growth: factorize even at or above the break-even rank ``r·(K+N) ≥ K·N``.
+    """
+
+    kind: str = "ratio"
+    value: float = 0.5
+    align: int = 8
+    allow_growth: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in RANK_POLICIES:
+            raise UsageError(f"unknown rank policy {self.kind!r}; use one of {', '.join(RANK_POLICIES)}")
+        if self.kind == "ratio" and not 0.0 < self.value <= 1.0:
+            raise UsageError(f"--ratio must be in (0, 1] (kept fraction of parameters), got {self.value:g}")
+        if self.kind == "energy" and not 0.0 < self.value <= 1.0:
+            raise UsageError(f"--energy must be in (0, 1] (kept share of Σσ²), got {self.value:g}")
+        if self.kind == "rank" and (self.value < 1 or self.value != int(self.value)):
+            raise UsageError(f"--rank must be a positive integer, got {self.value:g}")
+        if self.align < 1:
+            raise UsageError(f"--align must be at least 1, got {self.align}")
+
+    def describe(self) -> str:
+        """One line for summaries: what the policy means."""
+        if self.kind == "ratio":
+            return f"ratio {self.value:g} (kept fraction of each layer's parameters)"
+        if self.kind == "energy":
+            return f"energy {self.value:g} (kept share of Σσ² per layer)"
+        return f"rank {int(self.value)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RewriteConfig:
+    """Everything ``rewrite`` needs besides the model and calibration statistics.
+
+    Attributes:
+        policy: the rank policy.
+        stages: number of residual stages (each fitted to what the earlier, rounded stages left).
+        stage_ranks: explicit ranks per stage; overrides ``policy`` and ``stages`` when given.
+        layout: ``"fused"`` (two MatMuls, the stages' factors concatenated) or ``"stages"`` (one chain
+            per stage, summed, so trailing stages can be dropped).
+        method: ``"svd"`` (plain), ``"asvd"`` (diagonal activation scaling) or ``"whiten"`` (Cholesky
+            whitening). The last two need calibration statistics.
+        alpha: ASVD's exponent α in ``s = mean|x|^α``.
+        damping: whitening's damping, relative to the mean of ``diag(XᵀX)``.
+        include: regular expression; only sites whose node name matches are considered.
+        exclude: regular expression; sites whose node name matches are kept dense.
+        min_params: sites with fewer weight parameters stay dense.
+        dtype: storage dtype of the factors: ``"auto"`` (the weight's own), ``"fp32"`` or ``"fp16"``.
+    """
+
+    policy: RankPolicy = RankPolicy()
+    stages: int = 1
+    stage_ranks: tuple[int, ...] | None = None
+    layout: str = "fused"
+    method: str = "svd"
+    alpha: float = 0.5
+    damping: float = 1e-2
+    include: str | None = None
+    exclude: str | None = None
+    min_params: int = 0
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.stages < 1:
+            raise UsageError(f"--stages must be at least 1, got {self.stages}")
+        if self.stage_ranks is not None:
+            if not self.stage_ranks or any(r < 1 for r in self.stage_ranks):
+                raise UsageError(f"--stage-ranks must be positive integers, got {list(self.stage_ranks)}")
+            object.__setattr__(self, "stages", len(self.stage_ranks))
+        if self.layout not in LAYOUTS:
+            raise UsageError(f"unknown layout {self.layout!r}; use one of {', '.join(LAYOUTS)}")
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
+        if not 0.0 <= self.alpha <= 2.0:
+            raise UsageError(f"--alpha must be in [0, 2], got {self.alpha:g}")
+        if self.damping < 0.0:
+            raise UsageError(f"--damping must be ≥ 0, got {self.damping:g}")
+        if self.min_params < 0:
+            raise UsageError(f"--min-params must be ≥ 0, got {self.min_params}")
+        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise UsageError(f"{flag} {pattern!r} is not a valid regular expression: {error}") from error
+
+    @property
+    def needs_statistics(self) -> bool:
+        """True for the activation-aware methods."""
+        return self.method != "svd"

@@ -1,0 +1,67 @@
+"""One exception hierarchy for the whole package.
+
+Every error a user can cause is an :class:`OnnxSvdError` whose message says what went wrong *and* what
+to do about it, in one line. The CLI prints that line and exits with :attr:`OnnxSvdError.exit_code`;
+a traceback is shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OnnxSvdError",
+    "UsageError",
+    "ModelError",
+    "OutputError",
+    "DataError",
+    "StatsError",
+    "FactorizationError",
+    "ValidationGateError",
+    "ProviderError",
+    "UnsupportedOpError",
+]
+
+
+class OnnxSvdError(Exception):
+    """Base of every error onnxsvd raises on purpose. ``exit_code`` is what the CLI exits with."""
+
+    exit_code: int = 1
+
+
+class UsageError(OnnxSvdError):
+    """An option value or combination that cannot work (a ratio outside (0, 1], a negative rank...)."""
+
+    exit_code = 2
+
+
+class ModelError(OnnxSvdError):
+    """The input model is missing, empty, not ONNX, truncated or otherwise unusable."""
+
+
+class OutputError(OnnxSvdError):
+    """The output path cannot be written (same as the input, missing folder, not writable...)."""
+
+
+class DataError(OnnxSvdError):
+    """Calibration or evaluation data does not fit the model (name, dtype, rank, shape, file)."""
+
+
+class StatsError(OnnxSvdError):
+    """A statistics file is unreadable or belongs to another model."""
+
+
+class FactorizationError(OnnxSvdError):
+    """A factorization could not be computed (the site stays dense and the report says why)."""
+
+
+class ValidationGateError(OnnxSvdError):
+    """``validate --min-cosine/--max-top1-drop`` found the rewrite outside the gate."""
+
+    exit_code = 3
+
+
+class ProviderError(OnnxSvdError):
+    """An ONNX Runtime execution provider was asked for but is not available here."""
+
+
+class UnsupportedOpError(OnnxSvdError):
+    """The torch evaluator met an ONNX op it cannot run."""

@@ -1,0 +1,29 @@
+"""Factorization maths: ndarrays in, ndarrays out. No onnx, no graphs."""
+
+from __future__ import annotations
+
+from onnxsvd.factorize.lowrank import (
+    Decomposition,
+    Factorization,
+    Metric,
+    decompose,
+    diagonal_metric,
+    factorize,
+    identity_metric,
+    split_rank,
+    truncate,
+    whitening_metric,
+)
+
+__all__ = [
+    "Decomposition",
+    "Factorization",
+    "Metric",
+    "decompose",
+    "diagonal_metric",
+    "factorize",
+    "identity_metric",
+    "split_rank",
+    "truncate",
+    "whitening_metric",
+]

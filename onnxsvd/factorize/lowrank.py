@@ -1,0 +1,270 @@
+"""Truncated SVD in a data metric, with residual stages. ndarrays in, ndarrays out.
+
+Dimension legend:
+    K  input channels of the layer (rows of W)
+    N  output channels of the layer (columns of W)
+    r  rank of one stage; R the total rank over all stages
+    T  rows of calibration activations (all leading dimensions flattened)
+
+The layer is ``Y = X · W`` with ``X`` ``[T, K]`` and ``W`` ``[K, N]``. For a metric ``Lᵀ`` (``[K, K]``)
+
+    ‖X W − X W'‖_F = ‖Lᵀ (W − W')‖_F        when G = XᵀX = L Lᵀ              (whitening, SVD-LLM)
+    ‖diag(s) (W − W')‖_F                     when Lᵀ = diag(s), s = mean|x|^α  (ASVD)
+    ‖W − W'‖_F                               when Lᵀ = I                       (plain SVD)
+
+so the best rank-r ``W'`` in that metric is ``L⁻ᵀ · trunc_r(Lᵀ W)`` (Eckart–Young). Plain SVD is the
+identity metric: one code path for all three methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.linalg
+
+from onnxsvd.errors import FactorizationError
+
+__all__ = [
+    "Metric",
+    "Decomposition",
+    "Factorization",
+    "identity_metric",
+    "diagonal_metric",
+    "whitening_metric",
+    "decompose",
+    "truncate",
+    "factorize",
+    "split_rank",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """The left transform ``Lᵀ`` of a data metric, applied and undone without forming an inverse.
+
+    Attributes:
+        kind: ``"identity"``, ``"diagonal"``, ``"cholesky"`` or ``"eigen"``.
+        diagonal: ``[K]`` the diagonal of ``Lᵀ`` when ``kind == "diagonal"``.
+        lower: ``[K, K]`` ``L`` when ``kind`` is ``"cholesky"`` (lower-triangular) or ``"eigen"``
+            (``L = Q Λ^½``, orthogonal columns).
+    """
+
+    kind: str
+    diagonal: np.ndarray | None = None
+    lower: np.ndarray | None = None
+
+    def apply(self, matrix: np.ndarray) -> np.ndarray:
+        """``Lᵀ · matrix`` for ``matrix`` ``[K, M]``."""
+        if self.kind == "identity":
+            return matrix
+        if self.kind == "diagonal":
+            return self.diagonal[:, None] * matrix  # [K, M]
+        return self.lower.T @ matrix  # [K, K] · [K, M] → [K, M]
+
+    def unapply(self, matrix: np.ndarray) -> np.ndarray:
+        """``L⁻ᵀ · matrix`` for ``matrix`` ``[K, M]``, by a triangular solve (never an inverse)."""
+        if self.kind == "identity":
+            return matrix
+        if self.kind == "diagonal":
+            return matrix / self.diagonal[:, None]  # [K, M]
+        if self.kind == "cholesky":
+            # Lᵀ is upper-triangular: solve Lᵀ Z = matrix.
+            return scipy.linalg.solve_triangular(self.lower, matrix, trans="T", lower=True)  # [K, M]
+        # eigen: L = Q Λ^½ with Q orthogonal, so L⁻ᵀ = Q Λ^-½ (Λ was floored above zero).
+        column_norms_sq = np.sum(self.lower * self.lower, axis=0)  # [K] = Λ
+        return self.lower @ (matrix / column_norms_sq[:, None])  # Q Λ^½ Λ^-1 · matrix: [K, M]
+
+
+IDENTITY = Metric("identity")
+
+
+def identity_metric() -> Metric:
+    """The metric of plain SVD: ``Lᵀ = I``."""
+    return IDENTITY
+
+
+def diagonal_metric(mean_abs: np.ndarray, alpha: float = 0.5, floor: float = 1e-6) -> Metric:
+    """ASVD's diagonal scaling ``Lᵀ = diag(s)``, ``s = mean|x|^α``.
+
+    Args:
+        mean_abs: ``[K]`` per-channel mean of ``|x|`` over the calibration rows.
+        alpha: the exponent α (0.5 in ASVD).
+        floor: relative floor so a dead channel (mean 0) does not divide by zero.
+
+    Raises:
+        FactorizationError: the statistics are all zero or not finite.
+    """
+    mean_abs = np.asarray(mean_abs, dtype=np.float64)  # [K]
+    if not np.all(np.isfinite(mean_abs)) or float(mean_abs.max(initial=0.0)) <= 0.0:
+        raise FactorizationError("degenerate statistics: activation magnitudes are all zero or not finite")
+    scale = np.power(np.maximum(mean_abs, floor * mean_abs.max()), alpha)  # [K]
+    return Metric("diagonal", diagonal=scale)
+
+
+def whitening_metric(gram: np.ndarray, damping: float = 1e-2) -> Metric:
+    """SVD-LLM's whitening: ``G + λ·mean(diag G)·I = L Lᵀ``.
+
+    Cholesky first; if it fails (``G`` singular beyond what damping cures, or indefinite from rounding),
+    the eigendecomposition of the symmetrised ``G`` with its eigenvalues floored at the damping level.
+
+    Args:
+        gram: ``[K, K]`` ``XᵀX`` accumulated over the calibration rows.
+        damping: λ, relative to the mean of ``diag G``.
+
+    Raises:
+        FactorizationError: ``G`` is all zero or not finite.
+    """
+    gram = np.asarray(gram, dtype=np.float64)  # [K, K]
+    if not np.all(np.isfinite(gram)):
+        raise FactorizationError("degenerate statistics: the Gram matrix has NaN or Inf")
+    scale = float(np.mean(np.diag(gram)))
+    if scale <= 0.0:
+        raise FactorizationError("degenerate statistics: activations are all zero")
+    floor = max(damping, 1e-10) * scale
+    symmetric = 0.5 * (gram + gram.T)  # [K, K]
+    damped = symmetric + floor * np.eye(gram.shape[0])  # [K, K]
+    try:
+        lower = np.linalg.cholesky(damped)  # [K, K], damped = L Lᵀ
+        if np.all(np.isfinite(lower)) and np.min(np.abs(np.diag(lower))) > 0.0:
+            return Metric("cholesky", lower=lower)
+    except np.linalg.LinAlgError:
+        pass
+    eigenvalues, eigenvectors = np.linalg.eigh(symmetric)  # [K], [K, K]
+    eigenvalues = np.maximum(eigenvalues, 0.0) + floor  # [K], all ≥ floor > 0
+    return Metric("eigen", lower=eigenvectors * np.sqrt(eigenvalues)[None, :])  # Q Λ^½: [K, K]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decomposition:
+    """The SVD of ``Lᵀ W``: ``u`` ``[K, m]``, ``s`` ``[m]`` descending, ``vt`` ``[m, N]``, ``m = min(K, N)``."""
+
+    weight: np.ndarray
+    metric: Metric
+    u: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+
+    def kept_energy(self, rank: int) -> float:
+        """``Σ_{i≤r} σ_i² / Σ σ_i²`` in the metric (1.0 for an all-zero weight)."""
+        energy = self.s.astype(np.float64) ** 2  # [m]
+        total = float(energy.sum())
+        return 1.0 if total <= 0.0 else float(energy[:rank].sum() / total)
+
+
+@dataclasses.dataclass(frozen=True)
+class Factorization:
+    """Factors of one weight, stage by stage, in their storage dtype.
+
+    Attributes:
+        stages: ``(A_i, B_i)`` with ``A_i`` ``[K, r_i]`` and ``B_i`` ``[r_i, N]``; ``W ≈ Σ_i A_i B_i``.
+        kept_energy: the share of ``Σσ²`` of ``Lᵀ W`` the total rank keeps.
+    """
+
+    stages: tuple[tuple[np.ndarray, np.ndarray], ...]
+    kept_energy: float
+
+    @property
+    def rank(self) -> int:
+        return sum(a.shape[1] for a, _ in self.stages)
+
+    def fused(self) -> tuple[np.ndarray, np.ndarray]:
+        """The stages concatenated: ``A = [A_1 … A_k]`` ``[K, R]`` and ``B = [B_1; …; B_k]`` ``[R, N]``."""
+        return (
+            np.concatenate([a for a, _ in self.stages], axis=1),  # [K, R]
+            np.concatenate([b for _, b in self.stages], axis=0),  # [R, N]
+        )
+
+    def product(self) -> np.ndarray:
+        """``Σ_i A_i B_i`` in float64: ``[K, N]``."""
+        return sum(a.astype(np.float64) @ b.astype(np.float64) for a, b in self.stages)
+
+
+def _svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD, with the slower but sturdier gesvd driver as fallback when gesdd does not converge."""
+    try:
+        return scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesdd", check_finite=False)
+    except np.linalg.LinAlgError:
+        return scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesvd", check_finite=False)
+
+
+def decompose(weight: np.ndarray, metric: Metric = IDENTITY) -> Decomposition:
+    """SVD of ``Lᵀ W`` for ``weight`` ``[K, N]`` (computed in float64).
+
+    Raises:
+        FactorizationError: the weight holds NaN or Inf, or the SVD fails.
+    """
+    weight = np.asarray(weight, dtype=np.float64)  # [K, N]
+    if not np.all(np.isfinite(weight)):
+        raise FactorizationError("weight contains NaN or Inf")
+    try:
+        u, s, vt = _svd(metric.apply(weight))  # [K, m], [m], [m, N]
+    except (np.linalg.LinAlgError, ValueError) as error:
+        raise FactorizationError(f"SVD failed: {error}") from error
+    return Decomposition(weight=weight, metric=metric, u=u, s=s, vt=vt)
+
+
+def split_rank(total: int, stages: int) -> list[int]:
+    """An even split of ``total`` over ``stages``, earlier stages taking the remainder: 10, 3 → [4, 3, 3]."""
+    if stages < 1:
+        raise ValueError("stages must be at least 1")
+    base, extra = divmod(total, stages)
+    return [base + (1 if i < extra else 0) for i in range(stages)]
+
+
+def _stage_factors(
+    u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int, metric: Metric
+) -> tuple[np.ndarray, np.ndarray]:
+    """``A = L⁻ᵀ U_r Σ_r^½``, ``B = Σ_r^½ V_rᵀ`` in float64 (Σ split across both keeps fp16 in range)."""
+    root = np.sqrt(s[:rank])  # [r]
+    a = metric.unapply(u[:, :rank] * root[None, :])  # [K, r]
+    b = root[:, None] * vt[:rank, :]  # [r, N]
+    return a, b
+
+
+def truncate(decomposition: Decomposition, stage_ranks: Sequence[int], storage_dtype: np.dtype) -> Factorization:
+    """Factor a decomposed weight into residual stages of the given ranks.
+
+    Stage 1 is the top ``r_1`` components of ``Lᵀ W``. Stage i factors the residual
+    ``W − Σ_{j<i} A_j B_j`` left after the earlier stages' factors were *rounded to the storage dtype*,
+    so later stages correct the rounding. With exact factors this equals one SVD of rank ``Σ r_i``.
+
+    Args:
+        decomposition: from :func:`decompose`.
+        stage_ranks: ``[r_1, …, r_k]``, each ≥ 1.
+        storage_dtype: numpy dtype the factors are stored in (float32, float16, ml_dtypes.bfloat16…).
+
+    Returns:
+        The factors, rounded to ``storage_dtype``.
+    """
+    limit = decomposition.s.shape[0]
+    ranks = [int(r) for r in stage_ranks]
+    if any(r < 1 for r in ranks):
+        raise FactorizationError(f"stage ranks must be at least 1, got {ranks}")
+    if sum(ranks) > limit:
+        raise FactorizationError(f"total rank {sum(ranks)} exceeds min(K, N) = {limit}")
+    metric = decomposition.metric
+    stages: list[tuple[np.ndarray, np.ndarray]] = []
+    residual = decomposition.weight  # [K, N]
+    u, s, vt = decomposition.u, decomposition.s, decomposition.vt
+    for index, rank in enumerate(ranks):
+        if index > 0:
+            u, s, vt = _svd(metric.apply(residual))  # [K, m], [m], [m, N]
+        a, b = _stage_factors(u, s, vt, rank, metric)  # [K, r], [r, N]
+        a_stored = a.astype(storage_dtype)
+        b_stored = b.astype(storage_dtype)
+        stages.append((a_stored, b_stored))
+        # The next stage sees what the *stored* factors leave: W − Σ_{j≤i} Â_j B̂_j.
+        residual = residual - a_stored.astype(np.float64) @ b_stored.astype(np.float64)  # [K, N]
+    return Factorization(stages=tuple(stages), kept_energy=decomposition.kept_energy(sum(ranks)))
+
+
+def factorize(
+    weight: np.ndarray,
+    stage_ranks: Sequence[int],
+    metric: Metric = IDENTITY,
+    storage_dtype: np.dtype = np.float32,
+) -> Factorization:
+    """Decompose and truncate in one call: ``W`` ``[K, N]`` → stages of ``(A_i [K, r_i], B_i [r_i, N])``."""
+    return truncate(decompose(weight, metric), stage_ranks, storage_dtype)

@@ -1,0 +1,21 @@
+"""Graph side of the rewrite: matching sites and emitting their factor chains. Only here and in
+``onnxsvd.io`` is ``onnx`` imported."""
+
+from __future__ import annotations
+
+from onnxsvd.graph.emit import EmitOptions, emit, remove_dead_weights, storage_dtype_for
+from onnxsvd.graph.match import GraphIndex, Match, Site, Skip, WeightSource, find_sites, load_weight
+
+__all__ = [
+    "EmitOptions",
+    "GraphIndex",
+    "Match",
+    "Site",
+    "Skip",
+    "WeightSource",
+    "emit",
+    "find_sites",
+    "load_weight",
+    "remove_dead_weights",
+    "storage_dtype_for",
+]

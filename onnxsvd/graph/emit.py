@@ -1,0 +1,266 @@
+"""Replacing sites by their factor chains; names; cleanup; shared weights.
+
+For a site in normal form ``Y = X · W_kn (+ bias)`` and factors ``W_kn ≈ Σ_i A_i B_i``
+(``A_i`` ``[K, r_i]``, ``B_i`` ``[r_i, N]``) the emitted graph is
+
+- right-hand weight: ``H = X · A``, ``Y = H · B`` (Gemm sites keep ``transA`` on the first node and
+  ``C``, ``β`` on the last);
+- left-hand weight (the mirror, ``W = W_knᵀ``): ``H = Aᵀ · X``, ``Y = Bᵀ · H``;
+
+with ``layout="fused"`` the stages concatenated into one ``A`` and one ``B`` (two nodes, the fast form),
+or with ``layout="stages"`` one chain per stage summed by ``Add`` (the bias on stage 1, so trailing
+stages can be dropped). Factors are stored as initializers — never as a constant ``A·B`` subgraph, which
+a constant folder would make dense again. Sites that share a weight share its factors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxsvd.factorize import Factorization
+from onnxsvd.graph.match import CHAIN_OPS, GraphIndex, Site
+
+__all__ = ["EmitOptions", "emit", "storage_dtype_for", "remove_dead_weights"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EmitOptions:
+    """How factors are laid out in the graph.
+
+    Attributes:
+        layout: ``"fused"`` or ``"stages"``.
+    """
+
+    layout: str = "fused"
+
+
+def storage_dtype_for(site: Site, requested: str) -> int:
+    """ONNX dtype the site's factors are stored in.
+
+    ``"auto"`` keeps the stored weight's own float dtype (an fp16 weight cast to fp32 stays fp16 on
+    disk) and falls back to the compute dtype for quantized storage. ``"fp16"``/``"fp32"`` force it.
+    """
+    if requested == "fp16":
+        return onnx.TensorProto.FLOAT16
+    if requested == "fp32":
+        return onnx.TensorProto.FLOAT
+    stored = site.weight.storage_dtype
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    return stored if stored in floats else site.weight.compute_dtype
+
+
+class _Names:
+    """Hands out tensor and node names that do not collide with anything in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.used: set[str] = set()
+        for node in graph.node:
+            self.used.update(node.output)
+            self.used.update(node.input)
+            self.used.add(node.name)
+        self.used.update(t.name for t in graph.initializer)
+        self.used.update(v.name for v in graph.input)
+        self.used.update(v.name for v in graph.output)
+
+    def fresh(self, wanted: str) -> str:
+        name, counter = wanted, 1
+        while name in self.used:
+            name = f"{wanted}_{counter}"
+            counter += 1
+        self.used.add(name)
+        return name
+
+
+def _clean(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_./:-]", "_", name)
+
+
+class _FactorTensors:
+    """Creates each factor initializer (and its Cast, if stored in another dtype) once per group and side."""
+
+    def __init__(self, graph: onnx.GraphProto, names: _Names) -> None:
+        self.graph = graph
+        self.names = names
+        self.made: dict[tuple[str, str, int, str], str] = {}
+        self.group_base: dict[str, str] = {}
+        self.pending_casts: list[onnx.NodeProto] = []
+
+    def get(self, site: Site, stage: int, which: str, value: np.ndarray, storage: int) -> str:
+        """Name of the tensor the site's node reads for factor ``which`` (``"a"``/``"b"``) of ``stage``.
+
+        ``value`` is the factor as the node consumes it (already transposed for the mirror form).
+        """
+        key = (site.group, site.weight_side, stage, which)
+        if key in self.made:
+            return self.made[key]
+        base = self.group_base.get(site.group)
+        if base is None:
+            base = self.names.fresh(_clean(site.weight.tensor) + ".svd")
+            self.group_base[site.group] = base
+        stage_part = "" if stage < 0 else f"_s{stage + 1}"
+        side_part = "" if site.weight_side == "right" else "_t"
+        name = self.names.fresh(f"{base}{stage_part}_{which}{side_part}")
+        array = np.ascontiguousarray(value.astype(helper.tensor_dtype_to_np_dtype(storage)))
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        consumed = name
+        if storage != site.weight.compute_dtype:
+            consumed = self.names.fresh(f"{name}.cast")
+            self.pending_casts.append(
+                helper.make_node("Cast", [name], [consumed], name=consumed, to=site.weight.compute_dtype)
+            )
+        self.made[key] = consumed
+        return consumed
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 1
+
+
+def _chain_nodes(
+    site: Site,
+    factors: Sequence[tuple[str, str]],
+    names: _Names,
+    opset: int,
+) -> list[onnx.NodeProto]:
+    """The nodes that compute ``site.output`` from ``site.activation`` through the factor tensors.
+
+    ``factors`` holds, per chain (one fused chain or one per stage), the names of the first and second
+    constant the nodes read (``A``/``B`` for the right form, ``Aᵀ``/``Bᵀ`` for the mirror).
+    """
+    nodes: list[onnx.NodeProto] = []
+    gemm = site.op_type == "Gemm"
+    chain_outputs: list[str] = []
+    for position, (first, second) in enumerate(factors):
+        tag = "svd" if len(factors) == 1 else f"svd_s{position + 1}"
+        hidden = names.fresh(f"{site.output}/{tag}_h")
+        carries_bias = position == 0 and site.bias is not None
+        out = site.output if len(factors) == 1 else names.fresh(f"{site.output}/{tag}_y")
+        activation = site.activation
+        if gemm and site.transpose_activation and opset < 11:
+            # Old opsets need C on every Gemm; transpose the activation and use MatMul instead.
+            transposed = names.fresh(f"{site.activation}/{tag}_t")
+            nodes.append(helper.make_node("Transpose", [activation], [transposed], name=names.fresh(f"{site.name}/{tag}_t")))
+            activation = transposed
+        if site.weight_side == "right":
+            first_inputs, second_inputs = [activation, first], [hidden, second]
+        else:
+            first_inputs, second_inputs = [first, activation], [second, hidden]
+        first_name, second_name = names.fresh(f"{site.name}/{tag}_a"), names.fresh(f"{site.name}/{tag}_b")
+        if gemm and opset >= 11:
+            trans = {"transA": 1} if site.weight_side == "right" else {"transB": 1}
+            nodes.append(
+                helper.make_node(
+                    "Gemm", first_inputs, [hidden], name=first_name, **(trans if site.transpose_activation else {})
+                )
+            )
+        else:
+            nodes.append(helper.make_node("MatMul", first_inputs, [hidden], name=first_name))
+        if gemm and carries_bias:
+            attrs = {"beta": site.beta} if site.beta != 1.0 else {}
+            nodes.append(helper.make_node("Gemm", second_inputs + [site.bias], [out], name=second_name, **attrs))
+        elif gemm and opset >= 11:
+            nodes.append(helper.make_node("Gemm", second_inputs, [out], name=second_name))
+        else:
+            nodes.append(helper.make_node("MatMul", second_inputs, [out], name=second_name))
+        chain_outputs.append(out)
+    # Stages layout: Y = y_1 + y_2 + …, the last Add writing the site's output.
+    total = chain_outputs[0]
+    for position, term in enumerate(chain_outputs[1:], start=1):
+        last = position == len(chain_outputs) - 1
+        out = site.output if last else names.fresh(f"{site.output}/svd_sum{position}")
+        nodes.append(helper.make_node("Add", [total, term], [out], name=names.fresh(f"{site.name}/svd_add{position}")))
+        total = out
+    return nodes
+
+
+def emit(
+    model: onnx.ModelProto,
+    factorizations: Mapping[str, Factorization],
+    sites: Sequence[Site],
+    storage_dtypes: Mapping[str, int],
+    options: EmitOptions = EmitOptions(),
+) -> onnx.ModelProto:
+    """Replace ``sites`` in ``model`` (mutated in place and returned) by their factor chains.
+
+    Args:
+        model: the model the sites were matched in (node indices must still hold).
+        factorizations: factors per site *group* (``site.group``).
+        sites: the sites to replace; others stay as they are.
+        storage_dtypes: ONNX dtype of the factors per group.
+        options: layout.
+    """
+    graph = model.graph
+    names = _Names(graph)
+    tensors = _FactorTensors(graph, names)
+    opset = _opset(model)
+    chains_for: dict[int, list[onnx.NodeProto]] = {}
+    for site in sites:
+        factorization = factorizations[site.group]
+        storage = storage_dtypes[site.group]
+        pieces = [factorization.fused()] if options.layout == "fused" else list(factorization.stages)
+        factor_names: list[tuple[str, str]] = []
+        for stage, (a, b) in enumerate(pieces):
+            stage_id = -1 if options.layout == "fused" else stage
+            if site.weight_side == "right":
+                first = tensors.get(site, stage_id, "a", a, storage)  # A [K, r]
+                second = tensors.get(site, stage_id, "b", b, storage)  # B [r, N]
+            else:
+                first = tensors.get(site, stage_id, "a", a.T, storage)  # Aᵀ [r, K]
+                second = tensors.get(site, stage_id, "b", b.T, storage)  # Bᵀ [N, r]
+            factor_names.append((first, second))
+        chains_for[site.node_index] = tensors.pending_casts + _chain_nodes(site, factor_names, names, opset)
+        tensors.pending_casts = []
+    rebuilt: list[onnx.NodeProto] = []
+    for position, node in enumerate(graph.node):
+        rebuilt.extend(chains_for.get(position, [node]))
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    remove_dead_weights(model)
+    return model
+
+
+def remove_dead_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove weight-chain nodes (Constant, Transpose, Cast, Identity, DequantizeLinear) whose outputs
+    nobody reads any more, then initializers nobody reads, then stale ``value_info`` entries."""
+    graph = model.graph
+    removable = {"Constant", *CHAIN_OPS}
+    changed = True
+    while changed:
+        changed = False
+        index = GraphIndex(graph)
+        keep: list[onnx.NodeProto] = []
+        for node in graph.node:
+            dead = node.op_type in removable and all(
+                not index.consumers.get(out) and out not in index.graph_outputs for out in node.output if out
+            )
+            if dead:
+                changed = True
+            else:
+                keep.append(node)
+        if changed:
+            del graph.node[:]
+            graph.node.extend(keep)
+    index = GraphIndex(graph)
+    graph_inputs = {value.name for value in graph.input}
+    used = [
+        tensor
+        for tensor in graph.initializer
+        if index.consumers.get(tensor.name) or tensor.name in index.graph_outputs or tensor.name in graph_inputs
+    ]
+    if len(used) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(used)
+    alive = set(index.producer) | {t.name for t in graph.initializer} | graph_inputs
+    stale = [value for value in graph.value_info if value.name not in alive]
+    for value in stale:
+        graph.value_info.remove(value)
+    return model

@@ -1,0 +1,445 @@
+"""Finding sites: MatMul and Gemm nodes with one constant 2-D weight, in one normal form.
+
+Every site is normalised to ``Y = X · W (+ bias)`` with ``W`` of shape ``[K, N]`` and ``X`` ``[..., K]``:
+
+- ``MatMul(X, W)``: as is. ``MatMul(W, X)`` (weight on the left, ``W`` ``[P, Q]``): the transposed
+  problem ``Yᵀ = Xᵀ Wᵀ``, so ``K = Q``, ``N = P`` and ``W_kn = Wᵀ``; the emitter writes the mirror chain.
+- ``Gemm(A, B, C)``: ``Y = α·op(A)·op(B) + β·C``. With ``B`` constant, ``W_kn = α·op(B)`` (``transB=1``
+  stores ``[N, K]``) and ``transA`` stays on the activation. With ``A`` constant it is the mirror case,
+  ``W_kn = (α·op(A))ᵀ``, and ``transB`` stays on the activation. ``C`` and ``β`` stay on the last node.
+
+The constant is an initializer or a ``Constant`` node, possibly behind ``Transpose``, ``Cast``,
+``Identity`` or ``DequantizeLinear``. Anything else is a :class:`Skip` with its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxsvd.config import RewriteConfig
+
+__all__ = [
+    "SITE_OPS",
+    "CHAIN_OPS",
+    "WeightSource",
+    "Site",
+    "Skip",
+    "Match",
+    "GraphIndex",
+    "find_sites",
+    "load_weight",
+    "node_name",
+]
+
+#: Ops that can be sites, and ops allowed between a stored constant and the site.
+SITE_OPS = ("MatMul", "Gemm")
+CHAIN_OPS = ("Transpose", "Cast", "Identity", "DequantizeLinear")
+FLOAT_TYPES = (
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.DOUBLE,
+)
+
+
+def node_name(node: onnx.NodeProto, index: int) -> str:
+    """The node's name, or a deterministic one (``MatMul_12``) when the exporter left it empty."""
+    return node.name or f"{node.op_type}_{index}"
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+    """Where a site's constant weight is stored and how it reaches the node.
+
+    Attributes:
+        tensor: name of the initializer or ``Constant`` output that stores the value.
+        chain: indices of the ``Transpose``/``Cast``/``Identity``/``DequantizeLinear`` nodes from the
+            stored tensor to the site, nearest the storage first.
+        storage_dtype: ONNX dtype of the stored tensor.
+        compute_dtype: ONNX dtype the site consumes.
+        shape: the weight's shape as the site consumes it (2-D).
+    """
+
+    tensor: str
+    chain: tuple[int, ...]
+    storage_dtype: int
+    compute_dtype: int
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One MatMul/Gemm with a constant weight, in the normal form ``Y = X · W_kn (+ bias)``.
+
+    Attributes:
+        name: node name (deterministic when the exporter left it empty).
+        op_type: ``"MatMul"`` or ``"Gemm"``.
+        node_index: position of the node in ``graph.node``.
+        activation: name of the dynamic input as the node reads it.
+        output: name of the node's output.
+        weight: where the constant comes from.
+        weight_side: ``"right"`` (``X · W``) or ``"left"`` (``W · X``, the mirror case).
+        k: input channels of the normal form.
+        n: output channels of the normal form.
+        transpose_weight: the stored-as-consumed weight is transposed to reach ``W_kn``.
+        transpose_activation: Gemm's ``transA`` (right) or ``transB`` (left) on the activation.
+        alpha: Gemm's α, folded into ``W_kn``.
+        beta: Gemm's β, kept on the last node with ``C``.
+        bias: Gemm's ``C`` input name, or None.
+        group: key shared by sites that consume the same normalised weight (factorized once).
+    """
+
+    name: str
+    op_type: str
+    node_index: int
+    activation: str
+    output: str
+    weight: WeightSource
+    weight_side: str
+    k: int
+    n: int
+    transpose_weight: bool
+    transpose_activation: bool
+    alpha: float
+    beta: float
+    bias: str | None
+    group: str
+
+    @property
+    def params(self) -> int:
+        """Parameters of the dense weight, ``K·N``."""
+        return self.k * self.n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(K, N)``."""
+        return (self.k, self.n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A MatMul/Gemm that is not a site, with the reason (shown by ``inspect``, listed in reports)."""
+
+    name: str
+    op_type: str
+    node_index: int
+    reason: str
+    shape: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """The result of matching a graph: sites to consider and nodes skipped, both in graph order."""
+
+    sites: tuple[Site, ...]
+    skips: tuple[Skip, ...]
+
+
+class GraphIndex:
+    """Producers, consumers and constants of a graph, built once per pass."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.graph_inputs = {value.name for value in graph.input}
+        self.graph_outputs = {value.name for value in graph.output}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        for index, node in enumerate(graph.node):
+            for name in node.output:
+                if name:
+                    self.producer[name] = index
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(index)
+            for name in _subgraph_references(node):
+                self.consumers[name].append(index)
+
+    def constant_tensor(self, name: str) -> onnx.TensorProto | None:
+        """The stored tensor behind ``name`` if it is an initializer or a ``Constant`` node's value."""
+        if name in self.initializers and name not in self.graph_inputs:
+            return self.initializers[name]
+        producer = self.producer.get(name)
+        if producer is not None:
+            node = self.graph.node[producer]
+            if node.op_type == "Constant":
+                for attribute in node.attribute:
+                    if attribute.name == "value":
+                        return attribute.t
+        return None
+
+    def is_constant(self, name: str) -> bool:
+        """True if ``name`` is a constant or a chain of supported ops over one."""
+        return self.trace(name) is not None
+
+    def trace(self, name: str) -> tuple[str, onnx.TensorProto, tuple[int, ...]] | None:
+        """Follow ``name`` back through chain ops to a stored constant: (stored name, tensor, chain)."""
+        chain: list[int] = []
+        current = name
+        for _ in range(32):
+            tensor = self.constant_tensor(current)
+            if tensor is not None:
+                return current, tensor, tuple(reversed(chain))
+            producer = self.producer.get(current)
+            if producer is None:
+                return None
+            node = self.graph.node[producer]
+            if node.op_type not in CHAIN_OPS or not node.input:
+                return None
+            if node.op_type == "DequantizeLinear" and not all(
+                self.constant_tensor(extra) is not None for extra in node.input[1:] if extra
+            ):
+                return None
+            chain.append(producer)
+            current = node.input[0]
+        return None
+
+
+def _subgraph_references(node: onnx.NodeProto) -> set[str]:
+    """Names that subgraphs (If/Loop/Scan bodies) of ``node`` read from the outer scope."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        graphs = list(attribute.graphs)
+        if attribute.HasField("g"):
+            graphs.append(attribute.g)
+        for graph in graphs:
+            local = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+            for inner in graph.node:
+                local.update(inner.output)
+            for inner in graph.node:
+                names.update(name for name in inner.input if name and name not in local)
+                names.update(_subgraph_references(inner))
+    return names
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _stored_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndarray:
+    return numpy_helper.to_array(tensor, base_dir or "")
+
+
+def _dtype_of(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...]) -> int:
+    """The ONNX dtype that comes out of the chain."""
+    dtype = stored.data_type
+    for position in chain:
+        node = index.graph.node[position]
+        if node.op_type == "Cast":
+            dtype = int(_attribute(node, "to", dtype))
+        elif node.op_type == "DequantizeLinear":
+            scale = index.constant_tensor(node.input[1])
+            dtype = scale.data_type if scale is not None else onnx.TensorProto.FLOAT
+            dtype = int(_attribute(node, "output_dtype", 0)) or dtype
+    return dtype
+
+
+def _shape_of(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...]) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in stored.dims)
+    for position in chain:
+        node = index.graph.node[position]
+        if node.op_type == "Transpose":
+            perm = _attribute(node, "perm", None)  # type: ignore[arg-type]
+            perm = list(perm) if perm is not None else list(reversed(range(len(shape))))
+            shape = tuple(shape[p] for p in perm)
+    return shape
+
+
+def load_weight(index: GraphIndex, site: Site, base_dir: str | None = None) -> np.ndarray:
+    """The site's normal-form weight ``W_kn`` ``[K, N]`` in float64 (chain applied, α folded).
+
+    Args:
+        index: the graph index the site was matched in.
+        site: the site.
+        base_dir: folder of the model file, for tensors stored as external data.
+    """
+    stored = index.constant_tensor(site.weight.tensor)
+    assert stored is not None
+    value = _stored_array(stored, base_dir)
+    for position in site.weight.chain:
+        value = _apply_chain_node(index, index.graph.node[position], value, base_dir)
+    matrix = np.asarray(value).astype(np.float64)  # as consumed: [K, N], [N, K], or the mirror's
+    if site.transpose_weight:
+        matrix = matrix.T  # [K, N]
+    return site.alpha * matrix if site.alpha != 1.0 else matrix
+
+
+def _apply_chain_node(index: GraphIndex, node: onnx.NodeProto, value: np.ndarray, base_dir: str | None) -> np.ndarray:
+    if node.op_type == "Identity":
+        return value
+    if node.op_type == "Transpose":
+        perm = _attribute(node, "perm", None)  # type: ignore[arg-type]
+        return np.transpose(value, list(perm) if perm is not None else None)
+    if node.op_type == "Cast":
+        target = onnx.helper.tensor_dtype_to_np_dtype(int(_attribute(node, "to", 1)))
+        return value.astype(target)
+    # DequantizeLinear: y = (x − zero_point) · scale, per tensor or along ``axis``.
+    scale = _stored_array(index.constant_tensor(node.input[1]), base_dir).astype(np.float64)
+    zero = (
+        _stored_array(index.constant_tensor(node.input[2]), base_dir).astype(np.float64)
+        if len(node.input) > 2 and node.input[2]
+        else np.zeros_like(scale)
+    )
+    values = value.astype(np.float64)
+    if scale.ndim == 1 and scale.size > 1:
+        axis = int(_attribute(node, "axis", 1)) % values.ndim
+        shape = [1] * values.ndim
+        shape[axis] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (values - zero) * scale
+
+
+def find_sites(model: onnx.ModelProto, config: RewriteConfig | None = None) -> Match:
+    """Match every MatMul/Gemm of the main graph: a :class:`Site` or a :class:`Skip` with its reason.
+
+    ``config`` applies ``--include``/``--exclude``/``--min-params`` as skips. Sites that share a stored
+    weight with a consumer that is not rewritten are skips too: their dense copy would stay.
+    """
+    config = config or RewriteConfig()
+    index = GraphIndex(model.graph)
+    sites: list[Site] = []
+    skips: list[Skip] = []
+    for position, node in enumerate(model.graph.node):
+        if node.op_type not in SITE_OPS:
+            continue
+        result = _match_node(index, node, position)
+        if isinstance(result, Skip):
+            skips.append(result)
+            continue
+        reason = _filter_reason(result, config)
+        if reason:
+            skips.append(Skip(result.name, result.op_type, position, reason, result.shape))
+        else:
+            sites.append(result)
+    kept_sites, shared_skips = _drop_shared_with_dense(index, sites)
+    skips.extend(shared_skips)
+    skips.sort(key=lambda skip: skip.node_index)
+    return Match(sites=tuple(kept_sites), skips=tuple(skips))
+
+
+def _filter_reason(site: Site, config: RewriteConfig) -> str:
+    if config.include is not None and not re.search(config.include, site.name):
+        return f"name does not match --include {config.include!r}"
+    if config.exclude is not None and re.search(config.exclude, site.name):
+        return f"name matches --exclude {config.exclude!r}"
+    if site.params < config.min_params:
+        return f"{site.params} parameters < --min-params {config.min_params}"
+    return ""
+
+
+def _match_node(index: GraphIndex, node: onnx.NodeProto, position: int) -> Site | Skip:
+    name = node_name(node, position)
+    op = node.op_type
+    if len(node.input) < 2 or not node.input[0] or not node.input[1]:
+        return Skip(name, op, position, "malformed node: fewer than two inputs")
+    left, right = index.trace(node.input[0]), index.trace(node.input[1])
+    if left is not None and right is not None:
+        return Skip(name, op, position, "both operands are constant (constant-fold it instead)")
+    if left is None and right is None:
+        return Skip(name, op, position, "both operands are dynamic (no constant weight)")
+    side = "right" if right is not None else "left"
+    stored_name, stored, chain = right if right is not None else left  # type: ignore[misc]
+    weight_input = node.input[1] if side == "right" else node.input[0]
+    activation = node.input[0] if side == "right" else node.input[1]
+    shape = _shape_of(index, stored, chain)
+    if len(shape) != 2:
+        detail = "broadcast batch weights are not supported" if len(shape) > 2 else "not a matrix"
+        return Skip(name, op, position, f"weight {weight_input!r} has rank {len(shape)} ({detail})", shape)
+    compute_dtype = _dtype_of(index, stored, chain)
+    if compute_dtype not in FLOAT_TYPES:
+        dtype_name = onnx.helper.tensor_dtype_to_string(compute_dtype)
+        return Skip(name, op, position, f"weight dtype {dtype_name} is not floating point", shape)
+    if 0 in shape:
+        return Skip(name, op, position, "weight is empty", shape)
+    alpha, beta, bias = 1.0, 1.0, None
+    transpose_activation = False
+    if op == "Gemm":
+        alpha = float(_attribute(node, "alpha", 1.0))
+        beta = float(_attribute(node, "beta", 1.0))
+        trans_a, trans_b = bool(_attribute(node, "transA", 0)), bool(_attribute(node, "transB", 0))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if alpha == 0.0:
+            return Skip(name, op, position, "Gemm alpha is 0 (the weight does not contribute)", shape)
+        if side == "right":
+            # op(B) = Bᵀ when transB: stored [N, K]. W_kn = α·op(B).
+            transpose_weight, transpose_activation = trans_b, trans_a
+            k, n = (shape[1], shape[0]) if trans_b else shape
+        else:
+            # op(A) = Aᵀ when transA: op(A) is [M, Kg]; W_kn = (α·op(A))ᵀ is [Kg, M].
+            transpose_weight, transpose_activation = not trans_a, trans_b
+            k, n = (shape[0], shape[1]) if trans_a else (shape[1], shape[0])
+    elif side == "right":
+        transpose_weight = False
+        k, n = shape
+    else:
+        transpose_weight = True  # W [P, Q] on the left: W_kn = Wᵀ, K = Q, N = P.
+        k, n = shape[1], shape[0]
+    source = WeightSource(stored_name, chain, stored.data_type, compute_dtype, shape)
+    chain_key = ",".join(index.graph.node[p].output[0] for p in chain)
+    group = f"{stored_name}|{chain_key}|{int(transpose_weight)}|{alpha!r}"
+    return Site(
+        name=name,
+        op_type=op,
+        node_index=position,
+        activation=activation,
+        output=node.output[0],
+        weight=source,
+        weight_side=side,
+        k=int(k),
+        n=int(n),
+        transpose_weight=transpose_weight,
+        transpose_activation=transpose_activation,
+        alpha=alpha,
+        beta=beta,
+        bias=bias,
+        group=group,
+    )
+
+
+def _drop_shared_with_dense(index: GraphIndex, sites: Iterable[Site]) -> tuple[list[Site], list[Skip]]:
+    """Sites whose stored weight (or a chain output) is also read by a node that stays: skipped.
+
+    Factorizing them would add the factors while the dense copy stays for the other consumer.
+    """
+    sites = list(sites)
+    site_nodes = {site.node_index for site in sites}
+    chain_nodes = {position for site in sites for position in site.weight.chain}
+    rewritten = site_nodes | chain_nodes
+    kept: list[Site] = []
+    skips: list[Skip] = []
+    for site in sites:
+        tensors = [site.weight.tensor] + [index.graph.node[p].output[0] for p in site.weight.chain]
+        blocker = ""
+        for tensor in tensors:
+            if tensor in index.graph_outputs:
+                blocker = f"weight {tensor!r} is also a graph output"
+                break
+            for consumer in index.consumers.get(tensor, []):
+                if consumer not in rewritten:
+                    other = index.graph.node[consumer]
+                    blocker = (
+                        f"weight {site.weight.tensor!r} is also read by {other.op_type} node "
+                        f"{node_name(other, consumer)!r}, which keeps the dense copy"
+                    )
+                    break
+            if blocker:
+                break
+        if blocker:
+            skips.append(Skip(site.name, site.op_type, site.node_index, blocker, site.shape))
+        else:
+            kept.append(site)
+    if len(kept) != len(sites):
+        # Dropping a site can strand a weight its group-mates share: repeat until stable.
+        again, more = _drop_shared_with_dense(index, kept)
+        return again, skips + more
+    return kept, skips

@@ -1,0 +1,90 @@
+"""Reports: what a rewrite did to every site, as data (JSON) first and tables second."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SiteReport", "RewriteReport"]
+
+
+@dataclasses.dataclass
+class SiteReport:
+    """One MatMul/Gemm: factorized, or kept dense with the reason.
+
+    Attributes:
+        name: node name.
+        op_type: ``"MatMul"`` or ``"Gemm"``.
+        shape: ``[K, N]`` of the normal form (``None`` when the node had no usable weight).
+        action: ``"factorized"`` or ``"kept"``.
+        reason: why it was kept, or how the rank was chosen.
+        rank: total rank (0 when kept).
+        stage_ranks: rank of each residual stage.
+        params_before: ``K·N``.
+        params_after: ``r·(K+N)`` when factorized (shared factors are counted at every site reading
+            them; the model totals count them once), else ``K·N``.
+        kept_energy: share of ``Σσ²`` kept, in the method's metric.
+        weight_error: ``‖W − Σ A_i B_i‖_F / ‖W‖_F`` with the stored factors.
+        shared_with: other sites that read the same factors.
+        seconds: time spent factorizing.
+    """
+
+    name: str
+    op_type: str
+    shape: list[int] | None
+    action: str
+    reason: str
+    rank: int = 0
+    stage_ranks: list[int] = dataclasses.field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    kept_energy: float | None = None
+    weight_error: float | None = None
+    shared_with: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class RewriteReport:
+    """The whole rewrite. ``params_*`` count every initializer and Constant of the model."""
+
+    input: str | None
+    output: str | None
+    method: str
+    policy: str
+    layout: str
+    stages: int
+    params_before: int
+    params_after: int
+    sites: list[SiteReport]
+    file_size_before: int | None = None
+    file_size_after: int | None = None
+    seconds: float = 0.0
+    dry_run: bool = False
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def factorized(self) -> list[SiteReport]:
+        return [site for site in self.sites if site.action == "factorized"]
+
+    @property
+    def kept(self) -> list[SiteReport]:
+        return [site for site in self.sites if site.action == "kept"]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["sites_factorized"] = len(self.factorized)
+        data["sites_kept"] = len(self.kept)
+        return data
+
+    def write_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write the report as JSON, atomically."""
+        from onnxsvd.io import atomic_path
+
+        path = Path(path)
+        with atomic_path(path, suffix=".json") as temporary:
+            temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
