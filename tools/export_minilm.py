@@ -211,16 +211,16 @@ def _slice(batch: dict[str, np.ndarray], rows: int, columns: int) -> dict[str, n
 def run(output_dir: Path, seq_len: int, n_calib: int, n_eval: int, tolerance: float = 1e-3) -> int:
     """Export, check and tokenise; return the exit code of the script."""
     started = time.perf_counter()
+    calibration, evaluation = split_sentences(n_calib, n_eval)
+    large_calibration, evaluation_again = split_sentences(LARGE_CALIBRATION_SIZE, n_eval)
+    if evaluation != evaluation_again:  # split_sentences promises a fixed evaluation set
+        raise RuntimeError("text_corpus.split_sentences changed the evaluation set with n_calib")
     torch.manual_seed(0)
     directory = minilm_directory()
     bert, tokenizer = load_minilm(directory)
     embedder = SentenceEmbedder(bert).eval()
     logger.info("loaded all-MiniLM-L6-v2 from %s in %.1f s", directory, time.perf_counter() - started)
 
-    calibration, evaluation = split_sentences(n_calib, n_eval)
-    large_calibration, evaluation_again = split_sentences(LARGE_CALIBRATION_SIZE, n_eval)
-    if evaluation != evaluation_again:  # split_sentences promises a fixed evaluation set
-        raise RuntimeError("text_corpus.split_sentences changed the evaluation set with n_calib")
     output_dir.mkdir(parents=True, exist_ok=True)
     sets = {
         "calib.npz": calibration,
