@@ -140,6 +140,46 @@ def inspect(
         stdout.print(f"spectra plot: {plot}")
 
 
+def _providers(text: str) -> tuple[str, ...]:
+    return tuple(part.strip().lower() for part in text.split(",") if part.strip())
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
+              help="An .npz keyed by the model's input names (axis 0 = samples), or a folder of them.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Statistics file to write.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per run.")
+@click.option("--max-samples", type=int, help="Use at most this many samples.")
+@click.option("--providers", default="cpu", show_default=True, help="ONNX Runtime providers: cpu or cuda.")
+@click.option("--mask-input", default="auto", show_default=True,
+              help="[B, S] input whose 0 entries mark padding rows to leave out ('auto', a name, or 'none').")
+def calibrate(
+    model: Path, data_path: Path, output: Path, batch_size: int, max_samples: int | None, providers: str,
+    mask_input: str,
+) -> None:
+    """Collect activation statistics (XᵀX, mean and max |x| per channel) for activation-aware rewrites."""
+    import time
+
+    from onnxsvd.calibrate import CalibrateConfig, calibrate_file
+
+    config = CalibrateConfig(
+        batch_size=batch_size,
+        max_samples=max_samples,
+        providers=_providers(providers),
+        mask_input=None if mask_input.lower() == "none" else mask_input,
+    )
+    started = time.perf_counter()
+    bar, update = _progress("calibrating")
+    with bar:
+        statistics = calibrate_file(model, data_path, output, config, progress=update)
+    rows = max((stats.rows for stats in statistics.activations.values()), default=0)
+    stdout.print(
+        f"statistics of {len(statistics.activations)} activations over {rows:,} rows "
+        f"in {time.perf_counter() - started:.1f} s → {output} (model fingerprint {statistics.fingerprint})"
+    )
+
+
 def _policy(rank: int | None, ratio: float | None, energy: float | None, align: int, allow_growth: bool) -> RankPolicy:
     given = [(kind, value) for kind, value in (("rank", rank), ("ratio", ratio), ("energy", energy)) if value is not None]
     if len(given) > 1:
@@ -174,6 +214,13 @@ def _stage_ranks(text: str | None) -> tuple[int, ...] | None:
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="ASVD exponent α.")
 @click.option("--damping", type=float, default=1e-2, show_default=True, help="Whitening damping (relative).")
 @click.option("--stats", type=click.Path(path_type=Path), help="Calibration statistics from 'onnxsvd calibrate'.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path),
+              help="Calibration data (.npz or folder): calibrate in the same command.")
+@click.option("--sequential", is_flag=True,
+              help="Fit each level to the partly compressed model's own inputs (needs --data).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration samples per run.")
+@click.option("--max-samples", type=int, help="Use at most this many calibration samples.")
+@click.option("--providers", default="cpu", show_default=True, help="ONNX Runtime providers for calibration.")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="auto", show_default=True,
               help="Storage dtype of the factors.")
 @_selection_options
@@ -195,6 +242,11 @@ def rewrite(
     alpha: float,
     damping: float,
     stats: Path | None,
+    data_path: Path | None,
+    sequential: bool,
+    batch_size: int,
+    max_samples: int | None,
+    providers: str,
     dtype: str,
     include: str | None,
     exclude: str | None,
@@ -209,6 +261,7 @@ def rewrite(
     chain would not be smaller (r·(K+N) ≥ K·N) stays dense, with the reason in the report.
     """
     from onnxsvd import io
+    from onnxsvd.calibrate import CalibrateConfig
     from onnxsvd.calibrate.stats import Statistics
     from onnxsvd.rewrite import rewrite_file
 
@@ -231,12 +284,27 @@ def rewrite(
         io.check_output_path(report, model, force=False)
     if output is not None and not dry_run:
         io.check_output_path(output, model, force)
-    if config.needs_statistics and stats is None:
-        raise UsageError(f"--method {method} needs calibration statistics: pass --stats stats.npz")
+    if sequential and data_path is None:
+        raise UsageError("--sequential needs calibration data: pass --data DATA")
+    if stats is not None and data_path is not None:
+        raise UsageError("give either --stats or --data, not both")
+    if config.needs_statistics and stats is None and data_path is None:
+        raise UsageError(f"--method {method} needs calibration data: pass --stats stats.npz or --data DATA")
+    calibration = CalibrateConfig(batch_size=batch_size, max_samples=max_samples, providers=_providers(providers))
     statistics = Statistics.load(stats) if stats is not None else None
     bar, update = _progress("factorizing")
     with bar:
-        outcome = rewrite_file(model, None if dry_run else output, config, statistics, force=force, progress=update)
+        outcome = rewrite_file(
+            model,
+            None if dry_run else output,
+            config,
+            statistics,
+            force=force,
+            progress=update,
+            data=data_path,
+            calibration=calibration,
+            sequential=sequential,
+        )
     if report is not None:
         outcome.write_json(report)
     _render_rewrite(outcome)

@@ -7,17 +7,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from onnxsvd import io
+from onnxsvd.calibrate import CalibrateConfig
 from onnxsvd.calibrate.stats import ActivationStats, Statistics, combine
 from onnxsvd.config import RewriteConfig
 from onnxsvd.errors import FactorizationError, StatsError, UsageError
@@ -32,11 +34,20 @@ from onnxsvd.factorize import (
     truncate,
     whitening_metric,
 )
-from onnxsvd.graph import EmitOptions, GraphIndex, Site, emit, find_sites, load_weight, storage_dtype_for
+from onnxsvd.graph import EmitOptions, GraphIndex, Match, Site, emit, find_sites, load_weight, storage_dtype_for
 from onnxsvd.rank import choose_rank
 from onnxsvd.report import RewriteReport, SiteReport
 
-__all__ = ["RewriteResult", "rewrite", "rewrite_file", "metric_for"]
+__all__ = [
+    "GroupOutcome",
+    "RewriteResult",
+    "assemble",
+    "factor_group",
+    "metric_for",
+    "rewrite",
+    "rewrite_file",
+    "weight_groups",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +83,7 @@ def metric_for(config: RewriteConfig, stats: ActivationStats | None) -> Metric:
 def _group_statistics(sites: list[Site], statistics: Statistics | None) -> ActivationStats | None:
     if statistics is None:
         return None
-    parts = [statistics.activations.get(site.activation) for site in sites]
+    parts = [statistics.activations.get(site.statistics_key) for site in sites]
     if any(part is None for part in parts):
         return None
     parts = [p for p in parts if p is not None]
@@ -89,35 +100,189 @@ def _stage_ranks(config: RewriteConfig, total: int) -> list[int]:
     return split_rank(total, stages)
 
 
-def _plan_group(
-    sites: list[Site],
-    weight: np.ndarray,
-    config: RewriteConfig,
-    stats: ActivationStats | None,
-    storage: np.dtype,
-) -> tuple[Factorization | None, Decomposition | None, str, list[int]]:
-    """Factorize one weight group, or say why it stays dense."""
-    site = sites[0]
-    metric = metric_for(config, stats)
-    decomposition = decompose(weight, metric)
+#: Turns a group's dense weight ``[K, N]`` into ``(target [K, N], metric)`` to decompose; the default
+#: is ``(W, metric of the method)``. The sequential rewrite substitutes its least-squares target.
+TargetFn = Callable[[list[Site], np.ndarray], "tuple[np.ndarray, Metric]"]
+
+#: Optionally replaces the factors chosen for a group (the sequential rewrite refits ``B`` here).
+RefitFn = Callable[[list[Site], np.ndarray, Factorization], Factorization]
+
+
+@dataclasses.dataclass
+class GroupOutcome:
+    """What happened to one weight group (sites that share one normalised weight)."""
+
+    sites: list[Site]
+    factorization: Factorization | None
+    reason: str
+    ranks: list[int]
+    storage: int
+    kept_energy: float | None = None
+    weight_error: float | None = None
+    seconds: float = 0.0
+
+
+def _choose_ranks(site: Site, config: RewriteConfig, decomposition: Decomposition) -> tuple[list[int] | None, str]:
+    """Stage ranks for a decomposed weight, or ``None`` and the reason it stays dense."""
     if config.stage_ranks is not None:
         ranks = list(config.stage_ranks)
         total = sum(ranks)
         limit = min(site.k, site.n)
         if total > limit:
-            return None, decomposition, f"--stage-ranks sum {total} exceeds min(K, N) = {limit}", []
+            return None, f"--stage-ranks sum {total} exceeds min(K, N) = {limit}"
         if total * (site.k + site.n) >= site.params and not config.policy.allow_growth:
-            return None, decomposition, (
-                f"--stage-ranks sum {total} ≥ break-even (r·(K+N) ≥ K·N); use --allow-growth to force"
-            ), []
-        how = f"stage ranks {','.join(map(str, ranks))}"
-    else:
-        decision = choose_rank(config.policy, site.k, site.n, decomposition.s)
-        if decision.dense:
-            return None, decomposition, decision.reason, []
-        ranks = _stage_ranks(config, decision.rank)
-        how = decision.reason
-    return truncate(decomposition, ranks, storage), decomposition, how, ranks
+            return None, f"--stage-ranks sum {total} ≥ break-even (r·(K+N) ≥ K·N); use --allow-growth to force"
+        return ranks, f"stage ranks {','.join(map(str, ranks))}"
+    decision = choose_rank(config.policy, site.k, site.n, decomposition.s)
+    if decision.dense:
+        return None, decision.reason
+    return _stage_ranks(config, decision.rank), decision.reason
+
+
+def factor_group(
+    index: GraphIndex,
+    sites: list[Site],
+    config: RewriteConfig,
+    target: TargetFn,
+    base_dir: str | None = None,
+    refit: RefitFn | None = None,
+) -> GroupOutcome:
+    """Load a group's weight, decompose ``target`` in its metric, choose ranks, truncate, measure.
+
+    A failure of any step keeps the group dense with the reason; nothing is swapped silently.
+    """
+    site = sites[0]
+    tick = time.perf_counter()
+    storage = storage_dtype_for(site, config.dtype)
+    outcome = GroupOutcome(sites=sites, factorization=None, reason="", ranks=[], storage=storage)
+    try:
+        weight = load_weight(index, site, base_dir)  # [K, N]
+        if not np.all(np.isfinite(weight)):
+            raise FactorizationError("weight contains NaN or Inf")
+        goal, metric = target(sites, weight)  # [K, N], Lᵀ
+        decomposition = decompose(goal, metric)
+        ranks, reason = _choose_ranks(site, config, decomposition)
+        outcome.reason = reason
+        if ranks is not None:
+            factorization = truncate(decomposition, ranks, onnx.helper.tensor_dtype_to_np_dtype(storage))
+            if refit is not None:
+                factorization = refit(sites, weight, factorization)
+            norm = float(np.linalg.norm(weight))
+            error = float(np.linalg.norm(weight - factorization.product())) / norm if norm > 0 else 0.0
+            if not np.isfinite(error):
+                outcome.reason = "factors overflow the storage dtype (NaN/Inf)"
+            else:
+                outcome.factorization, outcome.ranks = factorization, ranks
+                outcome.kept_energy, outcome.weight_error = factorization.kept_energy, error
+    except FactorizationError as error:
+        outcome.reason = str(error)
+    outcome.seconds = time.perf_counter() - tick
+    log.debug("%s: %s", site.name, outcome.reason)
+    return outcome
+
+
+def _site_reports(outcome: GroupOutcome) -> list[SiteReport]:
+    names = [s.name for s in outcome.sites]
+    reports = []
+    for member in outcome.sites:
+        factorized = outcome.factorization is not None
+        rank = outcome.factorization.rank if outcome.factorization is not None else 0
+        reports.append(
+            SiteReport(
+                name=member.name,
+                op_type=member.op_type,
+                shape=[member.k, member.n],
+                action="factorized" if factorized else "kept",
+                reason=outcome.reason,
+                rank=rank,
+                stage_ranks=outcome.ranks,
+                params_before=member.params,
+                params_after=rank * (member.k + member.n) if factorized else member.params,
+                kept_energy=outcome.kept_energy,
+                weight_error=outcome.weight_error,
+                shared_with=[n for n in names if n != member.name],
+                seconds=outcome.seconds,
+            )
+        )
+    return reports
+
+
+def emit_outcomes(model: onnx.ModelProto, outcomes: list[GroupOutcome], config: RewriteConfig) -> onnx.ModelProto:
+    """Emit every factorized group into ``model`` (mutated; node indices must be those matched)."""
+    factorized = [o for o in outcomes if o.factorization is not None]
+    if not factorized:
+        return model
+    emit(
+        model,
+        {o.sites[0].group: o.factorization for o in factorized},  # type: ignore[misc]
+        [site for o in factorized for site in o.sites],
+        {o.sites[0].group: o.storage for o in factorized},
+        EmitOptions(layout=config.layout),
+    )
+    _stamp(model, config)
+    return model
+
+
+def assemble(
+    model: onnx.ModelProto,
+    match: Match,
+    outcomes: list[GroupOutcome],
+    config: RewriteConfig,
+    params_before: int,
+    started: float,
+) -> RewriteResult:
+    """Emit the factorized groups into ``model`` (a private copy) and build the report."""
+    reports: dict[int, SiteReport] = {}
+    for outcome in outcomes:
+        for site, report in zip(outcome.sites, _site_reports(outcome), strict=True):
+            reports[site.node_index] = report
+    for skip in match.skips:
+        params = int(np.prod(skip.shape)) if skip.shape else 0
+        reports[skip.node_index] = SiteReport(
+            name=skip.name,
+            op_type=skip.op_type,
+            shape=list(skip.shape) if skip.shape and len(skip.shape) == 2 else None,
+            action="kept",
+            reason=skip.reason,
+            params_before=params,
+            params_after=params,
+        )
+    emit_outcomes(model, outcomes, config)
+    notes = []
+    if config.stages > 1:
+        notes.append(
+            "residual stages: with exact float factors they equal one SVD of the summed rank (Eckart–Young); "
+            "they differ only through the rounding of earlier stages to the storage dtype"
+        )
+    report = RewriteReport(
+        input=None,
+        output=None,
+        method=config.method,
+        policy=config.policy.describe() if config.stage_ranks is None else f"stage ranks {list(config.stage_ranks)}",
+        layout=config.layout,
+        stages=config.stages,
+        params_before=params_before,
+        params_after=io.count_parameters(model),
+        sites=[reports[position] for position in sorted(reports)],
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
+    log.info(
+        "factorized %d of %d MatMul/Gemm nodes; parameters %d → %d",
+        len(report.factorized),
+        len(report.sites),
+        report.params_before,
+        report.params_after,
+    )
+    return RewriteResult(model, report)
+
+
+def weight_groups(sites: Sequence[Site]) -> OrderedDict[str, list[Site]]:
+    """Sites grouped by the normalised weight they share, in graph order."""
+    groups: OrderedDict[str, list[Site]] = OrderedDict()
+    for site in sites:
+        groups.setdefault(site.group, []).append(site)
+    return groups
 
 
 def rewrite(
@@ -156,118 +321,18 @@ def rewrite(
     model = copy.deepcopy(model)
     match = find_sites(model, config)
     index = GraphIndex(model.graph)
-    groups: OrderedDict[str, list[Site]] = OrderedDict()
-    for site in match.sites:
-        groups.setdefault(site.group, []).append(site)
+    groups = weight_groups(match.sites)
 
-    reports: dict[int, SiteReport] = {}
-    factorizations: dict[str, Factorization] = {}
-    storage_dtypes: dict[str, int] = {}
-    to_emit: list[Site] = []
+    def target(sites: list[Site], weight: np.ndarray) -> tuple[np.ndarray, Metric]:
+        return weight, metric_for(config, _group_statistics(sites, statistics))
+
+    outcomes = []
     base = str(base_dir) if base_dir is not None else None
-    for done, (group, sites) in enumerate(groups.items(), start=1):
-        site = sites[0]
-        tick = time.perf_counter()
-        storage = storage_dtype_for(site, config.dtype)
-        factorization: Factorization | None = None
-        weight_error: float | None = None
-        kept_energy: float | None = None
-        ranks: list[int] = []
-        try:
-            weight = load_weight(index, site, base)  # [K, N]
-            stats = _group_statistics(sites, statistics)
-            factorization, decomposition, reason, ranks = _plan_group(
-                sites, weight, config, stats, onnx.helper.tensor_dtype_to_np_dtype(storage)
-            )
-            if factorization is not None:
-                norm = float(np.linalg.norm(weight))
-                difference = float(np.linalg.norm(weight - factorization.product()))
-                weight_error = difference / norm if norm > 0 else 0.0
-                kept_energy = factorization.kept_energy
-                if not np.isfinite(weight_error):
-                    factorization, reason = None, "factors overflow the storage dtype (NaN/Inf)"
-        except FactorizationError as error:
-            reason = str(error)
-        seconds = time.perf_counter() - tick
-        names = [s.name for s in sites]
-        for member in sites:
-            if factorization is not None:
-                rank = factorization.rank
-                reports[member.node_index] = SiteReport(
-                    name=member.name,
-                    op_type=member.op_type,
-                    shape=[member.k, member.n],
-                    action="factorized",
-                    reason=reason,
-                    rank=rank,
-                    stage_ranks=ranks,
-                    params_before=member.params,
-                    params_after=rank * (member.k + member.n),
-                    kept_energy=kept_energy,
-                    weight_error=weight_error,
-                    shared_with=[n for n in names if n != member.name],
-                    seconds=seconds,
-                )
-            else:
-                reports[member.node_index] = SiteReport(
-                    name=member.name,
-                    op_type=member.op_type,
-                    shape=[member.k, member.n],
-                    action="kept",
-                    reason=reason,
-                    params_before=member.params,
-                    params_after=member.params,
-                    shared_with=[n for n in names if n != member.name],
-                    seconds=seconds,
-                )
-        if factorization is not None:
-            factorizations[group] = factorization
-            storage_dtypes[group] = storage
-            to_emit.extend(sites)
-        log.debug("%s %s: %s", site.name, reports[site.node_index].action, reason)
+    for done, sites in enumerate(groups.values(), start=1):
+        outcomes.append(factor_group(index, sites, config, target, base))
         if progress is not None:
-            progress(done, len(groups), site.name)
-    for skip in match.skips:
-        params = int(np.prod(skip.shape)) if skip.shape else 0
-        reports[skip.node_index] = SiteReport(
-            name=skip.name,
-            op_type=skip.op_type,
-            shape=list(skip.shape) if skip.shape and len(skip.shape) == 2 else None,
-            action="kept",
-            reason=skip.reason,
-            params_before=params,
-            params_after=params,
-        )
-    if to_emit:
-        emit(model, factorizations, to_emit, storage_dtypes, EmitOptions(layout=config.layout))
-        _stamp(model, config)
-    notes = []
-    if config.stages > 1:
-        notes.append(
-            "residual stages: with exact float factors they equal one SVD of the summed rank (Eckart–Young); "
-            "they differ only through the rounding of earlier stages to the storage dtype"
-        )
-    report = RewriteReport(
-        input=None,
-        output=None,
-        method=config.method,
-        policy=config.policy.describe() if config.stage_ranks is None else f"stage ranks {list(config.stage_ranks)}",
-        layout=config.layout,
-        stages=config.stages,
-        params_before=params_before,
-        params_after=io.count_parameters(model),
-        sites=[reports[position] for position in sorted(reports)],
-        seconds=time.perf_counter() - started,
-        notes=notes,
-    )
-    log.info(
-        "factorized %d of %d MatMul/Gemm nodes; parameters %d → %d",
-        len(report.factorized),
-        len(report.sites),
-        report.params_before,
-        report.params_after,
-    )
-    return RewriteResult(model, report)
+            progress(done, len(groups), sites[0].name)
+    return assemble(model, match, outcomes, config, params_before, started)
 
 
 def _stamp(model: onnx.ModelProto, config: RewriteConfig) -> None:
@@ -294,19 +359,62 @@ def rewrite_file(
     statistics: Statistics | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    data: str | os.PathLike[str] | None = None,
+    calibration: CalibrateConfig | None = None,
+    sequential: bool = False,
 ) -> RewriteReport:
     """Load, rewrite, check and save atomically. ``output_path=None`` is a dry run (nothing written).
+
+    Args:
+        input_path: the model.
+        output_path: where to write, or None for a dry run.
+        config: the rewrite configuration.
+        statistics: calibration statistics (or pass ``data`` to calibrate here).
+        force: allow ``output_path`` to be the input.
+        progress: callback per weight (or per level with ``sequential``).
+        data: calibration data (``.npz`` or folder), checked against the model before any work.
+        calibration: how to read and run the data.
+        sequential: fit each level to the partly compressed model's inputs (needs ``data``).
 
     Raises:
         ModelError: the input cannot be used.
         OutputError: the output cannot be written (checked before any work).
+        DataError: the data does not fit the model.
     """
+    from onnxsvd.calibrate import batch_source, calibrate, resolve_mask
+
+    config = config or RewriteConfig()
+    calibration = calibration or CalibrateConfig()
     input_path = Path(input_path)
     if output_path is not None:
         io.check_output_path(output_path, input_path, force)
+    if sequential and data is None:
+        raise UsageError("--sequential needs calibration data: pass --data DATA")
     model = io.load_model(input_path)
-    result = rewrite(model, config, statistics, base_dir=input_path.parent, progress=progress)
+    calibrate_seconds = 0.0
+    if sequential:
+        from onnxsvd.sequential import rewrite_sequential
+
+        batches, _ = batch_source(data, model, calibration)  # type: ignore[arg-type]
+        result = rewrite_sequential(
+            model,
+            config,
+            batches,
+            providers=calibration.providers,
+            mask_input=resolve_mask(model, calibration),
+            base_dir=str(input_path.parent),
+            progress=progress,
+        )
+    else:
+        if data is not None and config.needs_statistics:
+            tick = time.perf_counter()
+            batches, count = batch_source(data, model, calibration)
+            statistics = calibrate(model, batches, calibration, total_batches=count)
+            calibrate_seconds = time.perf_counter() - tick
+        result = rewrite(model, config, statistics, base_dir=input_path.parent, progress=progress)
     report = result.report
+    if calibrate_seconds:
+        report.notes.append(f"calibration: {calibrate_seconds:.1f} s")
     report.input = str(input_path)
     report.file_size_before = io.file_size(input_path)
     report.dry_run = output_path is None

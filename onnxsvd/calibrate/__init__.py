@@ -1,0 +1,145 @@
+"""Calibration: data readers → ONNX Runtime with site activations exposed → streamed statistics.
+
+``calibrate(model, data, config)`` returns :class:`Statistics` (per activation ``XᵀX``, ``Σ|x|``,
+``max|x|``, rows) stamped with the model's fingerprint; ``Statistics.save``/``load`` keep them in an
+``.npz`` that ``rewrite --stats`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxsvd.calibrate.collect import collect, find_mask_input, specs_for_sites
+from onnxsvd.calibrate.stats import ActivationStats, Statistics, StatsAccumulator, combine
+from onnxsvd.errors import UsageError
+
+__all__ = [
+    "ActivationStats",
+    "CalibrateConfig",
+    "Statistics",
+    "StatsAccumulator",
+    "batch_source",
+    "calibrate",
+    "calibrate_file",
+    "combine",
+]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, "int | None", str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrateConfig:
+    """How calibration data is read and run.
+
+    Attributes:
+        batch_size: samples per ONNX Runtime run.
+        max_samples: read at most this many samples.
+        providers: ONNX Runtime providers (``"cpu"``, ``"cuda"``).
+        mask_input: ``"auto"`` (use an ``attention_mask``-like ``[B, S]`` input when the model has one),
+            an input name, or ``None``: rows where the mask is 0 (padding) are left out of the statistics.
+        group_bytes: cap on the activation bytes one run holds per batch; more activations run in groups.
+    """
+
+    batch_size: int = 32
+    max_samples: int | None = None
+    providers: tuple[str, ...] = ("cpu",)
+    mask_input: str | None = "auto"
+    group_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UsageError(f"--max-samples must be at least 1, got {self.max_samples}")
+        for provider in self.providers:
+            if provider not in ("cpu", "cuda"):
+                raise UsageError(f"unknown provider {provider!r}; use cpu or cuda")
+
+
+def resolve_mask(model: onnx.ModelProto, config: CalibrateConfig) -> str | None:
+    """The mask input to use, from ``config.mask_input``."""
+    if config.mask_input == "auto":
+        return find_mask_input(model)
+    if config.mask_input is not None and config.mask_input not in {v.name for v in model.graph.input}:
+        raise UsageError(f"mask input {config.mask_input!r} is not an input of the model")
+    return config.mask_input
+
+
+def batch_source(
+    data_path: str | os.PathLike[str], model: onnx.ModelProto, config: CalibrateConfig
+) -> tuple[Callable[[], Iterable[Mapping[str, np.ndarray]]], int]:
+    """Check the data against the model (before any work) and return a re-iterable batch factory.
+
+    Returns:
+        ``(batches, count)``: a callable giving a fresh iterator of input dicts, and how many batches.
+
+    Raises:
+        DataError: the data does not fit the model.
+    """
+    from onnxsvd.data import iter_batches, load_inputs
+
+    data = load_inputs(data_path, model, max_samples=config.max_samples)
+    batch = data.fixed_batch or config.batch_size
+    count = math.ceil(data.samples / batch)
+    return (lambda: iter_batches(data, batch, drop_last=data.fixed_batch is not None)), count
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+    config: CalibrateConfig | None = None,
+    progress: Progress | None = None,
+    total_batches: int | None = None,
+) -> Statistics:
+    """Collect the statistics of every site activation of ``model`` over the calibration batches."""
+    from onnxsvd.graph import find_sites
+    from onnxsvd.io import fingerprint
+
+    config = config or CalibrateConfig()
+    sites = find_sites(model).sites
+    specs = specs_for_sites(sites)
+    mask = resolve_mask(model, config)
+    if mask:
+        log.info("leaving out rows where %r is 0 (padding)", mask)
+    activations = collect(
+        model,
+        specs,
+        batches,
+        providers=config.providers,
+        mask_input=mask,
+        group_bytes=config.group_bytes,
+        progress=progress,
+        total_batches=total_batches,
+    )
+    return Statistics(fingerprint=fingerprint(model), activations=activations)
+
+
+def calibrate_file(
+    model_path: str | os.PathLike[str],
+    data_path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None,
+    config: CalibrateConfig | None = None,
+    progress: Progress | None = None,
+) -> Statistics:
+    """Load the model, check the data, collect statistics, and save them atomically to ``output``."""
+    from onnxsvd import io
+
+    config = config or CalibrateConfig()
+    if output is not None:
+        io.check_output_path(output, model_path, force=False)
+    model = io.load_model(model_path)
+    batches, count = batch_source(data_path, model, config)
+    statistics = calibrate(model, batches, config, progress=progress, total_batches=count)
+    if output is not None:
+        statistics.save(Path(output))
+    return statistics

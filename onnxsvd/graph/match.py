@@ -122,6 +122,22 @@ class Site:
         """``(K, N)``."""
         return (self.k, self.n)
 
+    @property
+    def channel_axis(self) -> int:
+        """Axis of the activation tensor (as the node reads it) that holds the K channels.
+
+        ``-1`` for ``X · W``; ``-2`` when the activation is read transposed: Gemm ``transA`` with the
+        weight on the right, or ``W · X`` (MatMul's ``[..., K, S]``, Gemm's ``B`` without ``transB``).
+        """
+        if self.weight_side == "right":
+            return -2 if self.transpose_activation else -1
+        return -1 if self.transpose_activation else -2
+
+    @property
+    def statistics_key(self) -> str:
+        """Key of this site's activation statistics: the tensor name, marked when read transposed."""
+        return self.activation if self.channel_axis == -1 else f"{self.activation}#channels=-2"
+
 
 @dataclasses.dataclass(frozen=True)
 class Skip:
@@ -291,8 +307,13 @@ def _apply_chain_node(index: GraphIndex, node: onnx.NodeProto, value: np.ndarray
         else np.zeros_like(scale)
     )
     values = value.astype(np.float64)
-    if scale.ndim == 1 and scale.size > 1:
-        axis = int(_attribute(node, "axis", 1)) % values.ndim
+    axis = int(_attribute(node, "axis", 1)) % values.ndim
+    block = int(_attribute(node, "block_size", 0))
+    if block > 0:
+        # Blocked (opset 21): one scale per ``block`` entries along ``axis``, the last block maybe short.
+        blocks = np.arange(values.shape[axis]) // block  # [D]: the block of each index along axis
+        scale, zero = np.take(scale, blocks, axis=axis), np.take(zero, blocks, axis=axis)
+    elif scale.ndim == 1 and scale.size > 1:
         shape = [1] * values.ndim
         shape[axis] = scale.size
         scale, zero = scale.reshape(shape), zero.reshape(shape)

@@ -1,0 +1,207 @@
+"""Running ONNX Runtime to collect activation statistics: augment the graph → run → accumulate.
+
+Legend: T rows, K channels, B batch, S sequence.
+
+Each distinct site activation is exposed as a graph output (the model's own outputs are dropped, so
+ONNX Runtime runs only the nodes the activations need), once per activation even when several sites read
+it (Q, K and V). Activations arrive one batch at a time and are folded into float64 sums at once; when
+exposing them all in one run would hold too much memory, they are collected in groups, one run each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from onnxsvd.calibrate.stats import ActivationStats, StatsAccumulator
+from onnxsvd.graph.match import Site
+
+__all__ = ["ActivationSpec", "specs_for_sites", "expose", "session_for", "collect", "rows_of", "find_mask_input"]
+
+log = logging.getLogger(__name__)
+
+#: Called after each batch with (done, total or None, what).
+Progress = Callable[[int, int | None, str], None]
+
+#: Default cap on the activation bytes one run may hold (per batch).
+DEFAULT_GROUP_BYTES = 1 << 30
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+#: Input names taken as a token mask [B, S]: rows where it is 0 (padding) are left out of the statistics.
+MASK_NAMES = ("attention_mask", "input_mask", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSpec:
+    """One activation to collect: the tensor, where its K channels are, its dtype, and its stats key."""
+
+    tensor: str
+    channel_axis: int
+    channels: int
+    elem_type: int
+    key: str
+
+
+def specs_for_sites(sites: Iterable[Site]) -> list[ActivationSpec]:
+    """One spec per distinct (activation, channel axis), in graph order."""
+    specs: dict[str, ActivationSpec] = {}
+    for site in sites:
+        if site.statistics_key not in specs:
+            specs[site.statistics_key] = ActivationSpec(
+                site.activation, site.channel_axis, site.k, site.weight.compute_dtype, site.statistics_key
+            )
+    return list(specs.values())
+
+
+def expose(model: onnx.ModelProto, tensors: Sequence[tuple[str, int]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are exactly ``tensors`` (name, elem type); weights shared by
+    reference where possible is not possible in protobuf, so the copy is made once per group."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    del exposed.graph.output[:]
+    graph_inputs = {value.name for value in exposed.graph.input}
+    for name, elem_type in tensors:
+        if name in graph_inputs:
+            # A graph input cannot also be a graph output: pass it through an Identity.
+            alias = f"{name}/onnxsvd_exposed"
+            exposed.graph.node.append(onnx.helper.make_node("Identity", [name], [alias]))
+            name = alias
+        exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+    return exposed
+
+
+def session_for(model: onnx.ModelProto | str, providers: Sequence[str] = ("cpu",), threads: int | None = None):
+    """An ONNX Runtime session on the given providers (``"cpu"``, ``"cuda"``).
+
+    Raises:
+        ProviderError: a provider that this onnxruntime does not have.
+    """
+    import onnxruntime as ort
+
+    from onnxsvd.errors import ProviderError
+
+    available = ort.get_available_providers()
+    names = []
+    for provider in providers:
+        name = PROVIDERS.get(provider, provider)
+        if name not in available:
+            raise ProviderError(
+                f"{provider} requested but this onnxruntime has no {name}; "
+                "pip install 'onnxsvd[gpu]' on a machine with an NVIDIA GPU, or use --providers cpu"
+            )
+        names.append(name)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=names)
+
+
+def find_mask_input(model: onnx.ModelProto) -> str | None:
+    """The name of a ``[B, S]`` integer token-mask input (``attention_mask``…), if the model has one."""
+    for value in model.graph.input:
+        if value.name in MASK_NAMES and len(value.type.tensor_type.shape.dim) == 2:
+            return value.name
+    return None
+
+
+def rows_of(activation: np.ndarray, channel_axis: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """The ``[T, K]`` rows of an activation read with its channels on ``channel_axis``.
+
+    With a ``[B, S]`` ``mask`` whose shape matches the activation's leading dimensions, rows at mask 0
+    (padding tokens, which the model's outputs ignore) are dropped.
+    """
+    array = np.asarray(activation)
+    if array.ndim == 1:
+        return array.reshape(1, -1)
+    if channel_axis != -1:
+        array = np.moveaxis(array, channel_axis, -1)  # [..., K]
+    if mask is not None and array.shape[:-1] == mask.shape:
+        return array[np.asarray(mask) != 0]  # [T, K]
+    return array.reshape(-1, array.shape[-1])  # [T, K]
+
+
+def _groups(specs: Sequence[ActivationSpec], rows_per_batch: int, budget: int) -> list[list[ActivationSpec]]:
+    groups: list[list[ActivationSpec]] = [[]]
+    used = 0
+    for spec in specs:
+        size = rows_per_batch * spec.channels * 4
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(spec)
+        used += size
+    return groups
+
+
+def _rows_estimate(batch: Mapping[str, np.ndarray]) -> int:
+    estimate = 1
+    for array in batch.values():
+        shape = np.shape(array)
+        if np.issubdtype(np.asarray(array).dtype, np.floating):
+            estimate = max(estimate, int(np.prod(shape[:-1])) if len(shape) > 1 else 1)
+        else:
+            estimate = max(estimate, int(np.prod(shape)))
+    return estimate
+
+
+def collect(
+    model: onnx.ModelProto,
+    specs: Sequence[ActivationSpec],
+    batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+    providers: Sequence[str] = ("cpu",),
+    mask_input: str | None = None,
+    group_bytes: int = DEFAULT_GROUP_BYTES,
+    progress: Progress | None = None,
+    total_batches: int | None = None,
+) -> dict[str, ActivationStats]:
+    """Run ``model`` on every batch and accumulate each activation's statistics.
+
+    Args:
+        model: the model (not modified).
+        specs: the activations to collect (from :func:`specs_for_sites`).
+        batches: a callable returning a fresh iterable of input dicts (called once per group).
+        providers: ONNX Runtime providers.
+        mask_input: name of a ``[B, S]`` token-mask input whose 0 rows are left out.
+        group_bytes: cap on the activation bytes one run returns per batch.
+        progress: callback per batch.
+        total_batches: for the progress bar.
+
+    Returns:
+        Statistics per spec key.
+    """
+    first = next(iter(batches()), None)
+    if first is None:
+        return {}
+    groups = _groups(specs, _rows_estimate(first), group_bytes)
+    if len(groups) > 1:
+        log.info("collecting %d activations in %d groups to bound memory", len(specs), len(groups))
+    results: dict[str, ActivationStats] = {}
+    done = 0
+    total = total_batches * len(groups) if total_batches is not None else None
+    for group in groups:
+        tensors = list(dict.fromkeys((spec.tensor, spec.elem_type) for spec in group))
+        exposed = expose(model, tensors)
+        session = session_for(exposed, providers)
+        output_names = [output.name for output in exposed.graph.output]
+        feed_names = {value.name for value in session.get_inputs()}
+        accumulators = {spec.key: StatsAccumulator(spec.channels) for spec in group}
+        for batch in batches():
+            feed = {name: value for name, value in batch.items() if name in feed_names}
+            values = dict(zip([name for name, _ in tensors], session.run(output_names, feed)))
+            mask = batch.get(mask_input) if mask_input else None
+            for spec in group:
+                accumulators[spec.key].update(rows_of(values[spec.tensor], spec.channel_axis, mask))
+            del values
+            done += 1
+            if progress is not None:
+                progress(done, total, f"{len(group)} activations")
+        for key, accumulator in accumulators.items():
+            results[key] = accumulator.result()
+    return results

@@ -1,0 +1,229 @@
+"""Sequential rewrite: compress level by level, fitting each layer to the *compressed* model's inputs.
+
+Legend: T calibration rows, K input channels, N output channels, r rank.
+
+One-shot methods fit every layer to the original model's activations ``X``; once earlier layers are
+compressed, a layer actually sees ``X̃``, and errors compound. Here the sites are grouped by depth (the
+number of sites upstream of them), and for each level, with every earlier level already compressed:
+
+    G̃ = X̃ᵀX̃ [K, K],   C = X̃ᵀX [K, K]                      (streamed over the calibration data)
+
+- ``whiten``: the exact closed form. For ``W' = argmin_{rank r} ‖X W − X̃ W'‖_F``, with the least-squares
+  solution ``W_ls = G̃⁻¹ C W`` the error splits as ``‖X W − X̃ W_ls‖² + ‖L̃ᵀ (W_ls − W')‖²`` (``G̃ = L̃ L̃ᵀ``),
+  so ``W'`` is the whitened truncation of ``W_ls`` in the metric of ``G̃``: the same code path as one-shot
+  whitening, on another target.
+- ``svd``/``asvd``: ``A`` comes from the method as usual, and the second factor gets its least-squares
+  optimum ``B = argmin ‖X W − X̃ A B‖ = (Aᵀ G̃ A)⁻¹ Aᵀ C W``.
+
+The cost is two model runs per level (original and partly compressed, each pruned to that level's
+activations), reported in the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx
+import scipy.linalg
+
+from onnxsvd import io
+from onnxsvd.calibrate.collect import ActivationSpec, expose, rows_of, session_for, specs_for_sites
+from onnxsvd.calibrate.stats import ActivationStats
+from onnxsvd.config import RewriteConfig
+from onnxsvd.errors import FactorizationError
+from onnxsvd.factorize import Factorization, Metric, diagonal_metric, identity_metric, whitening_metric
+from onnxsvd.graph import GraphIndex, Site, find_sites
+from onnxsvd.rewrite import GroupOutcome, RewriteResult, assemble, emit_outcomes, factor_group, weight_groups
+
+__all__ = ["CrossStats", "site_levels", "rewrite_sequential"]
+
+log = logging.getLogger(__name__)
+
+Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+Progress = Callable[[int, int, str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossStats:
+    """Statistics of one activation seen by the compressed (``X̃``) and original (``X``) models.
+
+    Attributes:
+        compressed: ``X̃ᵀX̃`` and ``|x̃|`` sums, as :class:`ActivationStats`.
+        cross: ``[K, K]`` ``X̃ᵀX``.
+    """
+
+    compressed: ActivationStats
+    cross: np.ndarray
+
+
+def site_levels(model: onnx.ModelProto, sites: Iterable[Site]) -> dict[int, int]:
+    """Level of each site (by node index): the largest number of sites on any path into its activation."""
+    by_index = {site.node_index: site for site in sites}
+    depth: dict[str, int] = {}
+    levels: dict[int, int] = {}
+    for position, node in enumerate(model.graph.node):  # graph.node is topologically sorted
+        incoming = max((depth.get(name, 0) for name in node.input if name), default=0)
+        if position in by_index:
+            levels[position] = incoming
+            incoming += 1
+        for name in node.output:
+            depth[name] = incoming
+    return levels
+
+
+def _collect_cross(
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    specs: list[ActivationSpec],
+    batches: Batches,
+    providers: tuple[str, ...],
+    mask_input: str | None,
+) -> dict[str, CrossStats]:
+    """Run both models on every batch, exposing ``specs``, and accumulate ``X̃ᵀX̃``, ``X̃ᵀX`` per spec."""
+    tensors = list(dict.fromkeys((spec.tensor, spec.elem_type) for spec in specs))
+    names = [name for name, _ in tensors]
+    sessions = []
+    for model in (original, compressed):
+        exposed = expose(model, tensors)
+        sessions.append((session_for(exposed, providers), [o.name for o in exposed.graph.output]))
+    gram = {spec.key: np.zeros((spec.channels, spec.channels)) for spec in specs}  # X̃ᵀX̃ [K, K]
+    cross = {spec.key: np.zeros((spec.channels, spec.channels)) for spec in specs}  # X̃ᵀX [K, K]
+    abs_sum = {spec.key: np.zeros(spec.channels) for spec in specs}  # Σ|x̃| [K]
+    abs_max = {spec.key: np.zeros(spec.channels) for spec in specs}  # max|x̃| [K]
+    rows = dict.fromkeys(gram, 0)
+    for batch in batches():
+        outputs = []
+        for session, output_names in sessions:
+            feed_names = {value.name for value in session.get_inputs()}
+            feed = {name: value for name, value in batch.items() if name in feed_names}
+            outputs.append(dict(zip(names, session.run(output_names, feed), strict=True)))
+        mask = batch.get(mask_input) if mask_input else None
+        for spec in specs:
+            x = rows_of(outputs[0][spec.tensor], spec.channel_axis, mask).astype(np.float64)  # X [T, K]
+            x_tilde = rows_of(outputs[1][spec.tensor], spec.channel_axis, mask).astype(np.float64)  # X̃ [T, K]
+            gram[spec.key] += x_tilde.T @ x_tilde  # [K, K]
+            cross[spec.key] += x_tilde.T @ x  # [K, K]
+            magnitude = np.abs(x_tilde)  # [T, K]
+            abs_sum[spec.key] += magnitude.sum(axis=0)
+            if magnitude.shape[0]:
+                np.maximum(abs_max[spec.key], magnitude.max(axis=0), out=abs_max[spec.key])
+            rows[spec.key] += x.shape[0]
+    return {
+        key: CrossStats(ActivationStats(gram[key], abs_sum[key], abs_max[key], rows[key]), cross[key]) for key in gram
+    }
+
+
+def _combined(sites: list[Site], stats: Mapping[str, CrossStats]) -> CrossStats:
+    parts = [stats[site.statistics_key] for site in dict((s.statistics_key, s) for s in sites).values()]
+    if len(parts) == 1:
+        return parts[0]
+    from onnxsvd.calibrate.stats import combine
+
+    return CrossStats(combine(p.compressed for p in parts), sum(p.cross for p in parts))
+
+
+def _damped_solve(gram: np.ndarray, rhs: np.ndarray, damping: float) -> np.ndarray:
+    """``(G + λ·mean(diag G)·I)⁻¹ · rhs`` by Cholesky (``G`` ``[K, K]``, ``rhs`` ``[K, M]``)."""
+    scale = float(np.mean(np.diag(gram)))
+    if not np.isfinite(scale) or scale <= 0.0:
+        raise FactorizationError("degenerate statistics: compressed-model activations are all zero")
+    damped = 0.5 * (gram + gram.T) + max(damping, 1e-10) * scale * np.eye(gram.shape[0])  # [K, K]
+    try:
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(damped, lower=True), rhs)  # [K, M]
+    except np.linalg.LinAlgError:
+        return scipy.linalg.lstsq(damped, rhs)[0]  # [K, M]
+
+
+def rewrite_sequential(
+    model: onnx.ModelProto,
+    config: RewriteConfig,
+    batches: Batches,
+    providers: tuple[str, ...] = ("cpu",),
+    mask_input: str | None = None,
+    base_dir: str | None = None,
+    progress: Progress | None = None,
+) -> RewriteResult:
+    """Rewrite ``model`` level by level against the partly compressed model's own activations.
+
+    Args:
+        model: the original model (not modified).
+        config: as for :func:`onnxsvd.rewrite`; ``method`` picks the closed form (``whiten``) or the
+            least-squares refit of ``B`` (``svd``, ``asvd``).
+        batches: a callable returning a fresh iterable of calibration input dicts.
+        providers: ONNX Runtime providers.
+        mask_input: a ``[B, S]`` token-mask input whose zero rows are left out.
+        base_dir: folder of the model file (external data).
+        progress: callback per level.
+
+    Returns:
+        The rewritten model and its report; the report's notes give the levels and their cost.
+    """
+    started = time.perf_counter()
+    params_before = io.count_parameters(model)
+    original = model
+    working = copy.deepcopy(model)
+    match = find_sites(working, config)
+    index = GraphIndex(working.graph)
+    groups = weight_groups(match.sites)
+    levels = site_levels(working, match.sites)
+    group_level = {key: min(levels[s.node_index] for s in sites) for key, sites in groups.items()}
+    order = sorted(set(group_level.values()))
+    outcomes: dict[str, GroupOutcome] = {}
+    compressed = original
+    collect_seconds = 0.0
+    for step, level in enumerate(order, start=1):
+        level_groups = {key: groups[key] for key in groups if group_level[key] == level}
+        level_sites = [site for sites in level_groups.values() for site in sites]
+        tick = time.perf_counter()
+        stats = _collect_cross(
+            original, compressed, specs_for_sites(level_sites), batches, providers, mask_input
+        )
+        collect_seconds += time.perf_counter() - tick
+        for key, sites in level_groups.items():
+            target, refit = _level_fit(config, _combined(sites, stats))
+            outcomes[key] = factor_group(index, sites, config, target, base_dir, refit)
+        # The next level sees this one compressed: rebuild from the original with every outcome so far.
+        compressed = emit_outcomes(copy.deepcopy(original), list(outcomes.values()), config)
+        if progress is not None:
+            progress(step, len(order), f"level {level}")
+    result = assemble(working, match, [outcomes[key] for key in groups], config, params_before, started)
+    result.report.notes.append(
+        f"sequential: {len(order)} levels, {2 * len(order)} pruned model runs over the calibration data; "
+        f"{collect_seconds:.1f} s collecting, {result.report.seconds:.1f} s in all"
+    )
+    return result
+
+
+def _level_fit(config: RewriteConfig, stats: CrossStats):
+    """The target function and refit for one group at its level (see the module docstring)."""
+    gram, cross = stats.compressed.gram, stats.cross  # G̃ [K, K], C = X̃ᵀX [K, K]
+
+    def target(sites: list[Site], weight: np.ndarray) -> tuple[np.ndarray, Metric]:
+        if config.method == "whiten":
+            least_squares = _damped_solve(gram, cross @ weight, config.damping)  # W_ls = G̃⁻¹ C W: [K, N]
+            return least_squares, whitening_metric(gram, damping=config.damping)
+        if config.method == "asvd":
+            return weight, diagonal_metric(stats.compressed.mean_abs, alpha=config.alpha)
+        return weight, identity_metric()
+
+    def refit(sites: list[Site], weight: np.ndarray, factorization: Factorization) -> Factorization:
+        # B = (Aᵀ G̃ A)⁻¹ Aᵀ C W, for the fused A; then split back into the stages' rows.
+        a_fused, _ = factorization.fused()  # [K, R]
+        a64 = a_fused.astype(np.float64)
+        normal = a64.T @ gram @ a64  # [R, R]
+        rhs = a64.T @ (cross @ weight)  # [R, N]
+        b_fused = _damped_solve(normal, rhs, config.damping)  # [R, N]
+        dtype = a_fused.dtype
+        stages, start = [], 0
+        for a, _ in factorization.stages:
+            width = a.shape[1]
+            stages.append((a, b_fused[start : start + width].astype(dtype)))
+            start += width
+        return Factorization(stages=tuple(stages), kept_energy=factorization.kept_energy)
+
+    return target, (None if config.method == "whiten" else refit)
