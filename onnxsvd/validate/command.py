@@ -1,0 +1,286 @@
+"""``onnxsvd validate``: parse → :class:`ValidateConfig` → :func:`validate` → rich tables (and JSON).
+
+Registered in the CLI group with ``cli.add_command(validate_command)``. Errors are raised as
+:class:`onnxsvd.errors.OnnxSvdError` for ``onnxsvd.cli.main`` to print as one line; a failed gate
+renders the report (and writes the JSON) first, then raises :class:`ValidationGateError` (exit code 3).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from onnxsvd.errors import UsageError
+from onnxsvd.validate.latency import PROVIDERS
+from onnxsvd.validate.report import DEFAULT_BATCH_SIZE, ValidateConfig, ValidationReport
+
+__all__ = ["validate_command", "parse_config", "render_report"]
+
+_DEFAULTS = ValidateConfig()
+
+
+def parse_providers(text: str) -> tuple[str, ...]:
+    """``"cpu,cuda"`` → ``("cpu", "cuda")``.
+
+    Raises:
+        UsageError: empty or unknown names.
+    """
+    providers = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if not providers:
+        raise UsageError(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {text!r}")
+    return providers
+
+
+def parse_config(
+    providers: str,
+    warmup: int,
+    iters: int,
+    threads: int | None,
+    batch_size: int | None,
+    max_samples: int | None,
+    min_cosine: float | None,
+    max_top1_drop: float | None,
+    rewrite_report: Path | None,
+    profile: bool,
+) -> ValidateConfig:
+    """The command's options as a :class:`ValidateConfig` (reads the rewrite report's site names).
+
+    Raises:
+        UsageError: an option value that cannot work.
+    """
+    from onnxsvd.validate.pipeline import factorized_sites_from_report
+
+    return ValidateConfig(
+        providers=parse_providers(providers),
+        warmup=warmup,
+        iters=iters,
+        threads=threads,
+        batch_size=batch_size,
+        min_cosine=min_cosine,
+        max_top1_drop=max_top1_drop,
+        max_samples=max_samples,
+        profile=profile,
+        factorized_sites=factorized_sites_from_report(rewrite_report) if rewrite_report is not None else None,
+    )
+
+
+def _progress(console: Console) -> tuple[Any, Any]:
+    """A transient progress bar on stderr (off when stderr is not a terminal); returns (bar, callback)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task = bar.add_task("validating", total=None)
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar.update(task, description=stage, completed=done, total=total or None)
+
+    return bar, update
+
+
+@click.command("validate")
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("rewritten", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="Evaluation data: an .npz keyed by input name (axis 0 = samples), or a folder of them.")
+@click.option("--providers", default=",".join(_DEFAULTS.providers), show_default=True, metavar="cpu,cuda",
+              help="Execution providers to time; accuracy runs on the first.")
+@click.option("--warmup", type=int, default=_DEFAULTS.warmup, show_default=True, help="Untimed runs of each model.")
+@click.option("--iters", type=int, default=_DEFAULTS.iters, show_default=True,
+              help="Timed runs of each model (alternating original, rewritten).")
+@click.option("--threads", type=int, help="onnxruntime intra-op threads [default: onnxruntime's].")
+@click.option("--batch-size", type=int,
+              help=f"Samples per batch [default: one batch per file of a folder, else {DEFAULT_BATCH_SIZE}]; "
+                   "latency is timed on the first batch.")
+@click.option("--max-samples", type=int, help="Use at most this many samples.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON here.")
+@click.option("--min-cosine", type=float, help="Gate: exit 3 when an output's mean cosine is below this.")
+@click.option("--max-top1-drop", type=float,
+              help="Gate: exit 3 when top-1 drops by more than this (accuracy against labels when the data "
+                   "has them, else 1 − agreement).")
+@click.option("--rewrite-report", type=click.Path(path_type=Path),
+              help="The JSON of 'onnxsvd rewrite --report': names the factorized sites for the speedup bound "
+                   "[default: inferred from node names].")
+@click.option("--profile/--no-profile", default=_DEFAULTS.profile, show_default=True,
+              help="Profile the original to compute the speedup bound.")
+def validate_command(
+    original: Path,
+    rewritten: Path,
+    data_path: Path,
+    providers: str,
+    warmup: int,
+    iters: int,
+    threads: int | None,
+    batch_size: int | None,
+    max_samples: int | None,
+    json_path: Path | None,
+    min_cosine: float | None,
+    max_top1_drop: float | None,
+    rewrite_report: Path | None,
+    profile: bool,
+) -> None:
+    """Compare REWRITTEN with ORIGINAL on data: accuracy per output (cosine, SQNR, errors, top-1/top-5
+    agreement, accuracy against labels), latency per provider (both models alternately; p50, p90,
+    mean, throughput, speedup, and the speedup bound from a profile of the original), and size.
+
+    With --min-cosine or --max-top1-drop it is a gate: the report is printed (and written), then the
+    command exits with code 3 if the rewrite is outside it.
+    """
+    from onnxsvd import io
+    from onnxsvd.validate.pipeline import validate
+
+    config = parse_config(
+        providers, warmup, iters, threads, batch_size, max_samples, min_cosine, max_top1_drop, rewrite_report,
+        profile,
+    )
+    if json_path is not None:
+        io.check_output_path(json_path, original, force=False)
+    stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    stderr = Console(stderr=True, highlight=False)
+    bar, update = _progress(stderr)
+    with bar:
+        report = validate(original, rewritten, data_path, config, progress=update, enforce_gate=False)
+    if json_path is not None:
+        report.write_json(json_path)
+    render_report(report, stdout)
+    if json_path is not None:
+        stdout.print(f"report: {json_path}")
+    report.raise_for_gate()
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    return f"{value:.{digits}f}"
+
+
+def _general(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return _number(value)
+    return f"{value:.3g}"
+
+
+def _human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KB", "MB"):
+        if value < 1024:
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def _human_flops(count: int | None) -> str:
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("", "K", "M", "G", "T"):
+        if value < 1000 or unit == "T":
+            return f"{value:.3g} {unit}FLOP" if unit else f"{int(value)} FLOP"
+        value /= 1000
+    return f"{value:.3g} TFLOP"
+
+
+def render_report(report: ValidationReport, console: Console) -> None:
+    """Print the accuracy, latency and size tables of ``report``."""
+    batching = f"batches of {report.batch_size}" if report.batch_size else "one batch per file"
+    accuracy = Table(
+        title=f"accuracy: {report.rewritten} vs {report.original} — {report.samples} samples "
+        f"({batching}, {report.accuracy_provider})"
+    )
+    columns = ["output", "shape", "cosine", "cos min", "cos global", "SQNR dB", "rel err", "max abs",
+               "mean abs", "top-1 agree", "top-5 agree"]
+    if report.has_labels:
+        columns.append("accuracy")
+    for column in columns:
+        accuracy.add_column(column, justify="left" if column == "output" else "right")
+    for output in report.outputs:
+        row = [
+            output.name,
+            "×".join(str(dim) for dim in output.shape),
+            _number(output.cosine),
+            _number(output.cosine_min),
+            _number(output.cosine_global),
+            _number(output.sqnr_db, 2),
+            _general(output.relative),
+            _general(output.max_abs),
+            _general(output.mean_abs),
+            _number(output.top1_agreement),
+            _number(output.top5_agreement),
+        ]
+        if report.has_labels:
+            row.append(
+                f"{output.accuracy_original:.4f} → {output.accuracy_rewritten:.4f}"
+                if output.accuracy_original is not None and output.accuracy_rewritten is not None
+                else "-"
+            )
+        accuracy.add_row(*row)
+    console.print(accuracy)
+
+    if report.speed:
+        first = report.speed[0].timing
+        threads = first.threads if first.threads is not None else "default"
+        latency = Table(
+            title=f"latency (ms) on one batch of {first.batch_size}: {first.iters} runs each after {first.warmup} "
+            f"warm-up, alternating; threads {threads}"
+        )
+        for column in ("provider", "model", "p50", "p90", "mean", "samples/s", "session s", "speedup", "bound"):
+            latency.add_column(column, justify="left" if column in ("provider", "model") else "right")
+        for speed in report.speed:
+            timing = speed.timing
+            share = f" (s={speed.time_share.share:.0%})" if speed.time_share is not None else ""
+            for model, stats, seconds, speedup, bound in (
+                ("original", timing.original, timing.session_seconds_original, "", ""),
+                ("rewritten", timing.rewritten, timing.session_seconds_rewritten, f"{timing.speedup:.2f}×",
+                 f"≤ {speed.bound:.2f}×{share}" if speed.bound is not None else "-"),
+            ):
+                latency.add_row(
+                    speed.provider if model == "original" else "",
+                    model,
+                    f"{stats.p50_ms:.3f}",
+                    f"{stats.p90_ms:.3f}",
+                    f"{stats.mean_ms:.3f}",
+                    f"{stats.throughput:,.0f}",
+                    f"{seconds:.3f}",
+                    speedup,
+                    bound,
+                )
+        console.print(latency)
+
+    size = Table(title="size")
+    for column in ("", "original", "rewritten", "kept"):
+        size.add_column(column, justify="left" if not column else "right")
+    size.add_row("parameters", f"{report.size.params_original:,}", f"{report.size.params_rewritten:,}",
+                 f"{report.size.params_kept:.1%}")
+    size.add_row("file size", _human_bytes(report.size.bytes_original), _human_bytes(report.size.bytes_rewritten),
+                 f"{report.size.bytes_kept:.1%}")
+    flops = report.flops
+    if flops.flops_before is not None:
+        size.add_row(f"FLOPs of {len(flops.sites)} rewritten sites (batch)", _human_flops(flops.flops_before),
+                     _human_flops(flops.flops_after), f"{flops.kept_fraction:.1%}")
+    else:
+        size.add_row(f"FLOPs of {len(flops.sites)} rewritten sites (per row)", _human_flops(flops.per_row_before),
+                     _human_flops(flops.per_row_after), f"{flops.kept_fraction:.1%}")
+    console.print(size)
+    for note in report.notes:
+        console.print(f"note: {note}")
+    if report.gate.checked:
+        console.print("gate: passed" if report.gate.passed else "gate: FAILED — " + "; ".join(report.gate.failures))

@@ -1,0 +1,348 @@
+"""The speedup bound of a rewrite: how much of the original's time the rewritten sites take, and how
+many of their FLOPs the rewrite keeps. Also FLOPs, parameters and file sizes of both models.
+
+Legend: M rows of a site's activation (all leading axes of one batch), K input and N output channels
+of a site (``Y [M, N] = X [M, K] · W [K, N]``), r the rank of its factor chain.
+
+Amdahl's law: if a share ``s`` of the original's node time is in the rewritten sites and the rewrite
+keeps a fraction ``ρ = FLOPs_after / FLOPs_before`` of their FLOPs, then at best (time ∝ FLOPs in those
+sites, nothing else changes)
+
+    speedup ≤ 1 / ((1 − s) + s·ρ)
+
+FLOPs of a site: ``2·M·K·N`` dense, ``2·M·r·(K + N)`` as a chain ``X·A [K, r]·B [r, N]``. The share
+``s`` comes from an onnxruntime profile of the original (its JSON trace); ``M`` comes from the same trace
+(output shape of each site). Without a profile, FLOPs are counted per row (``M = 1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxsvd import io
+from onnxsvd.errors import UsageError
+from onnxsvd.graph import Site, find_sites
+from onnxsvd.validate.latency import make_runner, open_session
+
+__all__ = [
+    "SiteCost",
+    "SiteFlops",
+    "TimeShare",
+    "SizeSummary",
+    "speedup_bound",
+    "factorized_sites",
+    "site_flops",
+    "parse_trace",
+    "profile_time_share",
+    "size_summary",
+]
+
+log = logging.getLogger(__name__)
+
+_KERNEL_SUFFIX = "_kernel_time"
+#: onnxruntime renames nodes it fuses: ``fused <name>`` (FusedGemm) or ``<name>/<Fusion>/`` (FusedMatMul).
+_FUSED_PREFIX = "fused "
+
+
+def speedup_bound(share: float, kept_fraction: float) -> float:
+    """``1 / ((1 − s) + s·ρ)``: Amdahl's bound for a share ``s`` of time running at ``ρ`` of its FLOPs."""
+    denominator = (1.0 - share) + share * kept_fraction
+    return 1.0 / denominator if denominator > 0 else math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteCost:
+    """FLOPs of one rewritten site before and after.
+
+    Attributes:
+        name: node name in the original.
+        op_type: ``"MatMul"`` or ``"Gemm"``.
+        k: input channels ``K``.
+        n: output channels ``N``.
+        flops_per_row_before: ``2·K·N``.
+        flops_per_row_after: ``Σ 2·K_i·N_i`` over the chain's MatMul/Gemm nodes (``2·r·(K+N)``), or
+            ``None`` when the chain cannot be found by name in the rewritten model.
+        rows: ``M`` in the profiled batch, or ``None`` without a profile.
+    """
+
+    name: str
+    op_type: str
+    k: int
+    n: int
+    flops_per_row_before: int
+    flops_per_row_after: int | None
+    rows: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteFlops:
+    """FLOPs of the rewritten sites in both models.
+
+    Attributes:
+        sites: one entry per rewritten site.
+        source: ``"given"`` (names passed in, e.g. from the rewrite report) or ``"inferred"`` (original
+            sites whose node is gone from the rewritten model).
+        per_row_before: ``Σ 2·K·N`` over the sites.
+        per_row_after: the same sites' FLOPs per row in the rewritten model.
+        flops_before: ``Σ 2·M·K·N`` on the profiled batch (``None`` without rows for every site).
+        flops_after: ``Σ 2·M·r·(K+N)`` on the profiled batch.
+    """
+
+    sites: tuple[SiteCost, ...]
+    source: str
+    per_row_before: int
+    per_row_after: int
+    flops_before: int | None = None
+    flops_after: int | None = None
+
+    @property
+    def kept_fraction(self) -> float:
+        """``ρ = FLOPs_after / FLOPs_before`` (on the batch when rows are known, else per row); 1 when empty."""
+        if self.flops_before and self.flops_after is not None:
+            return self.flops_after / self.flops_before
+        return self.per_row_after / self.per_row_before if self.per_row_before else 1.0
+
+    def with_rows(self, rows: Mapping[str, int]) -> SiteFlops:
+        """The same sites with ``M`` from a profile; batch FLOPs when every site has rows and a chain."""
+        sites = tuple(dataclasses.replace(site, rows=rows.get(site.name)) for site in self.sites)
+        complete = all(site.rows is not None and site.flops_per_row_after is not None for site in sites)
+        if not sites or not complete:
+            return dataclasses.replace(self, sites=sites)
+        before = sum(site.rows * site.flops_per_row_before for site in sites)  # type: ignore[operator]
+        after = sum(site.rows * site.flops_per_row_after for site in sites)  # type: ignore[operator]
+        return dataclasses.replace(self, sites=sites, flops_before=before, flops_after=after)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["kept_fraction"] = self.kept_fraction
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeShare:
+    """Where the original's node time goes, from one onnxruntime profile.
+
+    Attributes:
+        provider: ``"cpu"`` or ``"cuda"``.
+        runs: profiled runs counted (a first run is made and left out).
+        site_us: kernel time of the rewritten sites (µs, all counted runs).
+        total_us: kernel time of every node.
+        missing: sites with no kernel in the trace (onnxruntime fused them into another kernel).
+        rows: ``M`` of each site found, from its output shape in the trace.
+    """
+
+    provider: str
+    runs: int
+    site_us: float
+    total_us: float
+    missing: tuple[str, ...] = ()
+    rows: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def share(self) -> float:
+        """``s``: the rewritten sites' share of all node time."""
+        return self.site_us / self.total_us if self.total_us > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["rows"] = dict(self.rows)
+        data["share"] = self.share
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeSummary:
+    """Parameters (initializer and Constant elements) and bytes on disk (with external data) of both."""
+
+    params_original: int
+    params_rewritten: int
+    bytes_original: int
+    bytes_rewritten: int
+
+    @property
+    def params_kept(self) -> float:
+        return self.params_rewritten / self.params_original if self.params_original else 1.0
+
+    @property
+    def bytes_kept(self) -> float:
+        return self.bytes_rewritten / self.bytes_original if self.bytes_original else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["params_kept"] = self.params_kept
+        data["bytes_kept"] = self.bytes_kept
+        return data
+
+
+def size_summary(
+    original_path: str | os.PathLike[str],
+    rewritten_path: str | os.PathLike[str],
+    original: onnx.ModelProto,
+    rewritten: onnx.ModelProto,
+) -> SizeSummary:
+    """Parameters and file sizes of both models."""
+    return SizeSummary(
+        params_original=io.count_parameters(original),
+        params_rewritten=io.count_parameters(rewritten),
+        bytes_original=io.file_size(original_path),
+        bytes_rewritten=io.file_size(rewritten_path),
+    )
+
+
+def factorized_sites(
+    original: onnx.ModelProto, rewritten: onnx.ModelProto, names: Sequence[str] | None = None
+) -> tuple[tuple[Site, ...], str]:
+    """The original's sites that were rewritten, and how they were found (``"given"``/``"inferred"``).
+
+    With ``names`` (the sites a rewrite report marks ``factorized``) those; without, every constant-weight
+    MatMul/Gemm of the original whose node is gone from the rewritten model (all of them when the
+    rewritten model renamed every node).
+
+    Raises:
+        UsageError: a given name is not a constant-weight MatMul/Gemm of the original.
+    """
+    sites = {site.name: site for site in find_sites(original).sites}
+    if names is not None:
+        unknown = [name for name in names if name not in sites]
+        if unknown:
+            raise UsageError(
+                f"site {unknown[0]!r} is not a constant-weight MatMul/Gemm of the original model; "
+                "pass the rewrite report of this model"
+            )
+        return tuple(sites[name] for name in names), "given"
+    remaining = {node.name for node in rewritten.graph.node if node.name}
+    return tuple(site for name, site in sites.items() if name not in remaining), "inferred"
+
+
+def site_flops(
+    original: onnx.ModelProto, rewritten: onnx.ModelProto, names: Sequence[str] | None = None
+) -> SiteFlops:
+    """FLOPs per row of the rewritten sites before (``2·K·N``) and after (their chain in ``rewritten``).
+
+    The chain of site ``s`` is every constant-weight MatMul/Gemm of the rewritten model named ``s/…``
+    (how the emitter names them). When some chain cannot be found, the total after is every rewritten
+    MatMul/Gemm that is not an unchanged original site (per row only).
+    """
+    chosen, source = factorized_sites(original, rewritten, names)
+    new_sites = find_sites(rewritten).sites
+    costs: list[SiteCost] = []
+    for site in chosen:
+        prefix = f"{site.name}/"
+        chain = [node for node in new_sites if node.name.startswith(prefix)]
+        after = sum(2 * node.k * node.n for node in chain) if chain else None
+        costs.append(SiteCost(site.name, site.op_type, site.k, site.n, 2 * site.k * site.n, after))
+    before = sum(cost.flops_per_row_before for cost in costs)
+    if all(cost.flops_per_row_after is not None for cost in costs):
+        after_total = sum(cost.flops_per_row_after or 0 for cost in costs)
+    else:
+        unchanged = {site.name for site in find_sites(original).sites} - {site.name for site in chosen}
+        after_total = sum(2 * node.k * node.n for node in new_sites if node.name not in unchanged)
+        log.info("factor chains not found by name; FLOPs after counted as every new MatMul/Gemm")
+    return SiteFlops(tuple(costs), source, before, after_total)
+
+
+def _matches(kernel: str, sites: Iterable[str]) -> str | None:
+    """The site a kernel event belongs to (``name``, ``fused name``, or ``name/Fusion/``), if any."""
+    if kernel.startswith(_FUSED_PREFIX):
+        kernel = kernel[len(_FUSED_PREFIX) :]
+    for site in sites:
+        if kernel == site or kernel.startswith(f"{site}/"):
+            return site
+    return None
+
+
+def parse_trace(
+    events: Sequence[Mapping[str, Any]], site_names: Iterable[str], outputs: Mapping[str, int] | None = None,
+    skip_runs: int = 1,
+) -> tuple[float, float, dict[str, float], dict[str, int]]:
+    """Sum kernel durations of an onnxruntime trace.
+
+    Args:
+        events: the JSON trace (a list of Chrome-trace events).
+        site_names: node names of the rewritten sites.
+        outputs: ``N`` per site, to turn output shapes into rows ``M``.
+        skip_runs: leave out node events of the first ``skip_runs`` ``model_run`` events (warm-up).
+
+    Returns:
+        (site µs, all-node µs, µs per site found, M per site found).
+    """
+    names = list(site_names)
+    runs = sorted(
+        (event["ts"], event["ts"] + event.get("dur", 0))
+        for event in events
+        if event.get("cat") == "Session" and event.get("name") == "model_run"
+    )
+    # Node events of run i+1 start after run i ends; keep all events when there is nothing to skip.
+    start = runs[skip_runs - 1][1] if 0 < skip_runs < len(runs) else -math.inf
+    site_us = total_us = 0.0
+    per_site: dict[str, float] = {}
+    rows: dict[str, int] = {}
+    for event in events:
+        name = str(event.get("name", ""))
+        if event.get("cat") != "Node" or not name.endswith(_KERNEL_SUFFIX) or event.get("ts", 0) < start:
+            continue
+        duration = float(event.get("dur", 0))
+        total_us += duration
+        args = event.get("args", {})
+        operator = str(args.get("op_name", ""))
+        if "MatMul" not in operator and "Gemm" not in operator:
+            continue
+        site = _matches(name[: -len(_KERNEL_SUFFIX)], names)
+        if site is None:
+            continue
+        site_us += duration
+        per_site[site] = per_site.get(site, 0.0) + duration
+        shapes = args.get("output_type_shape") or []
+        if outputs and site in outputs and shapes and site not in rows:
+            dims = next(iter(shapes[0].values()), [])
+            if dims and outputs[site]:
+                rows[site] = int(np.prod(dims)) // outputs[site]
+    return site_us, total_us, per_site, rows
+
+
+def profile_time_share(
+    path: str | os.PathLike[str],
+    feeds: Mapping[str, np.ndarray],
+    sites: Sequence[SiteCost],
+    provider: str = "cpu",
+    threads: int | None = None,
+    runs: int = 3,
+) -> TimeShare:
+    """Profile ``path`` on ``feeds`` (one warm-up run, then ``runs`` profiled) and measure the sites' share.
+
+    Raises:
+        ProviderError, ModelError, DataError: as :func:`open_session` and :func:`make_runner`.
+    """
+    folder = tempfile.mkdtemp(prefix="onnxsvd-profile-")
+    try:
+        session, _ = open_session(path, provider, threads, profile_prefix=str(Path(folder) / "profile"))
+        run = make_runner(session, feeds, provider)  # the warm-up run
+        for _ in range(runs):
+            run()
+        trace = session.end_profiling()
+        with open(trace, encoding="utf-8") as handle:
+            events = json.load(handle)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(folder)
+    names = [site.name for site in sites]
+    site_us, total_us, per_site, rows = parse_trace(events, names, {site.name: site.n for site in sites})
+    missing = tuple(name for name in names if name not in per_site)
+    if missing:
+        log.info("%d rewritten sites have no kernel of their own in the profile: %s", len(missing), missing)
+    share = TimeShare(provider, runs, site_us, total_us, missing, rows)
+    log.info("%s: rewritten sites take %.1f%% of the original's node time", provider, 100 * share.share)
+    return share
