@@ -338,6 +338,16 @@ def _render_rewrite(report: Any) -> None:
         stdout.print(f"note: {note}")
 
 
+def _register() -> None:
+    """Commands that live beside the library they drive, registered explicitly."""
+    from onnxsvd.validate.command import validate_command
+
+    cli.add_command(validate_command)
+
+
+_register()
+
+
 def _one_line(message: str) -> str:
     return " ".join(message.split())
 
