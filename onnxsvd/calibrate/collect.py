@@ -59,8 +59,8 @@ def specs_for_sites(sites: Iterable[Site]) -> list[ActivationSpec]:
 
 
 def expose(model: onnx.ModelProto, tensors: Sequence[tuple[str, int]]) -> onnx.ModelProto:
-    """A copy of ``model`` whose outputs are exactly ``tensors`` (name, elem type); weights shared by
-    reference where possible is not possible in protobuf, so the copy is made once per group."""
+    """A copy of ``model`` whose outputs are exactly ``tensors`` (name, elem type), pruned to the nodes
+    they need."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     del exposed.graph.output[:]
@@ -72,7 +72,28 @@ def expose(model: onnx.ModelProto, tensors: Sequence[tuple[str, int]]) -> onnx.M
             exposed.graph.node.append(onnx.helper.make_node("Identity", [name], [alias]))
             name = alias
         exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+    _prune(exposed.graph)
     return exposed
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop the nodes (and initializers) that no graph output needs, so a run stops at the activations."""
+    from onnxsvd.graph.match import _subgraph_references
+
+    needed = {value.name for value in graph.output}
+    keep: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            keep.append(node)
+            needed.update(name for name in node.input if name)
+            needed.update(_subgraph_references(node))
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = [tensor for tensor in graph.initializer if tensor.name in needed]
+    if len(used) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(used)
 
 
 def session_for(model: onnx.ModelProto | str, providers: Sequence[str] = ("cpu",), threads: int | None = None):
