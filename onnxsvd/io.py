@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,12 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         model = onnx.load(str(path))
     except DecodeError as error:
         raise ModelError(f"{path} is not a valid ONNX model (truncated or not ONNX); re-export it") from error
+    except onnx.checker.ValidationError as error:
+        # onnx refuses external data that is missing or outside the model's folder (absolute, "../").
+        raise ModelError(
+            f"{path} refers to external data that cannot be used ({error}); keep the data files in the "
+            "model's folder and re-export it"
+        ) from error
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelError(f"cannot read {path}: {error}") from error
     if not model.HasField("graph") or len(model.graph.node) == 0:
@@ -110,11 +117,25 @@ def atomic_path(destination: str | os.PathLike[str], suffix: str = "") -> Iterat
     os.close(handle)
     temporary_path = Path(temporary)
     try:
+        # mkstemp makes the file private (0600): give it the mode of the file it replaces, or the mode
+        # a plain open() would (0666 less the umask), so others can still read the model.
+        with contextlib.suppress(OSError):
+            os.chmod(temporary_path, _mode_for(destination))
         yield temporary_path
         os.replace(temporary_path, destination)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary_path.unlink()
+
+
+def _mode_for(destination: Path) -> int:
+    """Permission bits for a file written to ``destination``."""
+    try:
+        return stat.S_IMODE(destination.stat().st_mode)
+    except OSError:
+        umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def save_model(model: onnx.ModelProto, output: str | os.PathLike[str]) -> Path:
