@@ -282,6 +282,8 @@ def rewrite(
         raise UsageError("missing -o/--output: say where to write the rewritten model (or use --dry-run)")
     if report is not None:
         io.check_output_path(report, model, force=False)
+        if output is not None and not dry_run and report.resolve() == output.resolve():
+            raise UsageError("--report and -o name the same file; give the report its own path (e.g. report.json)")
     if output is not None and not dry_run:
         io.check_output_path(output, model, force)
     if sequential and data_path is None:

@@ -328,10 +328,6 @@ def test_output_equal_to_input_is_refused(
     assert model.read_bytes() == original and sorted(os.listdir(workdir)) == ["model.onnx", "sub"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug in cli.py (owned elsewhere): --report equal to -o silently replaces the model by the JSON",
-)
 def test_report_equal_to_output_is_refused(capsys: pytest.CaptureFixture[str], workdir: Path) -> None:
     output = workdir / "out.onnx"
     code, out, err = cli(capsys, "rewrite", workdir / "model.onnx", "-o", output, "--report", output)
