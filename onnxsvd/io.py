@@ -147,7 +147,7 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str]) -> Path:
     output = Path(output)
     if model.ByteSize() >= PROTOBUF_LIMIT:
         raise OutputError(
-            f"the rewritten model is over 2 GB and cannot be one protobuf; write it with --external-data"
+            "the rewritten model is over 2 GB and cannot be one protobuf; write it with --external-data"
         )
     try:
         with atomic_path(output) as temporary:
