@@ -227,6 +227,8 @@ def _stage_ranks(text: str | None) -> tuple[int, ...] | None:
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 @click.option("--dry-run", is_flag=True, help="Plan and report, write no model.")
 @click.option("--force", is_flag=True, help="Allow overwriting the input model.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Write weights to <output>.data [default: when the input does, or above 2 GB].")
 def rewrite(
     model: Path,
     output: Path | None,
@@ -254,6 +256,7 @@ def rewrite(
     report: Path | None,
     dry_run: bool,
     force: bool,
+    external_data: bool | None,
 ) -> None:
     """Replace constant-weight MatMul/Gemm nodes by low-rank factor chains.
 
@@ -306,6 +309,7 @@ def rewrite(
             data=data_path,
             calibration=calibration,
             sequential=sequential,
+            external_data=external_data,
         )
     if report is not None:
         outcome.write_json(report)

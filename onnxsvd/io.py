@@ -16,14 +16,23 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.external_data_helper
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from onnxsvd.errors import ModelError, OutputError
 
 __all__ = [
     "PROTOBUF_LIMIT",
+    "LAZY_BYTES",
     "load_model",
+    "check_external_data",
+    "external_tensors",
+    "tensor_array",
+    "is_lazy",
+    "temporary_model_path",
     "check_model",
     "check_output_path",
     "save_model",
@@ -39,11 +48,20 @@ log = logging.getLogger(__name__)
 PROTOBUF_LIMIT = 2**31 - 1
 
 
-def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Load an ONNX model (with its external data) and check it.
+#: Models whose external data is larger than this are loaded lazily: tensors are read when needed.
+LAZY_BYTES = 512 * 1024 * 1024
+
+
+def load_model(path: str | os.PathLike[str], lazy: bool | None = None) -> onnx.ModelProto:
+    """Load an ONNX model and check it (by path, so models over 2 GB work).
+
+    External data is validated first — every location must stay inside the model's folder and its file
+    must hold the tensor's bytes — then read into memory unless ``lazy`` (default: when the external data
+    is over :data:`LAZY_BYTES`). A lazy model's weights stay on disk and are read one at a time with
+    :func:`tensor_array`; pass the model's folder as ``base_dir`` wherever tensors are read.
 
     Raises:
-        ModelError: missing, empty, not ONNX, truncated, or invalid.
+        ModelError: missing, empty, not ONNX, truncated, invalid, or unsafe or short external data.
     """
     path = Path(path)
     if not path.exists():
@@ -53,21 +71,77 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise ModelError(f"model file is empty: {path}; re-export the model")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except DecodeError as error:
         raise ModelError(f"{path} is not a valid ONNX model (truncated or not ONNX); re-export it") from error
-    except onnx.checker.ValidationError as error:
-        # onnx refuses external data that is missing or outside the model's folder (absolute, "../").
-        raise ModelError(
-            f"{path} refers to external data that cannot be used ({error}); keep the data files in the "
-            "model's folder and re-export it"
-        ) from error
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelError(f"cannot read {path}: {error}") from error
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise ModelError(f"{path} holds no ONNX graph (truncated or not ONNX); re-export it")
+    external = check_external_data(model, path.parent, str(path))
     check_model(model, path)
+    if lazy is None:
+        lazy = external > LAZY_BYTES
+    if external and not lazy:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     return model
+
+
+def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model (initializers, Constant values, subgraphs) stored as external data."""
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path, where: str = "model") -> int:
+    """Refuse external data that leaves ``base_dir`` or is missing or short; return its total bytes.
+
+    Locations come from inside an untrusted file: nothing outside the model's folder is ever read.
+
+    Raises:
+        ModelError: an absolute or escaping location, a missing file, or a file shorter than the tensor.
+    """
+    base = base_dir.resolve()
+    total = 0
+    for tensor in external_tensors(model):
+        fields = _external_fields(tensor)
+        location = fields.get("location", "")
+        target = (base / location).resolve()
+        if not location or Path(location).is_absolute() or (target != base and base not in target.parents):
+            raise ModelError(
+                f"{where}: tensor {tensor.name!r} points to external data {location!r} outside the model's "
+                "folder; refusing to read it (keep data files beside the model)"
+            )
+        if not target.is_file():
+            raise ModelError(
+                f"{where}: external data file {location!r} of tensor {tensor.name!r} is missing; "
+                "copy it beside the model"
+            )
+        offset = int(fields.get("offset", 0) or 0)
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        length = int(fields["length"]) if fields.get("length") else _elements(tensor.dims) * itemsize
+        if offset + length > target.stat().st_size:
+            raise ModelError(
+                f"{where}: external data file {location!r} is shorter than tensor {tensor.name!r} needs "
+                f"({offset + length} > {target.stat().st_size} bytes); the file is truncated, re-export the model"
+            )
+        total += length
+    return total
+
+
+def tensor_array(tensor: onnx.TensorProto, base_dir: str | os.PathLike[str] | None = None) -> np.ndarray:
+    """The tensor's values, reading external data from ``base_dir`` when the tensor is lazy."""
+    return numpy_helper.to_array(tensor, str(base_dir) if base_dir is not None else "")
+
+
+def is_lazy(model: onnx.ModelProto) -> bool:
+    """True when some tensor's data is still on disk (loaded with ``lazy=True``)."""
+    return next(external_tensors(model), None) is not None
 
 
 def check_model(model: onnx.ModelProto, path: Path | None = None, full_check: bool = False) -> None:
@@ -78,7 +152,7 @@ def check_model(model: onnx.ModelProto, path: Path | None = None, full_check: bo
     """
     where = f"{path}" if path is not None else "model"
     try:
-        if model.ByteSize() >= PROTOBUF_LIMIT and path is not None:
+        if path is not None and (model.ByteSize() >= PROTOBUF_LIMIT or is_lazy(model)):
             onnx.checker.check_model(str(path), full_check=full_check)
         else:
             onnx.checker.check_model(model, full_check=full_check)
@@ -138,24 +212,145 @@ def _mode_for(destination: Path) -> int:
         return 0o666 & ~umask
 
 
-def save_model(model: onnx.ModelProto, output: str | os.PathLike[str]) -> Path:
+def save_model(
+    model: onnx.ModelProto,
+    output: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str] | None = None,
+    external_data: bool | None = None,
+) -> Path:
     """Write ``model`` atomically to ``output``.
+
+    With ``external_data`` (default: when the model is lazy or would reach 2 GB) every tensor's bytes go
+    to ``<output>.data`` beside it, copied in chunks from the input's data files when the model is lazy
+    (``base_dir``: the input model's folder) — the weights are never all in memory. The data file is moved
+    into place before the model file, and both are removed if anything fails.
 
     Raises:
         OutputError: the model cannot be serialised or written.
     """
     output = Path(output)
-    if model.ByteSize() >= PROTOBUF_LIMIT:
-        raise OutputError(
-            "the rewritten model is over 2 GB and cannot be one protobuf; write it with --external-data"
-        )
+    lazy = is_lazy(model)
+    if external_data is None:
+        external_data = lazy or model.ByteSize() >= PROTOBUF_LIMIT
     try:
-        with atomic_path(output) as temporary:
-            temporary.write_bytes(model.SerializeToString())
+        if external_data:
+            _save_external(model, output, Path(base_dir) if base_dir is not None else None)
+        else:
+            if lazy:
+                if base_dir is None:
+                    raise OutputError("the model's weights are still on disk: pass the input's folder (base_dir)")
+                onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+            if model.ByteSize() >= PROTOBUF_LIMIT:
+                raise OutputError(
+                    "the rewritten model is over 2 GB and cannot be one protobuf; write it with --external-data"
+                )
+            with atomic_path(output) as temporary:
+                temporary.write_bytes(model.SerializeToString())
     except OSError as error:
         raise OutputError(f"cannot write {output}: {error.strerror or error}; check the path") from error
-    log.info("wrote %s (%d bytes)", output, output.stat().st_size)
+    log.info("wrote %s (%d bytes)", output, file_size(output))
     return output
+
+
+_CHUNK = 64 * 1024 * 1024
+
+
+def _save_external(model: onnx.ModelProto, output: Path, base_dir: Path | None) -> None:
+    """Write every tensor's bytes to ``<output>.data`` and the graph to ``output``, atomically.
+
+    A lazy model is rewritten in place (its tensors then point to the new data file); an in-memory model
+    is copied first so the caller's tensors stay as they were.
+    """
+    location = f"{output.name}.data"
+    data_path = output.parent / location
+    if is_lazy(model):
+        staged = model  # tiny: the weights are on disk
+    else:
+        staged = onnx.ModelProto()
+        staged.CopyFrom(model)
+    handle, temporary_name = tempfile.mkstemp(prefix=f".{location}.", suffix=".tmp", dir=output.parent)
+    os.close(handle)
+    data_temporary = Path(temporary_name)
+    try:
+        with open(data_temporary, "wb") as sink:
+            for tensor in onnx.external_data_helper._get_all_tensors(staged):
+                offset = sink.tell()
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    _copy_external(tensor, base_dir, sink)
+                elif tensor.HasField("raw_data") or _has_typed_data(tensor):
+                    raw = tensor.raw_data if tensor.HasField("raw_data") else tensor_array(tensor).tobytes()
+                    if len(raw) < 1024:  # tiny tensors stay inline, as onnx's own converter does
+                        continue
+                    sink.write(raw)
+                    _clear_data(tensor)
+                else:
+                    continue
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                fields = (("location", location), ("offset", str(offset)), ("length", str(sink.tell() - offset)))
+                for key, value in fields:
+                    tensor.external_data.add(key=key, value=value)
+            sink.flush()
+            os.fsync(sink.fileno())
+        with contextlib.suppress(OSError):
+            os.chmod(data_temporary, _mode_for(data_path))
+        with atomic_path(output) as temporary:
+            temporary.write_bytes(staged.SerializeToString())
+            # The data file goes into place just before the model that points to it.
+            os.replace(data_temporary, data_path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            data_temporary.unlink()
+
+
+def _copy_external(tensor: onnx.TensorProto, base_dir: Path | None, sink: object) -> None:
+    """Append a lazy tensor's bytes from the input's data file to ``sink``, in chunks."""
+    if base_dir is None:
+        raise OutputError("the model's weights are still on disk: pass the input's folder (base_dir)")
+    fields = _external_fields(tensor)
+    source = base_dir / fields["location"]
+    start = int(fields.get("offset", 0) or 0)
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    length = int(fields["length"]) if fields.get("length") else _elements(tensor.dims) * itemsize
+    with open(source, "rb") as handle:
+        handle.seek(start)
+        left = length
+        while left > 0:
+            chunk = handle.read(min(_CHUNK, left))
+            if not chunk:
+                raise OutputError(f"external data file {source} ended early; re-export the input")
+            sink.write(chunk)  # type: ignore[attr-defined]
+            left -= len(chunk)
+
+
+def _has_typed_data(tensor: onnx.TensorProto) -> bool:
+    return any(
+        len(getattr(tensor, field))
+        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+    )
+
+
+def _clear_data(tensor: onnx.TensorProto) -> None:
+    tensor.ClearField("raw_data")
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(field)
+
+
+@contextlib.contextmanager
+def temporary_model_path(model: onnx.ModelProto, base_dir: str | os.PathLike[str] | None) -> Iterator[str]:
+    """A path ONNX Runtime can open for ``model``: for a lazy model, a temporary file written into the
+    model's own folder (so its external data locations resolve), removed afterwards."""
+    if base_dir is None or not is_lazy(model):
+        yield ""
+        return
+    handle, name = tempfile.mkstemp(prefix=".onnxsvd-", suffix=".onnx", dir=str(base_dir))
+    os.close(handle)
+    try:
+        Path(name).write_bytes(model.SerializeToString())
+        yield name
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
 
 
 def fingerprint(model: onnx.ModelProto) -> str:

@@ -362,6 +362,7 @@ def rewrite_file(
     data: str | os.PathLike[str] | None = None,
     calibration: CalibrateConfig | None = None,
     sequential: bool = False,
+    external_data: bool | None = None,
 ) -> RewriteReport:
     """Load, rewrite, check and save atomically. ``output_path=None`` is a dry run (nothing written).
 
@@ -375,6 +376,8 @@ def rewrite_file(
         data: calibration data (``.npz`` or folder), checked against the model before any work.
         calibration: how to read and run the data.
         sequential: fit each level to the partly compressed model's inputs (needs ``data``).
+        external_data: write the weights to ``<output>.data`` (default: when the input keeps its weights
+            in external data too, or the output would reach 2 GB).
 
     Raises:
         ModelError: the input cannot be used.
@@ -409,7 +412,7 @@ def rewrite_file(
         if data is not None and config.needs_statistics:
             tick = time.perf_counter()
             batches, count = batch_source(data, model, calibration)
-            statistics = calibrate(model, batches, calibration, total_batches=count)
+            statistics = calibrate(model, batches, calibration, total_batches=count, base_dir=input_path.parent)
             calibrate_seconds = time.perf_counter() - tick
         result = rewrite(model, config, statistics, base_dir=input_path.parent, progress=progress)
     report = result.report
@@ -419,8 +422,29 @@ def rewrite_file(
     report.file_size_before = io.file_size(input_path)
     report.dry_run = output_path is None
     if output_path is not None:
-        io.check_model(result.model, full_check=True)
-        io.save_model(result.model, output_path)
+        if external_data is None:
+            external_data = io.is_lazy(model) or any(True for _ in io.external_tensors(io_probe(input_path)))
+        if not external_data and not io.is_lazy(result.model):
+            io.check_model(result.model, full_check=True)
+        io.save_model(result.model, output_path, base_dir=input_path.parent, external_data=external_data)
+        if external_data:
+            _check_written(Path(output_path))
         report.output = str(output_path)
         report.file_size_after = io.file_size(output_path)
     return report
+
+
+def io_probe(path: Path) -> onnx.ModelProto:
+    """The model's graph without its external data (cheap), to see how the input stores its weights."""
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _check_written(output: Path) -> None:
+    """Check a model written with external data by path (full check includes shape inference); remove it
+    if it fails."""
+    try:
+        onnx.checker.check_model(str(output), full_check=True)  # by path: external data and > 2 GB work
+    except Exception:
+        for leftover in (output, output.parent / f"{output.name}.data"):
+            leftover.unlink(missing_ok=True)
+        raise

@@ -83,6 +83,7 @@ def _collect_cross(
     batches: Batches,
     providers: tuple[str, ...],
     mask_input: str | None,
+    base_dir: str | None = None,
 ) -> dict[str, CrossStats]:
     """Run both models on every batch, exposing ``specs``, and accumulate ``X̃ᵀX̃``, ``X̃ᵀX`` per spec."""
     tensors = list(dict.fromkeys((spec.tensor, spec.elem_type) for spec in specs))
@@ -90,7 +91,7 @@ def _collect_cross(
     sessions = []
     for model in (original, compressed):
         exposed = expose(model, tensors)
-        sessions.append((session_for(exposed, providers), [o.name for o in exposed.graph.output]))
+        sessions.append((session_for(exposed, providers, base_dir=base_dir), [o.name for o in exposed.graph.output]))
     gram = {spec.key: np.zeros((spec.channels, spec.channels)) for spec in specs}  # X̃ᵀX̃ [K, K]
     cross = {spec.key: np.zeros((spec.channels, spec.channels)) for spec in specs}  # X̃ᵀX [K, K]
     abs_sum = {spec.key: np.zeros(spec.channels) for spec in specs}  # Σ|x̃| [K]
@@ -181,7 +182,7 @@ def rewrite_sequential(
         level_sites = [site for sites in level_groups.values() for site in sites]
         tick = time.perf_counter()
         stats = _collect_cross(
-            original, compressed, specs_for_sites(level_sites), batches, providers, mask_input
+            original, compressed, specs_for_sites(level_sites), batches, providers, mask_input, base_dir
         )
         collect_seconds += time.perf_counter() - tick
         for key, sites in level_groups.items():
@@ -205,7 +206,10 @@ def _level_fit(config: RewriteConfig, stats: CrossStats):
 
     def target(sites: list[Site], weight: np.ndarray) -> tuple[np.ndarray, Metric]:
         if config.method == "whiten":
-            least_squares = _damped_solve(gram, cross @ weight, config.damping)  # W_ls = G̃⁻¹ C W: [K, N]
+            # W_ls = (G̃ + λI)⁻¹ (C W + λ W): ridge towards the original weight, not towards zero, so
+            # directions the calibration data barely visits keep the layer's own behaviour.
+            ridge = max(config.damping, 1e-10) * float(np.mean(np.diag(gram)))
+            least_squares = _damped_solve(gram, cross @ weight + ridge * weight, config.damping)  # [K, N]
             return least_squares, whitening_metric(gram, damping=config.damping)
         if config.method == "asvd":
             return weight, diagonal_metric(stats.compressed.mean_abs, alpha=config.alpha)

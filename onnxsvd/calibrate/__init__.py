@@ -100,6 +100,7 @@ def calibrate(
     config: CalibrateConfig | None = None,
     progress: Progress | None = None,
     total_batches: int | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
 ) -> Statistics:
     """Collect the statistics of every site activation of ``model`` over the calibration batches."""
     from onnxsvd.graph import find_sites
@@ -120,6 +121,7 @@ def calibrate(
         group_bytes=config.group_bytes,
         progress=progress,
         total_batches=total_batches,
+        base_dir=str(base_dir) if base_dir is not None else None,
     )
     return Statistics(fingerprint=fingerprint(model), activations=activations)
 
@@ -139,7 +141,9 @@ def calibrate_file(
         io.check_output_path(output, model_path, force=False)
     model = io.load_model(model_path)
     batches, count = batch_source(data_path, model, config)
-    statistics = calibrate(model, batches, config, progress=progress, total_batches=count)
+    statistics = calibrate(
+        model, batches, config, progress=progress, total_batches=count, base_dir=Path(model_path).parent
+    )
     if output is not None:
         statistics.save(Path(output))
     return statistics

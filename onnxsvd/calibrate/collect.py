@@ -96,8 +96,15 @@ def _prune(graph: onnx.GraphProto) -> None:
         graph.initializer.extend(used)
 
 
-def session_for(model: onnx.ModelProto | str, providers: Sequence[str] = ("cpu",), threads: int | None = None):
+def session_for(
+    model: onnx.ModelProto | str,
+    providers: Sequence[str] = ("cpu",),
+    threads: int | None = None,
+    base_dir: str | None = None,
+):
     """An ONNX Runtime session on the given providers (``"cpu"``, ``"cuda"``).
+
+    A lazily loaded model (weights still on disk) is opened through a temporary file in ``base_dir``.
 
     Raises:
         ProviderError: a provider that this onnxruntime does not have.
@@ -120,8 +127,12 @@ def session_for(model: onnx.ModelProto | str, providers: Sequence[str] = ("cpu",
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    source = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=names)
+    if isinstance(model, str):
+        return ort.InferenceSession(model, options, providers=names)
+    from onnxsvd.io import temporary_model_path
+
+    with temporary_model_path(model, base_dir) as path:
+        return ort.InferenceSession(path or model.SerializeToString(), options, providers=names)
 
 
 def find_mask_input(model: onnx.ModelProto) -> str | None:
@@ -181,6 +192,7 @@ def collect(
     group_bytes: int = DEFAULT_GROUP_BYTES,
     progress: Progress | None = None,
     total_batches: int | None = None,
+    base_dir: str | None = None,
 ) -> dict[str, ActivationStats]:
     """Run ``model`` on every batch and accumulate each activation's statistics.
 
@@ -193,6 +205,7 @@ def collect(
         group_bytes: cap on the activation bytes one run returns per batch.
         progress: callback per batch.
         total_batches: for the progress bar.
+        base_dir: the model's folder, for a lazily loaded model.
 
     Returns:
         Statistics per spec key.
@@ -209,7 +222,7 @@ def collect(
     for group in groups:
         tensors = list(dict.fromkeys((spec.tensor, spec.elem_type) for spec in group))
         exposed = expose(model, tensors)
-        session = session_for(exposed, providers)
+        session = session_for(exposed, providers, base_dir=base_dir)
         output_names = [output.name for output in exposed.graph.output]
         feed_names = {value.name for value in session.get_inputs()}
         accumulators = {spec.key: StatsAccumulator(spec.channels) for spec in group}
