@@ -17,7 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from onnxsvd.config import LAYOUTS, METHODS, STORAGE_DTYPES, RankPolicy, RewriteConfig
+from onnxsvd.config import LAYOUTS, METHODS, STORAGE_DTYPES, SVD_SOLVERS, RankPolicy, RewriteConfig
 from onnxsvd.errors import OnnxSvdError, UsageError
 
 __all__ = ["cli", "main"]
@@ -220,13 +220,27 @@ def _stage_ranks(text: str | None) -> tuple[int, ...] | None:
               help="Fit each level to the partly compressed model's own inputs (needs --data).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration samples per run.")
 @click.option("--max-samples", type=int, help="Use at most this many calibration samples.")
-@click.option("--providers", default="cpu", show_default=True, help="ONNX Runtime providers for calibration.")
+@click.option("--providers", default="cpu", show_default=True,
+              help="ONNX Runtime providers for calibration and --keep-dense-if-slower: cpu or cuda.")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="auto", show_default=True,
               help="Storage dtype of the factors.")
+@click.option("--keep-dense-if-slower", is_flag=True,
+              help="Time each factorized site dense against factorized on --providers; keep dense the "
+              "sites whose chain is not faster.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1,…",
+              help="Input shape for --keep-dense-if-slower timing (repeat per input; default: a --data batch).")
+@click.option("--speed-iters", type=int, default=30, show_default=True,
+              help="Timed runs of each form per site for --keep-dense-if-slower.")
+@click.option("--threads", type=int, help="onnxruntime intra-op threads for --keep-dense-if-slower timing.")
 @_selection_options
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 @click.option("--dry-run", is_flag=True, help="Plan and report, write no model.")
 @click.option("--force", is_flag=True, help="Allow overwriting the input model.")
+@click.option("--svd", "svd_solver", type=click.Choice(SVD_SOLVERS), default="auto", show_default=True,
+              help="exact, randomized (range finder), or auto: randomized when the rank is well below min(K, N).")
+@click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True,
+              help="Where the SVDs run (cuda through torch).")
+@click.option("--jobs", type=int, default=0, show_default=True, help="Weights factorized in parallel (0: from the cores).")
 @click.option("--external-data/--no-external-data", default=None,
               help="Write weights to <output>.data [default: when the input does, or above 2 GB].")
 def rewrite(
@@ -250,6 +264,10 @@ def rewrite(
     max_samples: int | None,
     providers: str,
     dtype: str,
+    keep_dense_if_slower: bool,
+    shapes: tuple[str, ...],
+    speed_iters: int,
+    threads: int | None,
     include: str | None,
     exclude: str | None,
     min_params: int,
@@ -257,6 +275,9 @@ def rewrite(
     dry_run: bool,
     force: bool,
     external_data: bool | None,
+    svd_solver: str,
+    device: str,
+    jobs: int,
 ) -> None:
     """Replace constant-weight MatMul/Gemm nodes by low-rank factor chains.
 
@@ -280,7 +301,12 @@ def rewrite(
         exclude=exclude,
         min_params=min_params,
         dtype=dtype,
+        svd=svd_solver,
+        device=device,
+        jobs=jobs,
     )
+    if device == "cuda":
+        _require_torch_cuda()
     if output is None and not dry_run:
         raise UsageError("missing -o/--output: say where to write the rewritten model (or use --dry-run)")
     if report is not None:
@@ -296,6 +322,11 @@ def rewrite(
     if config.needs_statistics and stats is None and data_path is None:
         raise UsageError(f"--method {method} needs calibration data: pass --stats stats.npz or --data DATA")
     calibration = CalibrateConfig(batch_size=batch_size, max_samples=max_samples, providers=_providers(providers))
+    speed_check = _speed_check(keep_dense_if_slower, shapes, data_path, calibration.providers, speed_iters, threads)
+    if data_path is not None:  # the providers run calibration: a missing one is one line now, not mid-run
+        from onnxsvd.validate.site_speed import check_providers
+
+        check_providers(calibration.providers)
     statistics = Statistics.load(stats) if stats is not None else None
     bar, update = _progress("factorizing")
     with bar:
@@ -310,12 +341,43 @@ def rewrite(
             calibration=calibration,
             sequential=sequential,
             external_data=external_data,
+            speed_check=speed_check,
         )
     if report is not None:
         outcome.write_json(report)
     _render_rewrite(outcome)
     if report is not None:
         stdout.print(f"report: {report}")
+
+
+def _speed_check(
+    enabled: bool, shapes: tuple[str, ...], data_path: Path | None, providers: tuple[str, ...], iters: int,
+    threads: int | None,
+) -> Any:
+    """The ``--keep-dense-if-slower`` configuration (providers checked now, before any work), or None."""
+    if not enabled:
+        if shapes:
+            raise UsageError("--shape only sets the timing shapes of --keep-dense-if-slower; add that flag")
+        return None
+    from onnxsvd.validate.site_speed import SHAPE_HINT, SpeedCheckConfig, check_providers, parse_shape
+
+    declared = dict(parse_shape(text) for text in shapes)
+    if not declared and data_path is None:
+        raise UsageError(SHAPE_HINT)
+    config = SpeedCheckConfig(providers=providers, input_shapes=declared, iters=iters, threads=threads)
+    check_providers(config.providers)
+    return config
+
+
+def _require_torch_cuda() -> None:
+    from onnxsvd.errors import ProviderError
+
+    try:
+        import torch
+    except ImportError as error:
+        raise ProviderError("--device cuda needs torch: pip install 'onnxsvd[torch]'") from error
+    if not torch.cuda.is_available():
+        raise ProviderError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
 
 
 def _render_rewrite(report: Any) -> None:
@@ -349,6 +411,9 @@ def _register() -> None:
     from onnxsvd.validate.command import validate_command
 
     cli.add_command(validate_command)
+    from onnxsvd.sweep_command import sweep_command
+
+    cli.add_command(sweep_command)
 
 
 _register()

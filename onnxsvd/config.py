@@ -85,6 +85,10 @@ class RewriteConfig:
         exclude: regular expression; sites whose node name matches are kept dense.
         min_params: sites with fewer weight parameters stay dense.
         dtype: storage dtype of the factors: ``"auto"`` (the weight's own), ``"fp32"`` or ``"fp16"``.
+        svd: ``"exact"``, ``"randomized"`` or ``"auto"`` (randomized when the rank is known up front and
+            well below ``min(K, N)``).
+        device: ``"cpu"`` or ``"cuda"`` for the SVDs (cuda through torch).
+        jobs: weights factorized in parallel; 0 picks from the cores.
     """
 
     policy: RankPolicy = RankPolicy()
@@ -98,8 +102,17 @@ class RewriteConfig:
     exclude: str | None = None
     min_params: int = 0
     dtype: str = "auto"
+    svd: str = "auto"
+    device: str = "cpu"
+    jobs: int = 0
 
     def __post_init__(self) -> None:
+        if self.svd not in SVD_SOLVERS:
+            raise UsageError(f"unknown --svd {self.svd!r}; use one of {', '.join(SVD_SOLVERS)}")
+        if self.device not in ("cpu", "cuda"):
+            raise UsageError(f"unknown --device {self.device!r}; use cpu or cuda")
+        if self.jobs < 0:
+            raise UsageError(f"--jobs must be ≥ 0 (0: as many as the cores allow), got {self.jobs}")
         if self.stages < 1:
             raise UsageError(f"--stages must be at least 1, got {self.stages}")
         if self.stage_ranks is not None:

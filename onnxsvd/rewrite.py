@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import copy
 import dataclasses
 import logging
@@ -14,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -27,6 +30,7 @@ from onnxsvd.factorize import (
     Decomposition,
     Factorization,
     Metric,
+    SvdOptions,
     decompose,
     diagonal_metric,
     identity_metric,
@@ -34,13 +38,27 @@ from onnxsvd.factorize import (
     truncate,
     whitening_metric,
 )
-from onnxsvd.graph import EmitOptions, GraphIndex, Match, Site, emit, find_sites, load_weight, storage_dtype_for
+from onnxsvd.graph import (
+    EmitOptions,
+    FactorTensors,
+    GraphIndex,
+    Match,
+    Site,
+    emit,
+    find_sites,
+    load_weight,
+    storage_dtype_for,
+)
 from onnxsvd.rank import choose_rank
 from onnxsvd.report import RewriteReport, SiteReport
+
+if TYPE_CHECKING:  # the speed check lives in onnxsvd.validate, imported lazily
+    from onnxsvd.validate.site_speed import SpeedCheckConfig
 
 __all__ = [
     "GroupOutcome",
     "RewriteResult",
+    "SpeedCheck",
     "assemble",
     "factor_group",
     "metric_for",
@@ -120,6 +138,24 @@ class GroupOutcome:
     kept_energy: float | None = None
     weight_error: float | None = None
     seconds: float = 0.0
+    dense_ms: float | None = None
+    factorized_ms: float | None = None
+    speedup: float | None = None
+    speed_provider: str | None = None
+    rank: int = 0
+    prepared: bool = False
+
+    @property
+    def factorized(self) -> bool:
+        """True when the group is replaced by factors (held here, or already made into initializers)."""
+        return self.factorization is not None or self.prepared
+
+
+#: Decides, after the factors are chosen and before they are emitted, which groups stay dense: called as
+#: ``check(model, outcomes, base_dir)`` with the model the sites were matched in, it drops the factors of
+#: the outcomes to keep dense (with their reason) and returns the list. See
+#: :class:`onnxsvd.validate.site_speed.SiteSpeedCheck` (``--keep-dense-if-slower``).
+SpeedCheck = Callable[[onnx.ModelProto, "list[GroupOutcome]", "str | None"], "list[GroupOutcome]"]
 
 
 def _choose_ranks(site: Site, config: RewriteConfig, decomposition: Decomposition) -> tuple[list[int] | None, str]:
@@ -139,6 +175,22 @@ def _choose_ranks(site: Site, config: RewriteConfig, decomposition: Decompositio
     return _stage_ranks(config, decision.rank), decision.reason
 
 
+def svd_options(config: RewriteConfig) -> SvdOptions:
+    """How the SVDs of a rewrite are computed (solver, backend, device)."""
+    return SvdOptions(solver=config.svd, backend="torch" if config.device != "cpu" else "auto", device=config.device)
+
+
+def _planned_rank(site: Site, config: RewriteConfig) -> tuple[int | None, str]:
+    """The total rank when the policy fixes it from the shape alone (rank, ratio, stage ranks), so a
+    randomized SVD can compute only what is kept; and the reason to stay dense if the shape decides it."""
+    if config.stage_ranks is not None:
+        return min(sum(config.stage_ranks), min(site.k, site.n)), ""
+    if config.policy.kind == "energy":
+        return None, ""
+    decision = choose_rank(config.policy, site.k, site.n, None)
+    return (None, decision.reason) if decision.dense else (decision.rank, "")
+
+
 def factor_group(
     index: GraphIndex,
     sites: list[Site],
@@ -156,11 +208,16 @@ def factor_group(
     storage = storage_dtype_for(site, config.dtype)
     outcome = GroupOutcome(sites=sites, factorization=None, reason="", ranks=[], storage=storage)
     try:
+        planned, dense_reason = _planned_rank(site, config)
+        if dense_reason:  # decided from the shape alone: no need to read or decompose the weight
+            outcome.reason = dense_reason
+            outcome.seconds = time.perf_counter() - tick
+            return outcome
         weight = load_weight(index, site, base_dir)  # [K, N]
         if not np.all(np.isfinite(weight)):
             raise FactorizationError("weight contains NaN or Inf")
         goal, metric = target(sites, weight)  # [K, N], Lᵀ
-        decomposition = decompose(goal, metric)
+        decomposition = decompose(goal, metric, rank=planned, options=svd_options(config))
         ranks, reason = _choose_ranks(site, config, decomposition)
         outcome.reason = reason
         if ranks is not None:
@@ -173,6 +230,7 @@ def factor_group(
                 outcome.reason = "factors overflow the storage dtype (NaN/Inf)"
             else:
                 outcome.factorization, outcome.ranks = factorization, ranks
+                outcome.rank = factorization.rank
                 outcome.kept_energy, outcome.weight_error = factorization.kept_energy, error
     except FactorizationError as error:
         outcome.reason = str(error)
@@ -185,8 +243,8 @@ def _site_reports(outcome: GroupOutcome) -> list[SiteReport]:
     names = [s.name for s in outcome.sites]
     reports = []
     for member in outcome.sites:
-        factorized = outcome.factorization is not None
-        rank = outcome.factorization.rank if outcome.factorization is not None else 0
+        factorized = outcome.factorized
+        rank = outcome.rank if factorized else 0
         reports.append(
             SiteReport(
                 name=member.name,
@@ -202,22 +260,35 @@ def _site_reports(outcome: GroupOutcome) -> list[SiteReport]:
                 weight_error=outcome.weight_error,
                 shared_with=[n for n in names if n != member.name],
                 seconds=outcome.seconds,
+                dense_ms=outcome.dense_ms,
+                factorized_ms=outcome.factorized_ms,
+                speedup=outcome.speedup,
+                speed_provider=outcome.speed_provider,
             )
         )
     return reports
 
 
-def emit_outcomes(model: onnx.ModelProto, outcomes: list[GroupOutcome], config: RewriteConfig) -> onnx.ModelProto:
-    """Emit every factorized group into ``model`` (mutated; node indices must be those matched)."""
-    factorized = [o for o in outcomes if o.factorization is not None]
+def emit_outcomes(
+    model: onnx.ModelProto,
+    outcomes: list[GroupOutcome],
+    config: RewriteConfig,
+    tensors: FactorTensors | None = None,
+) -> onnx.ModelProto:
+    """Emit every factorized group into ``model`` (mutated; node indices must be those matched).
+
+    ``tensors`` holds the initializers of groups already prepared (their arrays dropped).
+    """
+    factorized = [o for o in outcomes if o.factorized]
     if not factorized:
         return model
     emit(
         model,
-        {o.sites[0].group: o.factorization for o in factorized},  # type: ignore[misc]
+        {o.sites[0].group: o.factorization for o in factorized if o.factorization is not None},
         [site for o in factorized for site in o.sites],
         {o.sites[0].group: o.storage for o in factorized},
         EmitOptions(layout=config.layout),
+        tensors,
     )
     _stamp(model, config)
     return model
@@ -230,6 +301,7 @@ def assemble(
     config: RewriteConfig,
     params_before: int,
     started: float,
+    tensors: FactorTensors | None = None,
 ) -> RewriteResult:
     """Emit the factorized groups into ``model`` (a private copy) and build the report."""
     reports: dict[int, SiteReport] = {}
@@ -247,7 +319,7 @@ def assemble(
             params_before=params,
             params_after=params,
         )
-    emit_outcomes(model, outcomes, config)
+    emit_outcomes(model, outcomes, config, tensors)
     notes = []
     if config.stages > 1:
         notes.append(
@@ -291,6 +363,7 @@ def rewrite(
     statistics: Statistics | None = None,
     base_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    speed_check: SpeedCheck | None = None,
 ) -> RewriteResult:
     """Replace every eligible MatMul/Gemm of ``model`` by a low-rank factor chain.
 
@@ -300,6 +373,8 @@ def rewrite(
         statistics: calibration statistics of this model (required by ``asvd`` and ``whiten``).
         base_dir: folder of the model file, for external data.
         progress: optional callback after each weight.
+        speed_check: applied to the factorized groups before they are emitted (keeps dense the groups
+            whose chain is not faster; see :class:`onnxsvd.validate.site_speed.SiteSpeedCheck`).
 
     Returns:
         The rewritten model and a report of every MatMul/Gemm.
@@ -326,13 +401,39 @@ def rewrite(
     def target(sites: list[Site], weight: np.ndarray) -> tuple[np.ndarray, Metric]:
         return weight, metric_for(config, _group_statistics(sites, statistics))
 
-    outcomes = []
     base = str(base_dir) if base_dir is not None else None
-    for done, sites in enumerate(groups.values(), start=1):
-        outcomes.append(factor_group(index, sites, config, target, base))
-        if progress is not None:
-            progress(done, len(groups), sites[0].name)
-    return assemble(model, match, outcomes, config, params_before, started)
+    # Without a speed check nothing needs the arrays after a group is done: its factors become
+    # initializers at once and the arrays are dropped, so at most `jobs` weights are in memory.
+    tensors = FactorTensors(model) if speed_check is None else None
+
+    def work(sites: list[Site]) -> GroupOutcome:
+        return factor_group(index, sites, config, target, base)
+
+    outcomes: list[GroupOutcome] = []
+    jobs = config.jobs or max(1, min(4, (os.cpu_count() or 1) // 2))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        # LAPACK/torch release the GIL; the map keeps graph order and at most `jobs` weights in flight.
+        for done, outcome in enumerate(_bounded_map(pool, work, list(groups.values()), jobs), start=1):
+            if tensors is not None and outcome.factorization is not None:
+                tensors.prepare(outcome.sites, outcome.factorization, outcome.storage, config.layout)
+                outcome.factorization, outcome.prepared = None, True
+            outcomes.append(outcome)
+            if progress is not None:
+                progress(done, len(groups), outcome.sites[0].name)
+    if speed_check is not None:
+        outcomes = speed_check(model, outcomes, base)
+    return assemble(model, match, outcomes, config, params_before, started, tensors)
+
+
+def _bounded_map(pool: concurrent.futures.Executor, function: Callable, items: list, window: int):
+    """``pool.map`` that submits at most ``window`` items ahead of the one being yielded."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _stamp(model: onnx.ModelProto, config: RewriteConfig) -> None:
@@ -363,6 +464,7 @@ def rewrite_file(
     calibration: CalibrateConfig | None = None,
     sequential: bool = False,
     external_data: bool | None = None,
+    speed_check: SpeedCheckConfig | None = None,
 ) -> RewriteReport:
     """Load, rewrite, check and save atomically. ``output_path=None`` is a dry run (nothing written).
 
@@ -378,6 +480,9 @@ def rewrite_file(
         sequential: fit each level to the partly compressed model's inputs (needs ``data``).
         external_data: write the weights to ``<output>.data`` (default: when the input keeps its weights
             in external data too, or the output would reach 2 GB).
+        speed_check: time each factorized site dense against factorized on the configured providers and
+            keep dense those whose chain is not faster (``--keep-dense-if-slower``); the activation shapes
+            come from ``speed_check.input_shapes``, else from the first batch of ``data``.
 
     Raises:
         ModelError: the input cannot be used.
@@ -393,8 +498,15 @@ def rewrite_file(
         io.check_output_path(output_path, input_path, force)
     if sequential and data is None:
         raise UsageError("--sequential needs calibration data: pass --data DATA")
+    if speed_check is not None:
+        from onnxsvd.validate.site_speed import SHAPE_HINT, check_providers
+
+        if data is None and not speed_check.input_shapes:
+            raise UsageError(SHAPE_HINT)
+        check_providers(speed_check.providers)
     model = io.load_model(input_path)
     calibrate_seconds = 0.0
+    check = _site_speed_check(speed_check, model, data, calibration, config, progress)
     if sequential:
         from onnxsvd.sequential import rewrite_sequential
 
@@ -407,6 +519,7 @@ def rewrite_file(
             mask_input=resolve_mask(model, calibration),
             base_dir=str(input_path.parent),
             progress=progress,
+            speed_check=check,
         )
     else:
         if data is not None and config.needs_statistics:
@@ -414,7 +527,9 @@ def rewrite_file(
             batches, count = batch_source(data, model, calibration)
             statistics = calibrate(model, batches, calibration, total_batches=count, base_dir=input_path.parent)
             calibrate_seconds = time.perf_counter() - tick
-        result = rewrite(model, config, statistics, base_dir=input_path.parent, progress=progress)
+        result = rewrite(
+            model, config, statistics, base_dir=input_path.parent, progress=progress, speed_check=check
+        )
     report = result.report
     if calibrate_seconds:
         report.notes.append(f"calibration: {calibrate_seconds:.1f} s")
@@ -432,6 +547,27 @@ def rewrite_file(
         report.output = str(output_path)
         report.file_size_after = io.file_size(output_path)
     return report
+
+
+def _site_speed_check(
+    speed_check: SpeedCheckConfig | None,
+    model: onnx.ModelProto,
+    data: str | os.PathLike[str] | None,
+    calibration: CalibrateConfig,
+    config: RewriteConfig,
+    progress: Progress | None,
+) -> SpeedCheck | None:
+    """The ``--keep-dense-if-slower`` check, with the first calibration batch when no shapes are declared."""
+    if speed_check is None:
+        return None
+    from onnxsvd.calibrate import batch_source
+    from onnxsvd.validate.site_speed import SiteSpeedCheck
+
+    batch = None
+    if not speed_check.input_shapes and data is not None:
+        batches, _ = batch_source(data, model, calibration)
+        batch = next(iter(batches()), None)
+    return SiteSpeedCheck(speed_check, batch=batch, layout=config.layout, progress=progress)
 
 
 def io_probe(path: Path) -> onnx.ModelProto:

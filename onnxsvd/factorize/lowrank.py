@@ -28,6 +28,7 @@ from onnxsvd.errors import FactorizationError
 
 __all__ = [
     "Metric",
+    "SvdOptions",
     "Decomposition",
     "Factorization",
     "identity_metric",
@@ -37,6 +38,7 @@ __all__ = [
     "truncate",
     "factorize",
     "split_rank",
+    "randomized_svd",
 ]
 
 
@@ -137,20 +139,77 @@ def whitening_metric(gram: np.ndarray, damping: float = 1e-2) -> Metric:
 
 
 @dataclasses.dataclass(frozen=True)
+class SvdOptions:
+    """How SVDs are computed.
+
+    Attributes:
+        solver: ``"exact"``, ``"randomized"`` (range finder with oversampling and power iterations,
+            needs the rank up front) or ``"auto"`` (randomized when the rank is well below ``min(K, N)``).
+        backend: ``"numpy"`` (LAPACK through scipy), ``"torch"`` (CPU threads, or CUDA), or ``"auto"``
+            (torch when it is installed).
+        device: ``"cpu"`` or ``"cuda"`` (torch backend only).
+        oversample: extra random directions of the range finder.
+        power_iterations: subspace iterations of the range finder (sharpen slowly decaying spectra).
+        seed: seed of the random test matrix (results are reproducible).
+    """
+
+    solver: str = "auto"
+    backend: str = "auto"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.backend == "auto":
+            try:
+                import torch  # noqa: F401
+
+                resolved = "torch"
+            except ImportError:
+                resolved = "numpy"
+            object.__setattr__(self, "backend", resolved)
+        if self.device != "cpu" and self.backend != "torch":
+            raise FactorizationError(f"--device {self.device} needs torch: pip install 'onnxsvd[torch]'")
+    oversample: int = 16
+    power_iterations: int = 2
+    seed: int = 0
+
+    def use_randomized(self, rank: int | None, k: int, n: int) -> bool:
+        """Randomized only with a known rank, and for ``auto`` only when it is well below ``min(K, N)``."""
+        if rank is None or self.solver == "exact":
+            return False
+        if self.solver == "randomized":
+            return rank + self.oversample < min(k, n)
+        return min(k, n) >= 256 and 4 * (rank + self.oversample) <= min(k, n)
+
+
+EXACT = SvdOptions(solver="exact", backend="numpy")
+
+
+@dataclasses.dataclass(frozen=True)
 class Decomposition:
-    """The SVD of ``Lᵀ W``: ``u`` ``[K, m]``, ``s`` ``[m]`` descending, ``vt`` ``[m, N]``, ``m = min(K, N)``."""
+    """The (possibly partial) SVD of ``Lᵀ W``: ``u`` ``[K, m]``, ``s`` ``[m]`` descending, ``vt`` ``[m, N]``.
+
+    ``m = min(K, N)`` for an exact SVD, or the computed leading components for a randomized one;
+    ``total_energy`` is always ``‖Lᵀ W‖_F² = Σ σ_i²`` over the full spectrum.
+    """
 
     weight: np.ndarray
     metric: Metric
     u: np.ndarray
     s: np.ndarray
     vt: np.ndarray
+    total_energy: float = -1.0
+    options: SvdOptions = EXACT
+
+    @property
+    def complete(self) -> bool:
+        """True when ``s`` is the whole spectrum."""
+        return self.s.shape[0] == min(self.weight.shape)
 
     def kept_energy(self, rank: int) -> float:
         """``Σ_{i≤r} σ_i² / Σ σ_i²`` in the metric (1.0 for an all-zero weight)."""
         energy = self.s.astype(np.float64) ** 2  # [m]
-        total = float(energy.sum())
-        return 1.0 if total <= 0.0 else float(energy[:rank].sum() / total)
+        total = self.total_energy if self.total_energy >= 0.0 else float(energy.sum())
+        return 1.0 if total <= 0.0 else float(min(energy[:rank].sum() / total, 1.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,16 +240,78 @@ class Factorization:
         return sum(a.astype(np.float64) @ b.astype(np.float64) for a, b in self.stages)
 
 
-def _svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _svd(matrix: np.ndarray, options: SvdOptions = EXACT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Thin SVD, with the slower but sturdier gesvd driver as fallback when gesdd does not converge."""
+    if options.backend == "torch":
+        return _torch_svd(matrix, options)
     try:
         return scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesdd", check_finite=False)
     except np.linalg.LinAlgError:
         return scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesvd", check_finite=False)
 
 
-def decompose(weight: np.ndarray, metric: Metric = IDENTITY) -> Decomposition:
+def _torch_svd(matrix: np.ndarray, options: SvdOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import torch
+
+    device = torch.device(options.device)
+    # float64 on CPU; on CUDA float32 is several times faster and ample for a rank-r truncation.
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    tensor = torch.as_tensor(matrix, dtype=dtype, device=device)
+    u, s, vt = torch.linalg.svd(tensor, full_matrices=False)
+    return (u.double().cpu().numpy(), s.double().cpu().numpy(), vt.double().cpu().numpy())
+
+
+def randomized_svd(
+    matrix: np.ndarray, rank: int, options: SvdOptions = SvdOptions()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Leading ``rank`` singular triplets of ``matrix`` ``[K, N]`` by a randomized range finder.
+
+    ``Y = M Ω`` with ``Ω`` ``[N, l]`` Gaussian, ``l = rank + oversample``; ``q`` power iterations
+    ``Y ← M (Mᵀ Q)`` with re-orthonormalisation; then the exact SVD of the small ``Qᵀ M`` ``[l, N]``.
+    """
+    if options.backend == "torch":
+        return _torch_randomized_svd(matrix, rank, options)
+    k, n = matrix.shape
+    width = min(rank + options.oversample, min(k, n))
+    generator = np.random.default_rng(options.seed)
+    sketch = matrix @ generator.standard_normal((n, width))  # Y = M Ω: [K, l]
+    basis, _ = np.linalg.qr(sketch)  # Q: [K, l]
+    for _ in range(options.power_iterations):
+        co_basis, _ = np.linalg.qr(matrix.T @ basis)  # [N, l]
+        basis, _ = np.linalg.qr(matrix @ co_basis)  # [K, l]
+    # SVD of the tall (Qᵀ M)ᵀ = V Σ Ûᵀ [N, l]: LAPACK is faster on tall than on wide matrices.
+    v, s, small_ut = _svd((basis.T @ matrix).T)  # [N, l], [l], [l, l]
+    return (basis @ small_ut.T)[:, :rank], s[:rank], v.T[:rank]  # U = Q Û: [K, r]; Vᵀ: [r, N]
+
+
+def _torch_randomized_svd(
+    matrix: np.ndarray, rank: int, options: SvdOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import torch
+
+    device = torch.device(options.device)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    m = torch.as_tensor(matrix, dtype=dtype, device=device)  # [K, N]
+    k, n = m.shape
+    width = min(rank + options.oversample, min(k, n))
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    omega = torch.randn((n, width), generator=generator, dtype=dtype, device=device)  # Ω: [N, l]
+    basis, _ = torch.linalg.qr(m @ omega)  # [K, l]
+    for _ in range(options.power_iterations):
+        co_basis, _ = torch.linalg.qr(m.T @ basis)  # [N, l]
+        basis, _ = torch.linalg.qr(m @ co_basis)  # [K, l]
+    v, s, small_ut = torch.linalg.svd((basis.T @ m).T, full_matrices=False)  # tall: [N, l], [l], [l, l]
+    u = basis @ small_ut.T  # U = Q Û: [K, l]
+    return (u[:, :rank].double().cpu().numpy(), s[:rank].double().cpu().numpy(), v.T[:rank].double().cpu().numpy())
+
+
+def decompose(
+    weight: np.ndarray, metric: Metric = IDENTITY, rank: int | None = None, options: SvdOptions = EXACT
+) -> Decomposition:
     """SVD of ``Lᵀ W`` for ``weight`` ``[K, N]`` (computed in float64).
+
+    With ``rank`` known up front and ``options`` allowing it, only the leading ``rank`` components are
+    computed (randomized); the total energy ``‖Lᵀ W‖_F²`` is exact either way.
 
     Raises:
         FactorizationError: the weight holds NaN or Inf, or the SVD fails.
@@ -198,11 +319,16 @@ def decompose(weight: np.ndarray, metric: Metric = IDENTITY) -> Decomposition:
     weight = np.asarray(weight, dtype=np.float64)  # [K, N]
     if not np.all(np.isfinite(weight)):
         raise FactorizationError("weight contains NaN or Inf")
+    transformed = metric.apply(weight)  # Lᵀ W: [K, N]
     try:
-        u, s, vt = _svd(metric.apply(weight))  # [K, m], [m], [m, N]
-    except (np.linalg.LinAlgError, ValueError) as error:
+        if options.use_randomized(rank, *weight.shape):
+            u, s, vt = randomized_svd(transformed, int(rank), options)  # type: ignore[arg-type]
+        else:
+            u, s, vt = _svd(transformed, options)  # [K, m], [m], [m, N]
+    except (np.linalg.LinAlgError, ValueError, RuntimeError) as error:
         raise FactorizationError(f"SVD failed: {error}") from error
-    return Decomposition(weight=weight, metric=metric, u=u, s=s, vt=vt)
+    total = float(np.sum(transformed * transformed))
+    return Decomposition(weight=weight, metric=metric, u=u, s=s, vt=vt, total_energy=total, options=options)
 
 
 def split_rank(total: int, stages: int) -> list[int]:
@@ -238,19 +364,26 @@ def truncate(decomposition: Decomposition, stage_ranks: Sequence[int], storage_d
     Returns:
         The factors, rounded to ``storage_dtype``.
     """
-    limit = decomposition.s.shape[0]
+    limit = min(decomposition.weight.shape)
     ranks = [int(r) for r in stage_ranks]
     if any(r < 1 for r in ranks):
         raise FactorizationError(f"stage ranks must be at least 1, got {ranks}")
     if sum(ranks) > limit:
         raise FactorizationError(f"total rank {sum(ranks)} exceeds min(K, N) = {limit}")
+    if ranks[0] > decomposition.s.shape[0]:
+        raise FactorizationError(f"rank {ranks[0]} exceeds the {decomposition.s.shape[0]} computed components")
     metric = decomposition.metric
     stages: list[tuple[np.ndarray, np.ndarray]] = []
     residual = decomposition.weight  # [K, N]
     u, s, vt = decomposition.u, decomposition.s, decomposition.vt
     for index, rank in enumerate(ranks):
         if index > 0:
-            u, s, vt = _svd(metric.apply(residual))  # [K, m], [m], [m, N]
+            transformed = metric.apply(residual)  # Lᵀ R: [K, N]
+            options = decomposition.options
+            if options.use_randomized(rank, *residual.shape):
+                u, s, vt = randomized_svd(transformed, rank, options)  # [K, r], [r], [r, N]
+            else:
+                u, s, vt = _svd(transformed, options)  # [K, m], [m], [m, N]
         a, b = _stage_factors(u, s, vt, rank, metric)  # [K, r], [r, N]
         a_stored = a.astype(storage_dtype)
         b_stored = b.astype(storage_dtype)

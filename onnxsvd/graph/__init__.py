@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from onnxsvd.graph.emit import EmitOptions, emit, remove_dead_weights, storage_dtype_for
+from onnxsvd.graph.emit import EmitOptions, FactorTensors, emit, remove_dead_weights, storage_dtype_for
 from onnxsvd.graph.match import GraphIndex, Match, Site, Skip, WeightSource, find_sites, load_weight
 
 __all__ = [
     "EmitOptions",
+    "FactorTensors",
     "GraphIndex",
     "Match",
     "Site",

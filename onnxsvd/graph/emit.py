@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 from onnxsvd.factorize import Factorization
 from onnxsvd.graph.match import CHAIN_OPS, GraphIndex, Site
 
-__all__ = ["EmitOptions", "emit", "storage_dtype_for", "remove_dead_weights"]
+__all__ = ["EmitOptions", "FactorTensors", "emit", "storage_dtype_for", "remove_dead_weights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,17 +81,50 @@ def _clean(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_./:-]", "_", name)
 
 
-class _FactorTensors:
-    """Creates each factor initializer (and its Cast, if stored in another dtype) once per group and side."""
+class FactorTensors:
+    """Creates each group's factor initializers (and Casts, if stored in another dtype) once per side.
 
-    def __init__(self, graph: onnx.GraphProto, names: _Names) -> None:
-        self.graph = graph
-        self.names = names
+    ``prepare`` can run as soon as a group is factorized, so its arrays can be dropped at once (factors
+    then live only as initializer bytes); ``emit`` later reads the names back.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.graph = model.graph
+        self.names = _Names(model.graph)
         self.made: dict[tuple[str, str, int, str], str] = {}
+        self.pieces: dict[tuple[str, str], list[tuple[str, str]]] = {}
         self.group_base: dict[str, str] = {}
         self.pending_casts: list[onnx.NodeProto] = []
 
-    def get(self, site: Site, stage: int, which: str, value: np.ndarray, storage: int) -> str:
+    def prepare(self, sites: Sequence[Site], factorization: Factorization, storage: int, layout: str) -> None:
+        """Create the initializers every site of one group will read."""
+        for site in sites:
+            self.names_for(site, factorization, storage, layout)
+
+    def names_for(
+        self, site: Site, factorization: Factorization | None, storage: int, layout: str
+    ) -> list[tuple[str, str]]:
+        """Per chain (one fused, or one per stage), the names of the two constants the site's nodes read."""
+        key = (site.group, site.weight_side)
+        if key in self.pieces:
+            return self.pieces[key]
+        if factorization is None:
+            raise KeyError(f"factors of {site.name!r} were neither prepared nor given")
+        pieces = [factorization.fused()] if layout == "fused" else list(factorization.stages)
+        names: list[tuple[str, str]] = []
+        for stage, (a, b) in enumerate(pieces):
+            stage_id = -1 if layout == "fused" else stage
+            if site.weight_side == "right":
+                first = self._tensor(site, stage_id, "a", a, storage)  # A [K, r]
+                second = self._tensor(site, stage_id, "b", b, storage)  # B [r, N]
+            else:
+                first = self._tensor(site, stage_id, "a", a.T, storage)  # Aᵀ [r, K]
+                second = self._tensor(site, stage_id, "b", b.T, storage)  # Bᵀ [N, r]
+            names.append((first, second))
+        self.pieces[key] = names
+        return names
+
+    def _tensor(self, site: Site, stage: int, which: str, value: np.ndarray, storage: int) -> str:
         """Name of the tensor the site's node reads for factor ``which`` (``"a"``/``"b"``) of ``stage``.
 
         ``value`` is the factor as the node consumes it (already transposed for the mirror form).
@@ -188,35 +221,28 @@ def emit(
     sites: Sequence[Site],
     storage_dtypes: Mapping[str, int],
     options: EmitOptions = EmitOptions(),
+    tensors: FactorTensors | None = None,
 ) -> onnx.ModelProto:
     """Replace ``sites`` in ``model`` (mutated in place and returned) by their factor chains.
 
     Args:
         model: the model the sites were matched in (node indices must still hold).
-        factorizations: factors per site *group* (``site.group``).
+        factorizations: factors per site *group* (``site.group``); groups already prepared in
+            ``tensors`` may be left out.
         sites: the sites to replace; others stay as they are.
         storage_dtypes: ONNX dtype of the factors per group.
         options: layout.
+        tensors: the factor initializers made so far for this model (see :class:`FactorTensors`).
     """
     graph = model.graph
-    names = _Names(graph)
-    tensors = _FactorTensors(graph, names)
+    tensors = tensors or FactorTensors(model)
+    names = tensors.names
     opset = _opset(model)
     chains_for: dict[int, list[onnx.NodeProto]] = {}
     for site in sites:
-        factorization = factorizations[site.group]
-        storage = storage_dtypes[site.group]
-        pieces = [factorization.fused()] if options.layout == "fused" else list(factorization.stages)
-        factor_names: list[tuple[str, str]] = []
-        for stage, (a, b) in enumerate(pieces):
-            stage_id = -1 if options.layout == "fused" else stage
-            if site.weight_side == "right":
-                first = tensors.get(site, stage_id, "a", a, storage)  # A [K, r]
-                second = tensors.get(site, stage_id, "b", b, storage)  # B [r, N]
-            else:
-                first = tensors.get(site, stage_id, "a", a.T, storage)  # Aᵀ [r, K]
-                second = tensors.get(site, stage_id, "b", b.T, storage)  # Bᵀ [N, r]
-            factor_names.append((first, second))
+        factor_names = tensors.names_for(
+            site, factorizations.get(site.group), storage_dtypes[site.group], options.layout
+        )
         chains_for[site.node_index] = tensors.pending_casts + _chain_nodes(site, factor_names, names, opset)
         tensors.pending_casts = []
     rebuilt: list[onnx.NodeProto] = []
