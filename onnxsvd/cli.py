@@ -408,9 +408,11 @@ def _render_rewrite(report: Any) -> None:
 
 def _register() -> None:
     """Commands that live beside the library they drive, registered explicitly."""
+    from onnxsvd.finetune.command import finetune_command
     from onnxsvd.validate.command import validate_command
 
     cli.add_command(validate_command)
+    cli.add_command(finetune_command)
     from onnxsvd.sweep_command import sweep_command
 
     cli.add_command(sweep_command)

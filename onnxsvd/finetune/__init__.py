@@ -1,0 +1,18 @@
+"""Fine-tuning a rewritten model's low-rank factors by distilling the original model (``onnxsvd finetune``).
+
+- :mod:`~onnxsvd.finetune.torch_graph`: the ONNX graph as a torch module (the project's own evaluator).
+- :mod:`~onnxsvd.finetune.sites`: the factor pairs ``<site>/svd_a`` → ``<site>/svd_b`` of a rewritten model.
+- :mod:`~onnxsvd.finetune.forms`: their trainable forms (``core``, ``factors``) and the fold back.
+- :mod:`~onnxsvd.finetune.train`: the distillation loop, early stopping and the best checkpoint.
+- :mod:`~onnxsvd.finetune.command`: the ``onnxsvd finetune`` click command.
+
+torch is imported by the modules that run it, not here, so importing this package needs no torch.
+"""
+
+from __future__ import annotations
+
+from onnxsvd.finetune.config import FinetuneConfig
+from onnxsvd.finetune.report import EvaluationPoint, FinetuneReport
+from onnxsvd.finetune.train import FinetuneResult, finetune, finetune_file
+
+__all__ = ["EvaluationPoint", "FinetuneConfig", "FinetuneReport", "FinetuneResult", "finetune", "finetune_file"]

@@ -1,0 +1,153 @@
+"""``onnxsvd finetune``: parse → :class:`FinetuneConfig` → :func:`finetune_file` → summary (and JSON).
+
+Registered in the CLI group with ``cli.add_command(finetune_command)``. torch is imported only when the
+command runs, so the rest of the CLI works without it. Errors are :class:`onnxsvd.errors.OnnxSvdError`
+for ``onnxsvd.cli.main`` to print as one line.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from onnxsvd.finetune.config import DEVICES, TRAIN_FORMS, FinetuneConfig
+from onnxsvd.finetune.report import FinetuneReport
+
+__all__ = ["finetune_command", "render_report"]
+
+_DEFAULTS = FinetuneConfig()
+
+
+def _progress(console: Console, steps: int) -> tuple[Any, Any]:
+    """A transient progress bar on stderr with the training and held-out losses; returns (bar, callback)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("[bold]fine-tuning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("train {task.fields[train]}  held-out {task.fields[heldout]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task = bar.add_task("fine-tuning", total=steps or None, train="-", heldout="-")
+
+    def update(step: int, total: int, train_loss: float, heldout_loss: float) -> None:
+        bar.update(task, completed=step, total=total, train=f"{train_loss:.4g}", heldout=f"{heldout_loss:.4g}")
+
+    return bar, update
+
+
+@click.command("finetune")
+@click.argument("rewritten", type=click.Path(path_type=Path))
+@click.option("--teacher", required=True, type=click.Path(path_type=Path),
+              help="The original model REWRITTEN was made from: its outputs are the targets.")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="Training data: an .npz keyed by input name (axis 0 = samples), or a folder of them; "
+                   "--val-split of it is held out.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the model.")
+@click.option("--train", type=click.Choice(TRAIN_FORMS), default=_DEFAULTS.train, show_default=True,
+              help="factors: both factors of every site; core: U_r (diag Σ + X·Y) V_rᵀ with U_r, V_r fixed.")
+@click.option("--steps", type=int, default=_DEFAULTS.steps, show_default=True, help="Optimisation steps at most.")
+@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True,
+              help="Adam step size relative to each trained tensor's RMS (1e-3: about 0.1%% of its size a step).")
+@click.option("--lora-rank", type=int, default=_DEFAULTS.lora_rank, show_default=True,
+              help="Rank R of the core's update X·Y (--train core).")
+@click.option("--val-split", type=float, default=_DEFAULTS.val_split, show_default=True,
+              help="Fraction of the samples held out for early stopping and the best checkpoint.")
+@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True, help="Samples per step.")
+@click.option("--eval-every", type=int, default=_DEFAULTS.eval_every, show_default=True,
+              help="Steps between held-out evaluations.")
+@click.option("--patience", type=int, default=_DEFAULTS.patience, show_default=True,
+              help="Held-out evaluations without improvement before stopping.")
+@click.option("--match-activations", is_flag=True, default=_DEFAULTS.match_activations,
+              help="Also distil every site's output (the teacher runs in torch on each batch).")
+@click.option("--device", type=click.Choice(DEVICES), default=_DEFAULTS.device, show_default=True,
+              help="Where torch trains.")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
+              help="Seeds the split, the batch order and the core's initialisation.")
+@click.option("--threads", type=int, help="torch and onnxruntime CPU threads [default: theirs].")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON here.")
+@click.option("--force", is_flag=True, help="Allow -o to overwrite an input model.")
+def finetune_command(
+    rewritten: Path,
+    teacher: Path,
+    data_path: Path,
+    output: Path,
+    train: str,
+    steps: int,
+    lr: float,
+    lora_rank: int,
+    val_split: float,
+    batch_size: int,
+    eval_every: int,
+    patience: int,
+    match_activations: bool,
+    device: str,
+    seed: int,
+    threads: int | None,
+    report_path: Path | None,
+    force: bool,
+) -> None:
+    """Fine-tune the factors of REWRITTEN (from 'onnxsvd rewrite') to reproduce the teacher's outputs.
+
+    The result keeps REWRITTEN's graph: same nodes, shapes, size and speed. It is never worse than
+    REWRITTEN on the held-out split (the best checkpoint is kept; REWRITTEN itself if nothing beats it).
+    """
+    from onnxsvd import io
+    from onnxsvd.finetune.train import finetune_file
+
+    config = FinetuneConfig(
+        train=train, steps=steps, lr=lr, lora_rank=lora_rank, val_split=val_split, batch_size=batch_size,
+        eval_every=eval_every, patience=patience, match_activations=match_activations, device=device, seed=seed,
+        threads=threads,
+    )
+    if report_path is not None:
+        io.check_output_path(report_path, rewritten, force=False)
+    stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    stderr = Console(stderr=True, highlight=False)
+    bar, update = _progress(stderr, steps)
+    with bar:
+        report = finetune_file(rewritten, teacher, data_path, output, config, force=force, progress=update)
+    if report_path is not None:
+        report.write_json(report_path)
+    render_report(report, stdout)
+    stdout.print(f"wrote {output}")
+    if report_path is not None:
+        stdout.print(f"report: {report_path}")
+
+
+def render_report(report: FinetuneReport, console: Console) -> None:
+    """A short summary: what was trained, the held-out loss before and after, steps and time."""
+    console.print(
+        f"trained {report.pairs} factor pairs ({len(report.sites)} sites) as '{report.train}': "
+        f"{report.trainable_parameters:,} parameters, {report.train_samples} training / "
+        f"{report.heldout_samples} held-out samples, outputs {', '.join(report.outputs)}"
+        + (f", {len(report.matched_activations)} matched activations" if report.matched_activations else "")
+    )
+    stop = "stopped early" if report.stopped_early else "ran to the end"
+    console.print(
+        f"held-out loss: {report.heldout_before:.5g} → {report.heldout_after:.5g} "
+        f"({report.improvement:.1%} lower); best step {report.best_step} of {report.steps_run} ({stop})"
+    )
+    console.print(
+        f"time: teacher {report.teacher_seconds:.1f} s, training {report.train_seconds:.1f} s on {report.device}"
+    )
+    for site, reason in report.skipped.items():
+        console.print(f"not trained: {site}: {reason}")
+    for note in report.notes:
+        console.print(f"note: {note}")

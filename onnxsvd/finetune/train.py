@@ -1,0 +1,515 @@
+"""Fine-tuning a rewritten model by distilling its original: teacher → split → Adam → best checkpoint → fold.
+
+Legend: S samples, B a batch, T sequence positions (after trimming padding), D an output's other axes.
+
+1. The teacher (the original model) runs once through ONNX Runtime on all the data; its float outputs are
+   kept as targets. The rewritten model's own held-out loss is measured the same way (step 0).
+2. The samples are split (``val_split`` held out, seeded). Each step takes a batch of training samples,
+   runs the student (:class:`onnxsvd.finetune.student.Student`) in torch and minimises
+   ``loss = mean over outputs of ‖student − teacher‖² / (elements · Var(teacher output))``, plus with
+   ``match_activations`` the same for every site output (teacher activations from the original run in
+   torch on the same batch), weighted by ``activation_weight``.
+3. Every ``eval_every`` steps the held-out loss (outputs only) is measured; the best checkpoint is kept
+   and training stops after ``patience`` evaluations without a relative improvement of ``min_delta``.
+4. The best checkpoint is folded back into the rewritten graph (same nodes and shapes) and its held-out
+   loss is measured again through ONNX Runtime; if it is not below the rewritten model's, the rewritten
+   model is returned unchanged. The result is never worse on the held-out split than its start.
+
+With a token-mask input (``attention_mask``…) whose sequence axis is symbolic, every batch is cut to its
+longest sample, and padded positions of sequence-shaped outputs (those whose axis 1 has the mask's
+symbolic sequence dimension) are left out of the loss: the exported model's values there are arbitrary.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnx
+
+from onnxsvd.data import InputData, load_inputs, model_inputs
+from onnxsvd.errors import DataError, ModelError, ProviderError, UsageError
+from onnxsvd.finetune.config import FinetuneConfig
+from onnxsvd.finetune.report import EvaluationPoint, FinetuneReport
+from onnxsvd.finetune.sites import FactorPair, find_factor_pairs
+
+__all__ = ["FinetuneResult", "Progress", "finetune", "finetune_file", "DataSource"]
+
+log = logging.getLogger(__name__)
+
+#: Called after every step with (step, total steps, recent training loss, latest held-out loss).
+Progress = Callable[[int, int, float, float], None]
+
+#: Data as a path (``.npz`` or folder), a checked source, one ``{input: array [S, ...]}`` mapping, or
+#: an iterable of such batches.
+DataSource = Union[  # noqa: UP007 - a runtime alias: ``X | Y`` of these types fails on Python 3.10
+    str, os.PathLike, InputData, Mapping[str, np.ndarray], Iterable[Mapping[str, np.ndarray]]
+]
+
+_MASK_NAMES = ("attention_mask", "input_mask", "mask")
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """The fine-tuned model (same graph as the rewritten one) and the report."""
+
+    model: onnx.ModelProto
+    report: FinetuneReport
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _samples(data: Any, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """All samples as ``{input name: array [S, ...]}``, checked against the model's inputs."""
+    specs = model_inputs(model)
+    if isinstance(data, (str, os.PathLike)):
+        data = load_inputs(Path(data), model)
+    if isinstance(data, Mapping):
+        batches: list[Mapping[str, np.ndarray]] = [data]
+    else:
+        batches = list(data)
+    if not batches:
+        raise DataError("no data: give at least one batch of samples")
+    arrays: dict[str, np.ndarray] = {}
+    for spec in specs:
+        parts = []
+        for batch in batches:
+            if spec.name not in batch:
+                raise DataError(f"the data has no array for the model input {spec.name!r}; add it")
+            parts.append(np.asarray(batch[spec.name]).astype(spec.dtype, copy=False))
+        arrays[spec.name] = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    counts = {name: len(array) for name, array in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise DataError(f"the inputs hold different numbers of samples on axis 0: {counts}")
+    return arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Which inputs and outputs have a sequence axis 1 that padding may be trimmed from."""
+
+    mask: str | None
+    sequence_inputs: frozenset[str]
+    sequence_outputs: frozenset[str]
+
+
+def _axis1_symbol(value: onnx.ValueInfoProto) -> str | None:
+    dims = value.type.tensor_type.shape.dim
+    if len(dims) < 2 or not dims[1].dim_param:
+        return None
+    return dims[1].dim_param
+
+
+def _layout(model: onnx.ModelProto, trim: bool) -> _Layout:
+    inputs = {value.name: value for value in model.graph.input}
+    mask = next((name for name in _MASK_NAMES if name in inputs), None)
+    symbol = _axis1_symbol(inputs[mask]) if mask is not None else None
+    if not trim or mask is None or symbol is None:
+        return _Layout(None, frozenset(), frozenset())
+    sequence_inputs = frozenset(name for name, value in inputs.items() if _axis1_symbol(value) == symbol)
+    sequence_outputs = frozenset(v.name for v in model.graph.output if _axis1_symbol(v) == symbol)
+    return _Layout(mask, sequence_inputs, sequence_outputs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss
+
+
+class _Targets:
+    """The teacher's outputs on all samples, their variances, and batches cut to their longest sample."""
+
+    def __init__(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], layout: _Layout,
+                 train_indices: np.ndarray) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.layout = layout
+        self.variance: dict[str, float] = {}
+        mask = inputs[layout.mask][train_indices] if layout.mask is not None else None
+        for name, value in outputs.items():
+            picked = value[train_indices].astype(np.float64)  # [S_train, ...]
+            if mask is not None and name in layout.sequence_outputs:
+                picked = picked[mask != 0]  # [rows, D]
+            variance = float(np.var(picked)) if picked.size else 0.0
+            self.variance[name] = variance if variance > 0.0 and math.isfinite(variance) else 1.0
+
+    def batch(self, indices: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]:
+        """(inputs, teacher outputs, mask ``[B, T]`` or None) of ``indices``, trailing padding cut."""
+        feeds = {name: value[indices] for name, value in self.inputs.items()}
+        targets = {name: value[indices] for name, value in self.outputs.items()}
+        if self.layout.mask is None:
+            return feeds, targets, None
+        mask = feeds[self.layout.mask]  # [B, S]
+        used = np.nonzero(np.any(mask != 0, axis=0))[0]
+        length = int(used[-1]) + 1 if used.size else 1
+        for name in self.layout.sequence_inputs:
+            feeds[name] = feeds[name][:, :length]
+        for name in self.layout.sequence_outputs:
+            if name in targets:
+                targets[name] = targets[name][:, :length]
+        return feeds, targets, mask[:, :length]
+
+
+def _squared_error(prediction: Any, target: Any, weight: Any | None) -> tuple[Any, float]:
+    """(Σ weighted squared error, element count) of one tensor; ``weight`` ``[B, T]`` masks positions."""
+    import torch
+
+    difference = (prediction.float() - target.float()) ** 2  # [B, ...]
+    if weight is None or tuple(difference.shape[:2]) != tuple(weight.shape):
+        return difference.sum(), float(difference.numel())
+    mask = weight.reshape(*weight.shape, *([1] * (difference.dim() - 2))).to(difference.dtype)  # [B, T, 1...]
+    per_position = math.prod(difference.shape[2:])
+    return (difference * mask).sum(), float(torch.sum(weight != 0).item()) * per_position
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The teacher and ONNX Runtime
+
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def _ort_runner(model: onnx.ModelProto, threads: int | None) -> Runner:
+    from onnxsvd.calibrate.collect import session_for
+
+    session = session_for(model, threads=threads)
+    names = [output.name for output in session.get_outputs()]
+    input_names = {value.name for value in session.get_inputs()}
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = session.run(names, {name: value for name, value in feeds.items() if name in input_names})
+        return dict(zip(names, values, strict=True))
+
+    return run
+
+
+def _teacher_outputs(run: Runner, inputs: dict[str, np.ndarray],
+                     names: list[str], batch_size: int) -> dict[str, np.ndarray]:
+    count = len(next(iter(inputs.values())))
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for start in range(0, count, batch_size):
+        outputs = run({name: value[start : start + batch_size] for name, value in inputs.items()})
+        for name in names:
+            parts[name].append(outputs[name])
+    return {name: np.concatenate(chunks, axis=0) for name, chunks in parts.items()}
+
+
+def _distilled_outputs(rewritten: onnx.ModelProto, teacher: onnx.ModelProto) -> list[str]:
+    """Float outputs that both models have, by name."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    teacher_outputs = {value.name: value.type.tensor_type.elem_type for value in teacher.graph.output}
+    names = [v.name for v in rewritten.graph.output if teacher_outputs.get(v.name) in floats]
+    if not names:
+        raise ModelError(
+            "the rewritten model and the teacher share no float output by name; pass the original model the "
+            "rewritten one was made from as --teacher"
+        )
+    return names
+
+
+def _check_interfaces(rewritten: onnx.ModelProto, teacher: onnx.ModelProto) -> None:
+    ours = [value.name for value in model_inputs(rewritten)]
+    theirs = [value.name for value in model_inputs(teacher)]
+    if sorted(ours) != sorted(theirs):
+        raise ModelError(
+            f"the teacher's inputs {theirs} differ from the rewritten model's {ours}; pass the original model "
+            "the rewritten one was made from as --teacher"
+        )
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ProviderError(
+            "--device cuda requested but torch sees no CUDA device (torch.cuda.is_available() is False); "
+            "install a CUDA build of torch on a machine with an NVIDIA GPU, or use --device cpu"
+        )
+    return torch.device(name)
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise UsageError("finetune needs torch: pip install 'onnxsvd[torch]'") from error
+    return torch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+def finetune(
+    rewritten: onnx.ModelProto,
+    teacher: onnx.ModelProto,
+    data: DataSource,
+    config: FinetuneConfig | None = None,
+    progress: Progress | None = None,
+) -> FinetuneResult:
+    """Distil ``teacher`` into the factor pairs of ``rewritten`` and fold the result back.
+
+    Args:
+        rewritten: a model from ``onnxsvd rewrite`` (not modified).
+        teacher: the original model (not modified).
+        data: samples (see :data:`DataSource`); split into training and held-out parts.
+        config: options (defaults: :class:`FinetuneConfig`).
+        progress: called after every step.
+
+    Returns:
+        The fine-tuned model (same nodes, names, shapes and dtypes as ``rewritten``) and its report.
+
+    Raises:
+        UsageError: no factorized site in ``rewritten``, or too few samples to split.
+        UnsupportedOpError: an op the torch evaluator cannot run (one line naming it).
+        ProviderError: ``device="cuda"`` where torch has no CUDA.
+        DataError: data that does not fit the model.
+        ModelError: a teacher that does not match the rewritten model's inputs or outputs.
+    """
+    config = config or FinetuneConfig()
+    torch = _import_torch()
+    from onnxsvd.finetune.student import Student, fold_back
+    from onnxsvd.finetune.torch_graph import TorchGraph, check_supported
+
+    device = _device(config.device)
+    pairs, skips = find_factor_pairs(rewritten)
+    if not pairs:
+        raise UsageError(
+            "the model has no factorized sites (node pairs '<site>/svd_a' → '<site>/svd_b'); rewrite it "
+            "with 'onnxsvd rewrite' first"
+        )
+    check_supported(rewritten)
+    _check_interfaces(rewritten, teacher)
+    output_names = _distilled_outputs(rewritten, teacher)
+    matched = _matched_activations(pairs, teacher) if config.match_activations else []
+    if matched:
+        check_supported(teacher)
+    inputs = _samples(data, rewritten)
+    count = len(next(iter(inputs.values())))
+    heldout_count = int(round(config.val_split * count))
+    if count < 2 or heldout_count < 1 or heldout_count >= count:
+        raise UsageError(
+            f"{count} samples cannot be split with --val-split {config.val_split:g}; give more data "
+            "(at least one training and one held-out sample)"
+        )
+
+    threads_before = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        torch.manual_seed(config.seed)
+        generator = torch.Generator().manual_seed(config.seed)
+        order = np.random.default_rng(config.seed)
+        permutation = order.permutation(count)
+        heldout, training = np.sort(permutation[:heldout_count]), permutation[heldout_count:]
+
+        started = time.perf_counter()
+        teacher_run = _ort_runner(teacher, config.threads)
+        teacher_outputs = _teacher_outputs(teacher_run, inputs, output_names, config.eval_batch_size)
+        teacher_seconds = time.perf_counter() - started
+        layout = _layout(rewritten, config.trim_padding)
+        targets = _Targets(inputs, teacher_outputs, layout, training)
+
+        def ort_heldout(model: onnx.ModelProto) -> float:
+            run = _ort_runner(model, config.threads)
+            return _heldout_loss(lambda feeds: {k: torch.from_numpy(v) for k, v in run(feeds).items()},
+                                 targets, heldout, output_names, config.eval_batch_size, torch)
+
+        heldout_before = ort_heldout(rewritten)
+        student = Student(rewritten, pairs, config.train, config.lora_rank, generator).to(device)
+        teacher_graph = TorchGraph(teacher).to(device) if matched else None
+        optimizer = torch.optim.Adam(student.param_groups(config.lr))
+
+        def student_heldout() -> float:
+            student.eval()
+            with torch.no_grad():
+                return _heldout_loss(
+                    lambda feeds: student(_to_torch(feeds, device, torch), outputs=output_names),
+                    targets, heldout, output_names, config.eval_batch_size, torch,
+                )
+
+        train_started = time.perf_counter()
+        initial = student_heldout()
+        history = [EvaluationPoint(0, None, initial, time.perf_counter() - train_started)]
+        best_loss, best_step = initial, 0
+        best_state = copy.deepcopy(student.forms.state_dict())
+        stale, steps_run, stopped_early = 0, 0, False
+        window: list[float] = []
+        epoch: list[int] = []
+        for step in range(1, config.steps + 1):
+            if len(epoch) < config.batch_size:
+                epoch.extend(order.permutation(training).tolist())
+            batch, epoch = np.array(epoch[: config.batch_size]), epoch[config.batch_size :]
+            feeds, wanted, mask = targets.batch(batch)
+            student.train()
+            loss = _training_loss(student, teacher_graph, feeds, wanted, mask, output_names, matched, targets,
+                                  config, device, torch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps_run = step
+            window.append(float(loss.item()))
+            if step % config.eval_every == 0 or step == config.steps:
+                current = student_heldout()
+                train_loss = float(np.mean(window)) if window else float("nan")
+                history.append(EvaluationPoint(step, train_loss, current, time.perf_counter() - train_started))
+                log.info("step %d: train %.5f, held-out %.5f", step, train_loss, current)
+                window = []
+                if current < best_loss * (1.0 - config.min_delta):
+                    best_loss, best_step, stale = current, step, 0
+                    best_state = copy.deepcopy(student.forms.state_dict())
+                else:
+                    stale += 1
+                    if math.isfinite(current) and current < best_loss:
+                        best_loss, best_step = current, step
+                        best_state = copy.deepcopy(student.forms.state_dict())
+            if progress is not None:
+                progress(step, config.steps, window[-1] if window else history[-1].train_loss or float("nan"),
+                         history[-1].heldout_loss)
+            if stale >= config.patience:
+                stopped_early = True
+                break
+        train_seconds = time.perf_counter() - train_started
+
+        notes: list[str] = []
+        result_model = copy.deepcopy(rewritten)
+        heldout_after = heldout_before
+        if best_step > 0:
+            student.forms.load_state_dict(best_state)
+            folded = fold_back(rewritten, student.cpu())
+            folded_loss = ort_heldout(folded)
+            if folded_loss < heldout_before:
+                result_model, heldout_after = folded, folded_loss
+            else:
+                best_step = 0
+                notes.append("the folded checkpoint was not better through ONNX Runtime; the rewritten model is "
+                             "returned unchanged")
+        else:
+            notes.append("no checkpoint beat the rewritten model on the held-out split; it is returned unchanged")
+        _stamp(result_model, config, best_step)
+    finally:
+        torch.set_num_threads(threads_before)
+
+    report = FinetuneReport(
+        train=config.train,
+        config=dataclasses.asdict(config),
+        pairs=len(pairs),
+        sites=[site for pair in pairs for site in pair.sites],
+        skipped={skip.site: skip.reason for skip in skips},
+        trainable_parameters=student.trainable_parameters(),
+        train_samples=len(training),
+        heldout_samples=len(heldout),
+        outputs=output_names,
+        matched_activations=matched,
+        heldout_before=heldout_before,
+        heldout_after=heldout_after,
+        best_step=best_step,
+        steps_run=steps_run,
+        stopped_early=stopped_early,
+        history=history,
+        teacher_seconds=teacher_seconds,
+        train_seconds=train_seconds,
+        device=config.device,
+        notes=notes,
+    )
+    log.info("fine-tuned %d factor pairs (%s): held-out loss %.5f → %.5f in %d steps", len(pairs), config.train,
+             heldout_before, heldout_after, steps_run)
+    return FinetuneResult(result_model, report)
+
+
+def _to_torch(arrays: Mapping[str, np.ndarray], device: Any, torch: Any) -> dict[str, Any]:
+    return {name: torch.from_numpy(np.ascontiguousarray(value)).to(device) for name, value in arrays.items()}
+
+
+def _matched_activations(pairs: list[FactorPair], teacher: onnx.ModelProto) -> list[str]:
+    """Site outputs that the teacher computes under the same name."""
+    produced = {name for node in teacher.graph.node for name in node.output}
+    return [name for pair in pairs for name in pair.outputs if name in produced]
+
+
+def _training_loss(student: Any, teacher_graph: Any, feeds: dict[str, np.ndarray], wanted: dict[str, np.ndarray],
+                   mask: np.ndarray | None, output_names: list[str], matched: list[str], targets: _Targets,
+                   config: FinetuneConfig, device: Any, torch: Any) -> Any:
+    tensors = _to_torch(feeds, device, torch)
+    weight = torch.from_numpy(mask).to(device) if mask is not None else None
+    outputs = student(tensors, outputs=output_names + matched)
+    terms = []
+    for name in output_names:
+        total, count = _squared_error(outputs[name], torch.from_numpy(wanted[name]).to(device), weight)
+        terms.append(total / max(count, 1.0) / targets.variance[name])
+    loss = torch.stack(terms).mean()
+    if matched and teacher_graph is not None and config.activation_weight > 0.0:
+        with torch.no_grad():
+            reference = teacher_graph(tensors, outputs=matched)
+        parts = []
+        for name in matched:
+            target = reference[name]
+            variance = float(target.float().var().item()) or 1.0
+            total, count = _squared_error(outputs[name], target, weight)
+            parts.append(total / max(count, 1.0) / variance)
+        loss = loss + config.activation_weight * torch.stack(parts).mean()
+    return loss
+
+
+def _heldout_loss(run: Callable[[dict[str, np.ndarray]], Mapping[str, Any]], targets: _Targets, heldout: np.ndarray,
+                  output_names: list[str], batch_size: int, torch: Any) -> float:
+    """The outputs' distillation loss over the whole held-out split (exact, not a mean of batch means)."""
+    sums = dict.fromkeys(output_names, 0.0)
+    counts = dict.fromkeys(output_names, 0.0)
+    for start in range(0, len(heldout), batch_size):
+        feeds, wanted, mask = targets.batch(heldout[start : start + batch_size])
+        outputs = run(feeds)
+        weight = torch.from_numpy(mask) if mask is not None else None
+        for name in output_names:
+            prediction = outputs[name].detach().cpu()
+            total, count = _squared_error(prediction, torch.from_numpy(wanted[name]), weight)
+            sums[name] += float(total.item())
+            counts[name] += count
+    terms = [sums[name] / max(counts[name], 1.0) / targets.variance[name] for name in output_names]
+    return float(np.mean(terms))
+
+
+def _stamp(model: onnx.ModelProto, config: FinetuneConfig, best_step: int) -> None:
+    value = f"{config.train}, lr {config.lr:g}, best step {best_step}" if best_step else "no improvement; unchanged"
+    existing = {prop.key: prop for prop in model.metadata_props}
+    if "onnxsvd.finetune" in existing:
+        existing["onnxsvd.finetune"].value = value
+    else:
+        model.metadata_props.add(key="onnxsvd.finetune", value=value)
+
+
+def finetune_file(
+    rewritten_path: str | os.PathLike[str],
+    teacher_path: str | os.PathLike[str],
+    data_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    config: FinetuneConfig | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> FinetuneReport:
+    """Load both models, check the data and the output path before any work, fine-tune, check, save atomically.
+
+    Raises:
+        ModelError, OutputError, DataError, UsageError, UnsupportedOpError, ProviderError.
+    """
+    from onnxsvd import io
+
+    config = config or FinetuneConfig()
+    io.check_output_path(output_path, rewritten_path, force)
+    io.check_output_path(output_path, teacher_path, force)
+    rewritten = io.load_model(rewritten_path)
+    teacher = io.load_model(teacher_path)
+    data = load_inputs(Path(data_path), rewritten)
+    result = finetune(rewritten, teacher, data, config, progress)
+    io.check_model(result.model, full_check=True)
+    io.save_model(result.model, output_path)
+    return result.report
