@@ -17,7 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from onnxsvd.config import LAYOUTS, METHODS, STORAGE_DTYPES, SVD_SOLVERS, RankPolicy, RewriteConfig
+from onnxsvd.config import ALLOCATIONS, LAYOUTS, METHODS, STORAGE_DTYPES, SVD_SOLVERS, RankPolicy, RewriteConfig
 from onnxsvd.errors import OnnxSvdError, UsageError
 
 __all__ = ["cli", "main"]
@@ -236,6 +236,9 @@ def _stage_ranks(text: str | None) -> tuple[int, ...] | None:
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 @click.option("--dry-run", is_flag=True, help="Plan and report, write no model.")
 @click.option("--force", is_flag=True, help="Allow overwriting the input model.")
+@click.option("--allocate", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
+              help="uniform: each layer by the policy; global: one --ratio/--energy budget over all sites "
+                   "(ranks by whitened discarded energy × measured sensitivity with --data).")
 @click.option("--svd", "svd_solver", type=click.Choice(SVD_SOLVERS), default="auto", show_default=True,
               help="exact, randomized (range finder), or auto: randomized when the rank is well below min(K, N).")
 @click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True,
@@ -278,6 +281,7 @@ def rewrite(
     svd_solver: str,
     device: str,
     jobs: int,
+    allocate: str,
 ) -> None:
     """Replace constant-weight MatMul/Gemm nodes by low-rank factor chains.
 
@@ -304,6 +308,7 @@ def rewrite(
         svd=svd_solver,
         device=device,
         jobs=jobs,
+        allocate=allocate,
     )
     if device == "cuda":
         _require_torch_cuda()

@@ -17,6 +17,7 @@ __all__ = [
     "LAYOUTS",
     "STORAGE_DTYPES",
     "SVD_SOLVERS",
+    "ALLOCATIONS",
     "RankPolicy",
     "RewriteConfig",
 ]
@@ -27,6 +28,7 @@ METHODS = ("svd", "asvd", "whiten")
 LAYOUTS = ("fused", "stages")
 STORAGE_DTYPES = ("auto", "fp32", "fp16")
 SVD_SOLVERS = ("auto", "exact", "randomized")
+ALLOCATIONS = ("uniform", "global")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,10 @@ class RewriteConfig:
             well below ``min(K, N)``).
         device: ``"cpu"`` or ``"cuda"`` for the SVDs (cuda through torch).
         jobs: weights factorized in parallel; 0 picks from the cores.
+        allocate: ``"uniform"`` (each layer by the policy) or ``"global"`` (one budget over all sites,
+            ranks chosen by discarded energy in the metric times measured sensitivity).
+        sensitivity_ratios: per-layer ratios at which each site is truncated alone to measure its
+            sensitivity (global allocation with calibration data).
     """
 
     policy: RankPolicy = RankPolicy()
@@ -105,8 +111,12 @@ class RewriteConfig:
     svd: str = "auto"
     device: str = "cpu"
     jobs: int = 0
+    allocate: str = "uniform"
+    sensitivity_ratios: tuple[float, ...] = (0.25, 0.5)
 
     def __post_init__(self) -> None:
+        if self.allocate not in ALLOCATIONS:
+            raise UsageError(f"unknown --allocate {self.allocate!r}; use one of {', '.join(ALLOCATIONS)}")
         if self.svd not in SVD_SOLVERS:
             raise UsageError(f"unknown --svd {self.svd!r}; use one of {', '.join(SVD_SOLVERS)}")
         if self.device not in ("cpu", "cuda"):

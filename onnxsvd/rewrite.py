@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -158,8 +158,12 @@ class GroupOutcome:
 SpeedCheck = Callable[[onnx.ModelProto, "list[GroupOutcome]", "str | None"], "list[GroupOutcome]"]
 
 
-def _choose_ranks(site: Site, config: RewriteConfig, decomposition: Decomposition) -> tuple[list[int] | None, str]:
+def _choose_ranks(
+    site: Site, config: RewriteConfig, decomposition: Decomposition, rank_override: int | None = None
+) -> tuple[list[int] | None, str]:
     """Stage ranks for a decomposed weight, or ``None`` and the reason it stays dense."""
+    if rank_override is not None:
+        return _stage_ranks(config, rank_override), f"global allocation: rank {rank_override}"
     if config.stage_ranks is not None:
         ranks = list(config.stage_ranks)
         total = sum(ranks)
@@ -180,9 +184,11 @@ def svd_options(config: RewriteConfig) -> SvdOptions:
     return SvdOptions(solver=config.svd, backend="torch" if config.device != "cpu" else "auto", device=config.device)
 
 
-def _planned_rank(site: Site, config: RewriteConfig) -> tuple[int | None, str]:
+def _planned_rank(site: Site, config: RewriteConfig, rank_override: int | None = None) -> tuple[int | None, str]:
     """The total rank when the policy fixes it from the shape alone (rank, ratio, stage ranks), so a
     randomized SVD can compute only what is kept; and the reason to stay dense if the shape decides it."""
+    if rank_override is not None:
+        return rank_override, ""
     if config.stage_ranks is not None:
         return min(sum(config.stage_ranks), min(site.k, site.n)), ""
     if config.policy.kind == "energy":
@@ -198,6 +204,7 @@ def factor_group(
     target: TargetFn,
     base_dir: str | None = None,
     refit: RefitFn | None = None,
+    rank_override: int | None = None,
 ) -> GroupOutcome:
     """Load a group's weight, decompose ``target`` in its metric, choose ranks, truncate, measure.
 
@@ -208,7 +215,7 @@ def factor_group(
     storage = storage_dtype_for(site, config.dtype)
     outcome = GroupOutcome(sites=sites, factorization=None, reason="", ranks=[], storage=storage)
     try:
-        planned, dense_reason = _planned_rank(site, config)
+        planned, dense_reason = _planned_rank(site, config, rank_override)
         if dense_reason:  # decided from the shape alone: no need to read or decompose the weight
             outcome.reason = dense_reason
             outcome.seconds = time.perf_counter() - tick
@@ -218,7 +225,7 @@ def factor_group(
             raise FactorizationError("weight contains NaN or Inf")
         goal, metric = target(sites, weight)  # [K, N], Lᵀ
         decomposition = decompose(goal, metric, rank=planned, options=svd_options(config))
-        ranks, reason = _choose_ranks(site, config, decomposition)
+        ranks, reason = _choose_ranks(site, config, decomposition, rank_override)
         outcome.reason = reason
         if ranks is not None:
             factorization = truncate(decomposition, ranks, onnx.helper.tensor_dtype_to_np_dtype(storage))
@@ -364,6 +371,7 @@ def rewrite(
     base_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     speed_check: SpeedCheck | None = None,
+    batches: Callable[[], Any] | None = None,
 ) -> RewriteResult:
     """Replace every eligible MatMul/Gemm of ``model`` by a low-rank factor chain.
 
@@ -375,6 +383,8 @@ def rewrite(
         progress: optional callback after each weight.
         speed_check: applied to the factorized groups before they are emitted (keeps dense the groups
             whose chain is not faster; see :class:`onnxsvd.validate.site_speed.SiteSpeedCheck`).
+        batches: calibration batches (a callable giving a fresh iterable), used by ``allocate="global"``
+            to measure each site's sensitivity; without them every site counts with sensitivity 1.
 
     Returns:
         The rewritten model and a report of every MatMul/Gemm.
@@ -406,8 +416,13 @@ def rewrite(
     # initializers at once and the arrays are dropped, so at most `jobs` weights are in memory.
     tensors = FactorTensors(model) if speed_check is None else None
 
+    overrides: dict[str, int] = {}
+    notes: list[str] = []
+    if config.allocate == "global":
+        overrides, notes = _global_ranks(model, groups, index, config, target, base, batches, progress)
+
     def work(sites: list[Site]) -> GroupOutcome:
-        return factor_group(index, sites, config, target, base)
+        return factor_group(index, sites, config, target, base, rank_override=overrides.get(sites[0].group))
 
     outcomes: list[GroupOutcome] = []
     jobs = config.jobs or max(1, min(4, (os.cpu_count() or 1) // 2))
@@ -422,7 +437,69 @@ def rewrite(
                 progress(done, len(groups), outcome.sites[0].name)
     if speed_check is not None:
         outcomes = speed_check(model, outcomes, base)
-    return assemble(model, match, outcomes, config, params_before, started, tensors)
+    result = assemble(model, match, outcomes, config, params_before, started, tensors)
+    result.report.notes.extend(notes)
+    return result
+
+
+def _global_ranks(
+    model: onnx.ModelProto,
+    groups: OrderedDict[str, list[Site]],
+    index: GraphIndex,
+    config: RewriteConfig,
+    target: TargetFn,
+    base_dir: str | None,
+    batches: Callable[[], Any] | None,
+    progress: Progress | None,
+) -> tuple[dict[str, int], list[str]]:
+    """Ranks for every group from one budget over all sites (see :mod:`onnxsvd.allocate`)."""
+    from onnxsvd.allocate import AllocationSite, allocate_budget, allocate_energy, loss_estimate
+    from onnxsvd.rank import ratio_rank
+
+    if config.policy.kind == "rank" or config.stage_ranks is not None:
+        raise UsageError("--allocate global takes --ratio (a budget over all sites) or --energy, not a fixed rank")
+    decompositions: dict[str, Decomposition] = {}
+    for key, sites in groups.items():
+        try:
+            weight = load_weight(index, sites[0], base_dir)
+            if not np.all(np.isfinite(weight)):
+                continue
+            goal, metric = target(sites, weight)
+            decompositions[key] = decompose(goal, metric)  # the whole spectrum: [min(K, N)]
+        except FactorizationError:
+            continue  # factor_group will keep it dense with the reason
+    sensitivities = dict.fromkeys(decompositions, 1.0)
+    if batches is not None:
+        from onnxsvd.sensitivity import measure_sensitivities
+
+        sensitivities = measure_sensitivities(
+            model, {k: groups[k] for k in decompositions}, decompositions, config, batches,
+            ratios=config.sensitivity_ratios, base_dir=base_dir, progress=progress,
+        )
+    candidates = [
+        AllocationSite(key, groups[key][0].k, groups[key][0].n, decompositions[key].s, sensitivities[key])
+        for key in decompositions
+    ]
+    if not candidates:
+        return {}, []
+    align = config.policy.align
+    if config.policy.kind == "ratio":
+        allocation = allocate_budget(candidates, config.policy.value, align)
+        uniform_loss = 0.0
+        for site in candidates:
+            rank = min(ratio_rank(site.k, site.n, config.policy.value), site.max_rank)
+            uniform_loss += loss_estimate(site, rank)
+        note = (
+            f"global allocation: {allocation.params:,} of a {allocation.budget:,}-parameter budget "
+            f"(ratio {config.policy.value:g} of all sites together); loss estimate {allocation.loss:.4g} "
+            f"against {uniform_loss:.4g} for uniform ranks"
+        )
+    else:
+        allocation = allocate_energy(candidates, config.policy.value, align)
+        note = f"global allocation: energy {config.policy.value:g} over all sites with {allocation.params:,} parameters"
+    if batches is not None:
+        note += f"; sensitivities measured at ratios {list(config.sensitivity_ratios)}"
+    return dict(allocation.ranks), [note]
 
 
 def _bounded_map(pool: concurrent.futures.Executor, function: Callable, items: list, window: int):
@@ -527,8 +604,17 @@ def rewrite_file(
             batches, count = batch_source(data, model, calibration)
             statistics = calibrate(model, batches, calibration, total_batches=count, base_dir=input_path.parent)
             calibrate_seconds = time.perf_counter() - tick
+        allocation_batches = None
+        if data is not None and config.allocate == "global":
+            allocation_batches, _ = batch_source(data, model, calibration)
         result = rewrite(
-            model, config, statistics, base_dir=input_path.parent, progress=progress, speed_check=check
+            model,
+            config,
+            statistics,
+            base_dir=input_path.parent,
+            progress=progress,
+            speed_check=check,
+            batches=allocation_batches,
         )
     report = result.report
     if calibrate_seconds:

@@ -1,0 +1,106 @@
+"""Per-site sensitivity: how much the model's outputs move when one site alone is truncated (as ASVD does).
+
+Legend: s a site (weight group), E_s(r) its discarded energy in the method's metric at rank r, Δ_s(r) the
+model's normalised output error ``Σ_outputs ‖y − ŷ‖² / ‖y‖²`` on calibration batches with only s
+truncated to r. The sensitivity is ``α_s = mean_r Δ_s(r) / E_s(r)`` over a few ratios: the factor that
+turns a site's own error into the model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from onnxsvd.calibrate.collect import session_for
+from onnxsvd.config import RankPolicy, RewriteConfig
+from onnxsvd.factorize import Decomposition, truncate
+from onnxsvd.graph import EmitOptions, Site, emit, storage_dtype_for
+from onnxsvd.rank import choose_rank
+
+__all__ = ["measure_sensitivities"]
+
+log = logging.getLogger(__name__)
+
+Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+
+
+def _outputs(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], base_dir: str | None) -> list[list[np.ndarray]]:
+    session = session_for(model, base_dir=base_dir)
+    names = [value.name for value in session.get_outputs()]
+    feed_names = {value.name for value in session.get_inputs()}
+    return [session.run(names, {k: v for k, v in batch.items() if k in feed_names}) for batch in batches]
+
+
+def _error(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
+    total = 0.0
+    for ref_batch, cand_batch in zip(reference, candidate, strict=True):
+        for ref, cand in zip(ref_batch, cand_batch, strict=True):
+            if not np.issubdtype(ref.dtype, np.floating):
+                continue
+            ref64 = ref.astype(np.float64)
+            total += float(np.sum((ref64 - cand.astype(np.float64)) ** 2) / max(np.sum(ref64 * ref64), 1e-30))
+    return total / max(len(reference), 1)
+
+
+def measure_sensitivities(
+    model: onnx.ModelProto,
+    groups: Mapping[str, list[Site]],
+    decompositions: Mapping[str, Decomposition],
+    config: RewriteConfig,
+    batches: Batches,
+    ratios: Sequence[float] = (0.25, 0.5),
+    max_batches: int = 2,
+    base_dir: str | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, float]:
+    """``α_s`` per weight group, from truncating each group alone at ``ratios``.
+
+    Args:
+        model: the model the groups were matched in (not modified).
+        groups: sites per weight group.
+        decompositions: each group's full decomposition in the method's metric.
+        config: the rewrite configuration (storage dtype, layout).
+        batches: calibration batches; the first ``max_batches`` are used.
+        ratios: the per-layer ratios each site is truncated at.
+        max_batches: how many batches to run per measurement.
+        base_dir: the model's folder (lazy external data).
+        progress: callback per group.
+    """
+    sample = []
+    for batch in batches():
+        sample.append(dict(batch))
+        if len(sample) >= max_batches:
+            break
+    reference = _outputs(model, sample, base_dir)
+    sensitivities: dict[str, float] = {}
+    for done, (key, sites) in enumerate(groups.items(), start=1):
+        decomposition = decompositions.get(key)
+        site = sites[0]
+        ratios_measured = []
+        if decomposition is not None:
+            squared = decomposition.s.astype(np.float64) ** 2
+            for ratio in ratios:
+                decision = choose_rank(RankPolicy("ratio", ratio, align=1), site.k, site.n, None)
+                rank = decision.rank if not decision.dense else None
+                if not rank or rank >= squared.shape[0]:
+                    continue
+                discarded = float(squared[rank:].sum())
+                if discarded <= 0.0:
+                    continue
+                storage = storage_dtype_for(site, config.dtype)
+                factors = truncate(decomposition, [rank], onnx.helper.tensor_dtype_to_np_dtype(storage))
+                trial = copy.deepcopy(model)
+                emit(trial, {key: factors}, sites, {key: storage}, EmitOptions(layout="fused"))
+                ratios_measured.append(_error(reference, _outputs(trial, sample, base_dir)) / discarded)
+        sensitivities[key] = float(np.mean(ratios_measured)) if ratios_measured else float("nan")
+        log.debug("sensitivity of %s: %s", site.name, sensitivities[key])
+        if progress is not None:
+            progress(done, len(groups), site.name)
+    # Sites that could not be measured get the median of the others (never 0: that would starve them).
+    known = [value for value in sensitivities.values() if np.isfinite(value) and value > 0]
+    fallback = float(np.median(known)) if known else 1.0
+    return {key: value if np.isfinite(value) and value > 0 else fallback for key, value in sensitivities.items()}
