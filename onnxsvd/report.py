@@ -30,6 +30,10 @@ class SiteReport:
         weight_error: ``‖W − Σ A_i B_i‖_F / ‖W‖_F`` with the stored factors.
         shared_with: other sites that read the same factors.
         seconds: time spent factorizing.
+        dense_ms: median time of the dense layer alone (``--keep-dense-if-slower``; slowest provider).
+        factorized_ms: median time of its factor chain alone, on the same activation and provider.
+        speedup: ``dense_ms / factorized_ms``; the chain is kept only when this is above 1.
+        speed_provider: the provider those times are from (the one where the chain gains least).
     """
 
     name: str
@@ -45,6 +49,10 @@ class SiteReport:
     weight_error: float | None = None
     shared_with: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    dense_ms: float | None = None
+    factorized_ms: float | None = None
+    speedup: float | None = None
+    speed_provider: str | None = None
 
 
 @dataclasses.dataclass

@@ -38,7 +38,15 @@ from onnxsvd.config import RewriteConfig
 from onnxsvd.errors import FactorizationError
 from onnxsvd.factorize import Factorization, Metric, diagonal_metric, identity_metric, whitening_metric
 from onnxsvd.graph import GraphIndex, Site, find_sites
-from onnxsvd.rewrite import GroupOutcome, RewriteResult, assemble, emit_outcomes, factor_group, weight_groups
+from onnxsvd.rewrite import (
+    GroupOutcome,
+    RewriteResult,
+    SpeedCheck,
+    assemble,
+    emit_outcomes,
+    factor_group,
+    weight_groups,
+)
 
 __all__ = ["CrossStats", "site_levels", "rewrite_sequential"]
 
@@ -148,6 +156,7 @@ def rewrite_sequential(
     mask_input: str | None = None,
     base_dir: str | None = None,
     progress: Progress | None = None,
+    speed_check: SpeedCheck | None = None,
 ) -> RewriteResult:
     """Rewrite ``model`` level by level against the partly compressed model's own activations.
 
@@ -160,6 +169,8 @@ def rewrite_sequential(
         mask_input: a ``[B, S]`` token-mask input whose zero rows are left out.
         base_dir: folder of the model file (external data).
         progress: callback per level.
+        speed_check: applied to each level's factorized groups before the next level sees them (keeps
+            dense the groups whose chain is not faster).
 
     Returns:
         The rewritten model and its report; the report's notes give the levels and their cost.
@@ -188,6 +199,8 @@ def rewrite_sequential(
         for key, sites in level_groups.items():
             target, refit = _level_fit(config, _combined(sites, stats))
             outcomes[key] = factor_group(index, sites, config, target, base_dir, refit)
+        if speed_check is not None:  # before the next level is fitted to this one's inputs
+            speed_check(working, [outcomes[key] for key in level_groups], base_dir)
         # The next level sees this one compressed: rebuild from the original with every outcome so far.
         compressed = emit_outcomes(copy.deepcopy(original), list(outcomes.values()), config)
         if progress is not None:

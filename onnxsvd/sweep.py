@@ -1,0 +1,559 @@
+"""Sweep: rewrite a model at several ratios with several methods, validate each, and draw the trade-off.
+
+For every method × ratio the model is rewritten (calibrating once: the statistics are shared by every
+activation-aware rewrite), written to ``DIR/models/<method>_<ratio>.onnx``, and validated against the
+original on the evaluation data (accuracy per output, latency per provider next to the speedup bound,
+size). The results go to ``DIR/sweep.json``, a markdown table ``DIR/sweep.md`` and two plots:
+``DIR/fidelity.png`` (cosine per output against kept parameters, a line per method) and
+``DIR/speedup.png`` (measured speedup against kept parameters, per provider, with the bound).
+
+"Kept parameters" is the kept fraction of the constant-weight MatMul/Gemm layers' parameters
+(``Σ params_after / Σ params_before`` over the sites), the quantity ``--ratio`` sets per layer.
+
+Library use::
+
+    from onnxsvd.sweep import SweepConfig, sweep
+    result = sweep("model.onnx", "calib.npz", "out/", SweepConfig(ratios=(0.5,), methods=("svd", "whiten")))
+    print(result.entries[0].outputs[0]["cosine"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxsvd import io
+from onnxsvd.calibrate import CalibrateConfig, batch_source, calibrate, resolve_mask
+from onnxsvd.config import METHODS, RewriteConfig
+from onnxsvd.errors import OutputError, UsageError
+from onnxsvd.report import RewriteReport
+from onnxsvd.validate.latency import PROVIDERS
+from onnxsvd.validate.site_speed import SiteSpeedCheck, SpeedCheckConfig, check_providers
+
+__all__ = ["SWEEP_METHODS", "SweepConfig", "SweepEntry", "SweepResult", "parse_methods", "sweep"]
+
+log = logging.getLogger(__name__)
+
+#: Methods a sweep accepts: each rewrite method, alone or with the sequential closed form.
+SWEEP_METHODS = (*METHODS, *(f"{method}+sequential" for method in METHODS))
+
+#: Called after each step with (done, total, what).
+Progress = Callable[[int, int, str], None]
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``"svd,whiten+sequential"`` → ``("svd", "whiten+sequential")``.
+
+    Raises:
+        UsageError: empty, unknown or repeated names.
+    """
+    methods = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if not methods:
+        raise UsageError(f"--methods takes a comma-separated list of {', '.join(SWEEP_METHODS)}, got {text!r}")
+    for method in methods:
+        if method not in SWEEP_METHODS:
+            raise UsageError(f"unknown method {method!r}; use one of {', '.join(SWEEP_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"--methods lists a method twice: {text}")
+    return methods
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """What to sweep and how to measure it. Every default is here.
+
+    Attributes:
+        ratios: kept fractions of each layer's parameters.
+        methods: from :data:`SWEEP_METHODS`.
+        rewrite: the other rewrite options (align, layout, dtype, selection, damping…); its policy and
+            method are replaced by each ratio and method.
+        calibration: how the calibration data is read and run.
+        providers: execution providers to time; accuracy runs on the first.
+        warmup: untimed runs of each model before timing.
+        iters: timed runs of each model.
+        threads: onnxruntime ``intra_op_num_threads`` for validation (``None``: onnxruntime's default).
+        batch_size: evaluation batch size (``None``: validate's default).
+        max_eval_samples: use at most this many evaluation samples.
+        speed_check: keep dense the sites whose chain is not faster (``--keep-dense-if-slower``).
+    """
+
+    ratios: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
+    methods: tuple[str, ...] = ("svd", "whiten")
+    rewrite: RewriteConfig = RewriteConfig()
+    calibration: CalibrateConfig = CalibrateConfig()
+    providers: tuple[str, ...] = ("cpu",)
+    warmup: int = 5
+    iters: int = 20
+    threads: int | None = None
+    batch_size: int | None = None
+    max_eval_samples: int | None = None
+    speed_check: SpeedCheckConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not self.ratios:
+            raise UsageError("--ratios needs at least one ratio, e.g. 0.3,0.5,0.7,0.9")
+        for ratio in self.ratios:
+            if not 0.0 < ratio <= 1.0:
+                raise UsageError(f"--ratios must be in (0, 1] (kept fraction of parameters), got {ratio:g}")
+        if len(set(self.ratios)) != len(self.ratios):
+            raise UsageError(f"--ratios lists a ratio twice: {','.join(f'{r:g}' for r in self.ratios)}")
+        parse_methods(",".join(self.methods))
+        if not self.providers:
+            raise UsageError(f"give at least one provider ({', '.join(PROVIDERS)})")
+        for provider in self.providers:
+            if provider not in PROVIDERS:
+                raise UsageError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+        if self.iters < 1 or self.warmup < 0:
+            raise UsageError(f"need --iters ≥ 1 and --warmup ≥ 0, got {self.iters} and {self.warmup}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ratios": list(self.ratios),
+            "methods": list(self.methods),
+            "rewrite": {
+                "align": self.rewrite.policy.align,
+                "layout": self.rewrite.layout,
+                "dtype": self.rewrite.dtype,
+                "damping": self.rewrite.damping,
+                "alpha": self.rewrite.alpha,
+                "include": self.rewrite.include,
+                "exclude": self.rewrite.exclude,
+                "min_params": self.rewrite.min_params,
+            },
+            "calibration": {
+                "batch_size": self.calibration.batch_size,
+                "max_samples": self.calibration.max_samples,
+                "providers": list(self.calibration.providers),
+            },
+            "providers": list(self.providers),
+            "warmup": self.warmup,
+            "iters": self.iters,
+            "threads": self.threads,
+            "batch_size": self.batch_size,
+            "max_eval_samples": self.max_eval_samples,
+            "keep_dense_if_slower": self.speed_check is not None,
+        }
+
+
+@dataclasses.dataclass
+class SweepEntry:
+    """One method at one ratio, rewritten and validated.
+
+    Attributes:
+        method: e.g. ``"whiten"`` or ``"whiten+sequential"``.
+        ratio: the kept fraction each layer was asked for.
+        model: path of the rewritten model.
+        kept_params: kept fraction of the MatMul/Gemm layers' parameters.
+        params: parameters of the whole rewritten model.
+        params_kept_model: kept fraction of the whole model's parameters.
+        file_size: bytes on disk (external data included).
+        sites_factorized: sites replaced by a chain.
+        sites_kept: sites left dense (skips and the break-even guard included).
+        outputs: per output: ``name``, ``cosine``, ``sqnr_db``, ``relative``, ``top1_agreement``.
+        speed: per provider: ``provider``, ``speedup``, ``bound``, ``share``, ``original_ms``, ``rewritten_ms``.
+        rewrite_seconds: time to rewrite.
+        validate_seconds: time to validate.
+        notes: the validation's notes.
+    """
+
+    method: str
+    ratio: float
+    model: str
+    kept_params: float
+    params: int
+    params_kept_model: float
+    file_size: int
+    sites_factorized: int
+    sites_kept: int
+    outputs: list[dict[str, Any]]
+    speed: list[dict[str, Any]]
+    rewrite_seconds: float
+    validate_seconds: float
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """Every entry, and where the files went."""
+
+    model: str
+    data: str
+    eval_data: str
+    output: str
+    config: SweepConfig
+    params: int
+    file_size: int
+    entries: list[SweepEntry]
+    calibrate_seconds: float = 0.0
+    seconds: float = 0.0
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "data": self.data,
+            "eval_data": self.eval_data,
+            "output": self.output,
+            "config": self.config.to_dict(),
+            "machine": _machine(),
+            "original": {"params": self.params, "file_size": self.file_size},
+            "entries": [dataclasses.asdict(entry) for entry in self.entries],
+            "calibrate_seconds": self.calibrate_seconds,
+            "seconds": self.seconds,
+            "files": self.files,
+        }
+
+
+def _machine() -> dict[str, Any]:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_1min": load,
+    }
+
+
+def _linear_kept(report: RewriteReport) -> float:
+    before = sum(site.params_before for site in report.sites if site.shape)
+    after = sum(site.params_after for site in report.sites if site.shape)
+    return after / before if before else 1.0
+
+
+def _file_name(method: str, ratio: float) -> str:
+    return f"{method}_{ratio:g}.onnx"
+
+
+def sweep(
+    model_path: str | os.PathLike[str],
+    data_path: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    config: SweepConfig | None = None,
+    eval_data: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+) -> SweepResult:
+    """Rewrite ``model_path`` at every ratio with every method, validate each, write JSON, markdown, plots.
+
+    Args:
+        model_path: the model.
+        data_path: calibration data (``.npz`` or folder).
+        output_dir: folder for ``sweep.json``, ``sweep.md``, the plots and ``models/`` (created).
+        config: ratios, methods, providers, timing.
+        eval_data: evaluation data (default: ``data_path``).
+        progress: callback per step (calibration, then each rewrite + validation).
+
+    Returns:
+        The result (also written to ``output_dir/sweep.json``).
+
+    Raises:
+        ProviderError: a provider is not available (checked before any work).
+        OutputError: ``output_dir`` is a file or cannot be created.
+        ModelError, DataError: as ``rewrite`` and ``validate``.
+    """
+    from onnxsvd.rewrite import rewrite
+    from onnxsvd.sequential import rewrite_sequential
+    from onnxsvd.validate import ValidateConfig, validate
+
+    config = config or SweepConfig()
+    started = time.perf_counter()
+    check_providers(config.providers)
+    check_providers(config.calibration.providers)
+    if config.speed_check is not None:
+        check_providers(config.speed_check.providers)
+    model_path, data_path = Path(model_path), Path(data_path)
+    eval_path = Path(eval_data) if eval_data is not None else data_path
+    output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"output {output} is a file; give a folder for the sweep's results")
+    models_dir = output / "models"
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create {models_dir}: {error.strerror or error}; choose another -o folder") from error
+    _check_plotting()
+
+    model = io.load_model(model_path)
+    from onnxsvd.data import load_inputs
+
+    load_inputs(eval_path, model, config.max_eval_samples)  # the evaluation data fits, before any work
+    batches, count = batch_source(data_path, model, config.calibration)
+    total = len(config.methods) * len(config.ratios)
+    plain = {method.partition("+")[0] for method in config.methods if not method.endswith("+sequential")}
+    statistics = None
+    calibrate_seconds = 0.0
+    if plain & {"asvd", "whiten"}:
+        tick = time.perf_counter()
+        statistics = calibrate(model, batches, config.calibration, total_batches=count, base_dir=model_path.parent)
+        calibrate_seconds = time.perf_counter() - tick
+        log.info("calibrated once in %.1f s; the statistics serve every activation-aware rewrite", calibrate_seconds)
+    check = None
+    if config.speed_check is not None:
+        batch = None if config.speed_check.input_shapes else next(iter(batches()), None)
+        check = SiteSpeedCheck(config.speed_check, batch=batch, layout=config.rewrite.layout)
+    mask_input = resolve_mask(model, config.calibration)
+    entries: list[SweepEntry] = []
+    done = 0
+    for method in config.methods:
+        base, _, variant = method.partition("+")
+        for ratio in config.ratios:
+            if progress is not None:
+                progress(done, total, f"{method} {ratio:g}")
+            rewrite_config = dataclasses.replace(
+                config.rewrite, policy=dataclasses.replace(config.rewrite.policy, kind="ratio", value=ratio),
+                method=base,
+            )
+            tick = time.perf_counter()
+            if variant == "sequential":
+                result = rewrite_sequential(
+                    model, rewrite_config, batches, providers=config.calibration.providers, mask_input=mask_input,
+                    base_dir=str(model_path.parent), speed_check=check,
+                )
+            else:
+                result = rewrite(
+                    model, rewrite_config, statistics if base != "svd" else None, base_dir=model_path.parent,
+                    speed_check=check,
+                )
+            rewrite_seconds = time.perf_counter() - tick
+            path = models_dir / _file_name(method, ratio)
+            io.save_model(result.model, path, base_dir=model_path.parent)
+            report = result.report
+            report.input, report.output = str(model_path), str(path)
+            report.write_json(path.with_suffix(".report.json"))
+            tick = time.perf_counter()
+            validation = validate(
+                model_path, path, eval_path,
+                ValidateConfig(
+                    providers=config.providers, warmup=config.warmup, iters=config.iters, threads=config.threads,
+                    batch_size=config.batch_size, max_samples=config.max_eval_samples,
+                    factorized_sites=tuple(site.name for site in report.factorized),
+                ),
+                enforce_gate=False,
+            )
+            entries.append(_entry(method, ratio, path, report, validation, rewrite_seconds,
+                                  time.perf_counter() - tick))
+            done += 1
+            log.info("%s at %g: %s", method, ratio, entries[-1].outputs)
+    if progress is not None:
+        progress(total, total, "writing results")
+    result = SweepResult(
+        model=str(model_path), data=str(data_path), eval_data=str(eval_path), output=str(output), config=config,
+        params=io.count_parameters(model), file_size=io.file_size(model_path), entries=entries,
+        calibrate_seconds=calibrate_seconds,
+    )
+    result.seconds = time.perf_counter() - started
+    write_results(result)
+    return result
+
+
+def _entry(
+    method: str, ratio: float, path: Path, report: RewriteReport, validation: Any, rewrite_seconds: float,
+    validate_seconds: float,
+) -> SweepEntry:
+    outputs = [
+        {
+            "name": output.name,
+            "cosine": output.cosine,
+            "sqnr_db": output.sqnr_db,
+            "relative": output.relative,
+            "top1_agreement": output.top1_agreement,
+        }
+        for output in validation.outputs
+    ]
+    speed = [
+        {
+            "provider": item.provider,
+            "speedup": item.timing.speedup,
+            "bound": item.bound,
+            "share": item.time_share.share if item.time_share is not None else None,
+            "original_ms": item.timing.original.p50_ms,
+            "rewritten_ms": item.timing.rewritten.p50_ms,
+            "batch_size": item.timing.batch_size,
+        }
+        for item in validation.speed
+    ]
+    return SweepEntry(
+        method=method,
+        ratio=ratio,
+        model=str(path),
+        kept_params=_linear_kept(report),
+        params=report.params_after,
+        params_kept_model=report.params_after / report.params_before if report.params_before else 1.0,
+        file_size=validation.size.bytes_rewritten,
+        sites_factorized=len(report.factorized),
+        sites_kept=len([site for site in report.kept if site.shape]),
+        outputs=outputs,
+        speed=speed,
+        rewrite_seconds=rewrite_seconds,
+        validate_seconds=validate_seconds,
+        notes=list(validation.notes),
+    )
+
+
+# ---------------------------------------------------------------- results: JSON, markdown, plots
+
+
+def _check_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise UsageError("sweep draws PNG plots and needs matplotlib: pip install 'onnxsvd[plot]'") from error
+
+
+def write_results(result: SweepResult) -> dict[str, str]:
+    """Write ``sweep.json``, ``sweep.md``, ``fidelity.png`` and ``speedup.png`` into ``result.output``."""
+    output = Path(result.output)
+    files = {
+        "json": str(output / "sweep.json"),
+        "markdown": str(output / "sweep.md"),
+        "fidelity": str(output / "fidelity.png"),
+        "speedup": str(output / "speedup.png"),
+    }
+    result.files = files
+    plot_fidelity(result.entries, files["fidelity"])
+    plot_speedup(result.entries, files["speedup"])
+    with io.atomic_path(files["markdown"], suffix=".md") as temporary:
+        temporary.write_text(markdown_table(result), encoding="utf-8")
+    with io.atomic_path(files["json"], suffix=".json") as temporary:
+        temporary.write_text(json.dumps(result.to_dict(), indent=2, default=_json_number) + "\n", encoding="utf-8")
+    return files
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def _cell(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "NaN"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(result: SweepResult) -> str:
+    """The sweep as a markdown table: one row per method and ratio."""
+    entries = result.entries
+    outputs = [output["name"] for output in entries[0].outputs] if entries else []
+    scored = [name for name in outputs if any(
+        output["name"] == name and output["top1_agreement"] is not None for entry in entries for output in entry.outputs
+    )]
+    providers = [item["provider"] for item in entries[0].speed] if entries else []
+    header = ["method", "ratio", "kept params", "file size"]
+    header += [f"cos {name}" for name in outputs] + [f"top-1 agree {name}" for name in scored]
+    header += [f"{provider} speedup (bound)" for provider in providers]
+    lines = [
+        f"# Sweep of {result.model}",
+        "",
+        f"Calibration data {result.data}; evaluation data {result.eval_data}. \"kept params\" is the kept fraction of "
+        "the MatMul/Gemm layers' parameters; cosine is the mean per-sample cosine to the original's output; "
+        "speedup is the original's median latency over the rewritten one's, measured alternately, next to the "
+        "bound 1/((1−s)+s·ρ) from the original's profile.",
+        "",
+        f"Original: {result.params:,} parameters, {_human_bytes(result.file_size)}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for entry in entries:
+        by_name = {output["name"]: output for output in entry.outputs}
+        row = [entry.method, f"{entry.ratio:g}", f"{entry.kept_params:.1%}", _human_bytes(entry.file_size)]
+        row += [_cell(by_name[name]["cosine"]) for name in outputs]
+        row += [_cell(by_name[name]["top1_agreement"]) for name in scored]
+        for item in entry.speed:
+            bound = f" (≤ {item['bound']:.2f}×)" if item["bound"] is not None else ""
+            row.append(f"{item['speedup']:.2f}×{bound}")
+        lines.append("| " + " | ".join(row) + " |")
+    machine = _machine()
+    lines += ["", f"Machine: {machine['processor']}, {machine['cpus']} CPUs ({machine['platform']})."]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure: Any, path: str) -> None:
+    plt = _pyplot()
+    figure.tight_layout()
+    with io.atomic_path(path, suffix=".png") as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
+    plt.close(figure)
+
+
+def _by_method(entries: Sequence[SweepEntry]) -> dict[str, list[SweepEntry]]:
+    lines: dict[str, list[SweepEntry]] = {}
+    for entry in entries:
+        lines.setdefault(entry.method, []).append(entry)
+    return {method: sorted(points, key=lambda e: e.kept_params) for method, points in lines.items()}
+
+
+def plot_fidelity(entries: Sequence[SweepEntry], path: str | os.PathLike[str]) -> Path:
+    """Cosine to the original against kept parameters: one panel per output, one line per method."""
+    plt = _pyplot()
+    outputs = [output["name"] for output in entries[0].outputs] if entries else []
+    figure, axes = plt.subplots(1, max(1, len(outputs)), figsize=(5.5 * max(1, len(outputs)), 4.2), squeeze=False)
+    for axis, name in zip(axes[0], outputs or [""], strict=False):
+        for method, points in _by_method(entries).items():
+            cosines = [next(o["cosine"] for o in e.outputs if o["name"] == name) for e in points]
+            axis.plot([e.kept_params for e in points], cosines, marker="o", label=method)
+        axis.set_xlabel("kept parameters of the MatMul/Gemm layers")
+        axis.set_ylabel("mean cosine to the original")
+        axis.set_title(f"fidelity: {name}" if name else "fidelity")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    _save(figure, str(path))
+    return Path(path)
+
+
+def plot_speedup(entries: Sequence[SweepEntry], path: str | os.PathLike[str]) -> Path:
+    """Measured speedup against kept parameters, per provider and method, with the bound dashed."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    providers = list(dict.fromkeys(item["provider"] for entry in entries for item in entry.speed))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for position, provider in enumerate(providers):
+        bounds: dict[float, float] = {}
+        for offset, (method, points) in enumerate(_by_method(entries).items()):
+            series = [(e.kept_params, item) for e in points for item in e.speed if item["provider"] == provider]
+            colour = colours[(position * 4 + offset) % len(colours)]
+            axis.plot([x for x, _ in series], [item["speedup"] for _, item in series], marker="o", color=colour,
+                      label=f"{provider}: {method}")
+            for x, item in series:
+                if item["bound"] is not None:
+                    bounds.setdefault(round(x, 4), item["bound"])
+        if bounds:
+            xs = sorted(bounds)
+            axis.plot(xs, [bounds[x] for x in xs], linestyle="--", color="black" if position == 0 else "grey",
+                      label=f"{provider}: bound 1/((1−s)+s·ρ)")
+    axis.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    axis.set_xlabel("kept parameters of the MatMul/Gemm layers")
+    axis.set_ylabel("speedup (original / rewritten median latency)")
+    axis.set_title("speedup")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    _save(figure, str(path))
+    return Path(path)

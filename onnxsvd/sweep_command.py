@@ -1,0 +1,157 @@
+"""``onnxsvd sweep``: parse → :class:`SweepConfig` → :func:`onnxsvd.sweep.sweep` → a rich table.
+
+Registered in the CLI group with ``cli.add_command(sweep_command)``; errors are raised as
+:class:`onnxsvd.errors.OnnxSvdError` for ``onnxsvd.cli.main`` to print as one line.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from onnxsvd.config import LAYOUTS, STORAGE_DTYPES, RankPolicy, RewriteConfig
+from onnxsvd.errors import UsageError
+
+__all__ = ["sweep_command", "parse_ratios", "render_sweep"]
+
+
+def parse_ratios(text: str) -> tuple[float, ...]:
+    """``"0.3,0.5"`` → ``(0.3, 0.5)``.
+
+    Raises:
+        UsageError: not a comma-separated list of numbers.
+    """
+    try:
+        ratios = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise UsageError(f"--ratios takes comma-separated numbers such as 0.3,0.5,0.7,0.9, got {text!r}") from error
+    if not ratios:
+        raise UsageError(f"--ratios takes comma-separated numbers such as 0.3,0.5,0.7,0.9, got {text!r}")
+    return ratios
+
+
+def _progress(console: Console) -> tuple[Any, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]sweep"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[item]}"),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    task = bar.add_task("sweep", total=None, item="")
+
+    def update(done: int, total: int, item: str) -> None:
+        bar.update(task, completed=done, total=total, item=item)
+
+    return bar, update
+
+
+@click.command("sweep")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="Calibration data (.npz keyed by input name, axis 0 = samples, or a folder of them).")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Evaluation data [default: --data].")
+@click.option("--ratios", default="0.3,0.5,0.7,0.9", show_default=True,
+              help="Kept fractions of each layer's parameters.")
+@click.option("--methods", default="svd,whiten", show_default=True,
+              help="Comma-separated: svd, asvd, whiten, each optionally +sequential (e.g. whiten+sequential).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Folder for sweep.json, sweep.md, fidelity.png, speedup.png and models/.")
+@click.option("--providers", default="cpu", show_default=True, metavar="cpu,cuda",
+              help="Execution providers to time; accuracy runs on the first.")
+@click.option("--iters", type=int, default=20, show_default=True, help="Timed runs of each model.")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs of each model.")
+@click.option("--threads", type=int, help="onnxruntime intra-op threads for timing.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration samples per run.")
+@click.option("--max-samples", type=int, help="Use at most this many calibration samples.")
+@click.option("--eval-batch-size", type=int, help="Evaluation samples per batch (the timed batch too).")
+@click.option("--max-eval-samples", type=int, help="Use at most this many evaluation samples.")
+@click.option("--align", type=int, default=8, show_default=True, help="Round ranks to a multiple of this.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="fused", show_default=True, help="Chain layout.")
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="auto", show_default=True,
+              help="Storage dtype of the factors.")
+@click.option("--damping", type=float, default=1e-2, show_default=True, help="Whitening damping (relative).")
+@click.option("--keep-dense-if-slower", is_flag=True,
+              help="Time each site dense against factorized (first calibration batch) and keep the slower dense.")
+def sweep_command(
+    model: Path,
+    data_path: Path,
+    eval_data: Path | None,
+    ratios: str,
+    methods: str,
+    output: Path,
+    providers: str,
+    iters: int,
+    warmup: int,
+    threads: int | None,
+    batch_size: int,
+    max_samples: int | None,
+    eval_batch_size: int | None,
+    max_eval_samples: int | None,
+    align: int,
+    layout: str,
+    dtype: str,
+    damping: float,
+    keep_dense_if_slower: bool,
+) -> None:
+    """Rewrite MODEL at every ratio with every method, validate each against MODEL, and write the
+    trade-off: sweep.json, sweep.md (a table), fidelity.png and speedup.png (against kept parameters,
+    with the speedup bound). Calibrates once; the rewritten models go to OUTPUT/models/."""
+    from onnxsvd.calibrate import CalibrateConfig
+    from onnxsvd.sweep import SweepConfig, parse_methods, sweep
+    from onnxsvd.validate.command import parse_providers
+    from onnxsvd.validate.site_speed import SpeedCheckConfig
+
+    provider_names = parse_providers(providers)
+    config = SweepConfig(
+        ratios=parse_ratios(ratios),
+        methods=parse_methods(methods),
+        rewrite=RewriteConfig(policy=RankPolicy(align=align), layout=layout, dtype=dtype, damping=damping),
+        calibration=CalibrateConfig(batch_size=batch_size, max_samples=max_samples, providers=provider_names[:1]),
+        providers=provider_names,
+        warmup=warmup,
+        iters=iters,
+        threads=threads,
+        batch_size=eval_batch_size,
+        max_eval_samples=max_eval_samples,
+        speed_check=SpeedCheckConfig(providers=provider_names, threads=threads) if keep_dense_if_slower else None,
+    )
+    stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    bar, update = _progress(Console(stderr=True, highlight=False))
+    with bar:
+        result = sweep(model, data_path, output, config, eval_data=eval_data, progress=update)
+    render_sweep(result, stdout)
+
+
+def render_sweep(result: Any, console: Console) -> None:
+    """Print the sweep as a table and say where the files are."""
+    entries = result.entries
+    table = Table(title=f"sweep of {result.model} ({len(entries)} rewrites, {result.seconds:.0f} s)")
+    outputs = [output["name"] for output in entries[0].outputs] if entries else []
+    providers = [item["provider"] for item in entries[0].speed] if entries else []
+    columns = ["method", "ratio", "kept params", *[f"cos {n}" for n in outputs], *[f"{p} speedup" for p in providers]]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for entry in entries:
+        by_name = {output["name"]: output for output in entry.outputs}
+        speeds = [
+            f"{item['speedup']:.2f}×" + (f" (≤ {item['bound']:.2f}×)" if item["bound"] is not None else "")
+            for item in entry.speed
+        ]
+        table.add_row(
+            entry.method, f"{entry.ratio:g}", f"{entry.kept_params:.1%}",
+            *[f"{by_name[name]['cosine']:.4f}" for name in outputs], *speeds,
+        )
+    console.print(table)
+    for name, path in result.files.items():
+        console.print(f"{name}: {path}")

@@ -1,0 +1,129 @@
+"""``sweep``: every method × ratio rewritten, validated and written as JSON, markdown, plots and models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import pytest
+
+from onnxsvd.cli import main
+from onnxsvd.errors import ProviderError, UsageError
+from onnxsvd.sweep import SweepConfig, parse_methods, sweep
+from onnxsvd.sweep_command import parse_ratios
+from tests.conftest import MODELS
+
+HAS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+MLP = MODELS / "digits_mlp.onnx"
+CALIB = MODELS / "digits_calib.npz"
+EVAL = MODELS / "digits_eval.npz"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_parsing() -> None:
+    assert parse_ratios("0.3, 0.5") == (0.3, 0.5)
+    assert parse_methods("svd,whiten+sequential") == ("svd", "whiten+sequential")
+    with pytest.raises(UsageError, match="--ratios takes comma-separated numbers"):
+        parse_ratios("half")
+    with pytest.raises(UsageError, match="unknown method 'svd-llm'"):
+        parse_methods("svd,svd-llm")
+    with pytest.raises(UsageError, match="lists a method twice"):
+        parse_methods("svd,svd")
+    with pytest.raises(UsageError, match=r"--ratios must be in \(0, 1\]"):
+        SweepConfig(ratios=(0.5, 1.5))
+
+
+def test_sweep_writes_results_models_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    config = SweepConfig(
+        ratios=(0.3, 0.7), methods=("svd", "whiten", "asvd+sequential"), warmup=0, iters=2, max_eval_samples=96
+    )
+    steps: list[tuple[int, int, str]] = []
+    result = sweep(MLP, CALIB, out, config, eval_data=EVAL, progress=lambda *step: steps.append(step))
+    assert steps[0] == (0, 6, "svd 0.3") and steps[-1] == (6, 6, "writing results")
+    assert [(entry.method, entry.ratio) for entry in result.entries] == [
+        ("svd", 0.3), ("svd", 0.7), ("whiten", 0.3), ("whiten", 0.7), ("asvd+sequential", 0.3),
+        ("asvd+sequential", 0.7),
+    ]
+    for entry in result.entries:
+        path = Path(entry.model)
+        assert path.parent == out / "models" and path.is_file()
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        assert path.with_suffix(".report.json").is_file()
+        assert 0 < entry.kept_params < 1 and entry.file_size == path.stat().st_size
+        (output,) = entry.outputs
+        assert output["name"] == "logits" and -1 <= output["cosine"] <= 1 and output["top1_agreement"] is not None
+        (speed,) = entry.speed
+        assert speed["provider"] == "cpu" and speed["speedup"] > 0 and speed["bound"] >= 1
+    assert (out / "models" / "whiten_0.3.onnx").is_file()
+    # More parameters kept → closer to the original, for the same method.
+    by_key = {(entry.method, entry.ratio): entry for entry in result.entries}
+    assert by_key[("whiten", 0.7)].outputs[0]["cosine"] > by_key[("whiten", 0.3)].outputs[0]["cosine"]
+
+    data = json.loads((out / "sweep.json").read_text())
+    assert len(data["entries"]) == 6 and data["config"]["methods"] == ["svd", "whiten", "asvd+sequential"]
+    assert data["eval_data"] == str(EVAL) and data["machine"]["cpus"]
+    table = (out / "sweep.md").read_text()
+    header = "| method | ratio | kept params | file size | cos logits | top-1 agree logits | cpu speedup (bound) |"
+    assert header in table
+    assert table.count("\n| whiten | ") == 2
+    for name in ("fidelity.png", "speedup.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+
+
+def test_sweep_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = cli(
+        capsys, "sweep", MLP, "--data", CALIB, "--ratios", "0.5", "--methods", "svd", "-o", out, "--iters", "2",
+        "--warmup", "0", "--max-eval-samples", "64",
+    )
+    assert code == 0, err
+    assert "sweep of" in stdout and "cpu speedup" in stdout and f"markdown: {out / 'sweep.md'}" in stdout
+    assert json.loads((out / "sweep.json").read_text())["eval_data"] == str(CALIB)  # defaults to --data
+
+
+def test_sweep_output_that_is_a_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    target = tmp_path / "results"
+    target.write_text("not a folder")
+    code, out, err = cli(capsys, "sweep", MLP, "--data", CALIB, "--ratios", "0.5", "-o", target)
+    assert code == 1 and err.startswith("onnxsvd: error: output") and "is a file" in err
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA is available here")
+def test_sweep_on_cuda_without_cuda(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, "sweep", MLP, "--data", CALIB, "-o", out, "--providers", "cpu,cuda")
+    assert code == 1
+    assert err.splitlines() == [
+        "onnxsvd: error: CUDA requested but this onnxruntime has no CUDAExecutionProvider; "
+        "pip install 'onnxsvd[gpu]' on a machine with an NVIDIA GPU"
+    ]
+    assert not out.exists()  # checked before any work
+    with pytest.raises(ProviderError):
+        sweep(MLP, CALIB, out, SweepConfig(providers=("cuda",)))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA is available here")
+def test_validate_on_cuda_without_cuda_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, err = cli(capsys, "validate", MLP, MLP, "--data", EVAL, "--providers", "cuda")
+    assert code == 1
+    assert err.splitlines() == [
+        "onnxsvd: error: CUDA requested but this onnxruntime has no CUDAExecutionProvider; "
+        "pip install 'onnxsvd[gpu]' on a machine with an NVIDIA GPU"
+    ]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu with CUDAExecutionProvider")
+def test_sweep_on_cuda(tmp_path: Path) -> None:
+    result = sweep(MLP, CALIB, tmp_path, SweepConfig(ratios=(0.5,), methods=("svd",), providers=("cuda", "cpu"),
+                                                     warmup=1, iters=3))
+    assert [item["provider"] for item in result.entries[0].speed] == ["cuda", "cpu"]
