@@ -22,7 +22,7 @@ import numpy as np
 
 from onnxsvd.rank import break_even_rank
 
-__all__ = ["AllocationSite", "Allocation", "allocate_budget", "allocate_energy", "loss_estimate"]
+__all__ = ["AllocationSite", "Allocation", "allocate_budget", "allocate_energy", "loss_estimate", "uniform_ranks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,6 @@ class AllocationSite:
         n: output channels.
         singular_values: ``[m]`` descending, in the method's metric.
         sensitivity: α, the scale from this site's discarded energy to the model's loss.
-        sharers: sites reading this weight (its parameters count once).
     """
 
     key: str
@@ -130,10 +129,29 @@ def allocate_budget(sites: Sequence[AllocationSite], ratio: float, align: int = 
             return True
         return False
 
-    ranks = _greedy(sites, minimum, fits, align)
+    greedy = _greedy(sites, minimum, fits, align)
+    # Also grow from the uniform ranks (each layer at ρ): the result is then never worse than uniform on
+    # this loss estimate, whatever the granularity of the greedy steps did.
+    uniform = uniform_ranks(sites, ratio, align)
+    used[0] = sum(uniform[s.key] * s.step_cost for s in sites)
+    candidates = [greedy]
+    if used[0] <= budget:
+        candidates.append(_greedy(sites, uniform, fits, align))
+    ranks = min(candidates, key=lambda chosen: sum(loss_estimate(s, chosen[s.key]) for s in sites))
     params = sum(ranks[s.key] * s.step_cost for s in sites)
     loss = sum(loss_estimate(s, ranks[s.key]) for s in sites)
-    return Allocation(ranks=ranks, params=params, budget=budget, loss=loss)
+    uniform_loss = sum(loss_estimate(s, uniform[s.key]) for s in sites)
+    return Allocation(ranks=ranks, params=params, budget=budget, loss=loss, uniform_loss=uniform_loss)
+
+
+def uniform_ranks(sites: Sequence[AllocationSite], ratio: float, align: int = 8) -> dict[str, int]:
+    """Each site at the per-layer ratio, ``⌊ρ·K·N/(K+N)⌋`` aligned down, under break-even."""
+    from onnxsvd.rank import align_rank, ratio_rank
+
+    return {
+        site.key: max(1, min(align_rank(ratio_rank(site.k, site.n, ratio), align, site.max_rank, False), site.max_rank))
+        for site in sites
+    }
 
 
 def allocate_energy(sites: Sequence[AllocationSite], energy: float, align: int = 8) -> Allocation:

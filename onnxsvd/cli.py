@@ -213,6 +213,8 @@ def _stage_ranks(text: str | None) -> tuple[int, ...] | None:
               help="svd: plain; asvd: activation scaling; whiten: SVD-LLM whitening (need --stats or --data).")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="ASVD exponent α.")
 @click.option("--damping", type=float, default=1e-2, show_default=True, help="Whitening damping (relative).")
+@click.option("--ridge", type=float, default=5e-2, show_default=True,
+              help="Sequential rewrite: pull the least-squares target towards the original weight (relative).")
 @click.option("--stats", type=click.Path(path_type=Path), help="Calibration statistics from 'onnxsvd calibrate'.")
 @click.option("--data", "data_path", type=click.Path(path_type=Path),
               help="Calibration data (.npz or folder): calibrate in the same command.")
@@ -260,6 +262,7 @@ def rewrite(
     method: str,
     alpha: float,
     damping: float,
+    ridge: float,
     stats: Path | None,
     data_path: Path | None,
     sequential: bool,
@@ -301,6 +304,7 @@ def rewrite(
         method=method,
         alpha=alpha,
         damping=damping,
+        ridge=ridge,
         include=include,
         exclude=exclude,
         min_params=min_params,

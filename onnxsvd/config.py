@@ -83,6 +83,8 @@ class RewriteConfig:
             whitening). The last two need calibration statistics.
         alpha: ASVD's exponent α in ``s = mean|x|^α``.
         damping: whitening's damping, relative to the mean of ``diag(XᵀX)``.
+        ridge: the sequential rewrite's least-squares target ``(G̃ + λI)⁻¹ (C W + λ W)`` is pulled
+            towards the original weight with this λ, relative to the mean of ``diag(X̃ᵀX̃)``.
         include: regular expression; only sites whose node name matches are considered.
         exclude: regular expression; sites whose node name matches are kept dense.
         min_params: sites with fewer weight parameters stay dense.
@@ -104,6 +106,7 @@ class RewriteConfig:
     method: str = "svd"
     alpha: float = 0.5
     damping: float = 1e-2
+    ridge: float = 5e-2
     include: str | None = None
     exclude: str | None = None
     min_params: int = 0
@@ -137,6 +140,8 @@ class RewriteConfig:
             raise UsageError(f"unknown dtype {self.dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
         if not 0.0 <= self.alpha <= 2.0:
             raise UsageError(f"--alpha must be in [0, 2], got {self.alpha:g}")
+        if self.ridge < 0.0:
+            raise UsageError(f"--ridge must be ≥ 0, got {self.ridge:g}")
         if self.damping < 0.0:
             raise UsageError(f"--damping must be ≥ 0, got {self.damping:g}")
         if self.min_params < 0:

@@ -453,8 +453,7 @@ def _global_ranks(
     progress: Progress | None,
 ) -> tuple[dict[str, int], list[str]]:
     """Ranks for every group from one budget over all sites (see :mod:`onnxsvd.allocate`)."""
-    from onnxsvd.allocate import AllocationSite, allocate_budget, allocate_energy, loss_estimate
-    from onnxsvd.rank import ratio_rank
+    from onnxsvd.allocate import AllocationSite, allocate_budget, allocate_energy
 
     if config.policy.kind == "rank" or config.stage_ranks is not None:
         raise UsageError("--allocate global takes --ratio (a budget over all sites) or --energy, not a fixed rank")
@@ -485,14 +484,10 @@ def _global_ranks(
     align = config.policy.align
     if config.policy.kind == "ratio":
         allocation = allocate_budget(candidates, config.policy.value, align)
-        uniform_loss = 0.0
-        for site in candidates:
-            rank = min(ratio_rank(site.k, site.n, config.policy.value), site.max_rank)
-            uniform_loss += loss_estimate(site, rank)
         note = (
             f"global allocation: {allocation.params:,} of a {allocation.budget:,}-parameter budget "
             f"(ratio {config.policy.value:g} of all sites together); loss estimate {allocation.loss:.4g} "
-            f"against {uniform_loss:.4g} for uniform ranks"
+            f"against {allocation.uniform_loss:.4g} for uniform ranks"
         )
     else:
         allocation = allocate_energy(candidates, config.policy.value, align)

@@ -221,8 +221,8 @@ def _level_fit(config: RewriteConfig, stats: CrossStats):
         if config.method == "whiten":
             # W_ls = (G̃ + λI)⁻¹ (C W + λ W): ridge towards the original weight, not towards zero, so
             # directions the calibration data barely visits keep the layer's own behaviour.
-            ridge = max(config.damping, 1e-10) * float(np.mean(np.diag(gram)))
-            least_squares = _damped_solve(gram, cross @ weight + ridge * weight, config.damping)  # [K, N]
+            ridge = max(config.ridge, 1e-10) * float(np.mean(np.diag(gram)))
+            least_squares = _damped_solve(gram, cross @ weight + ridge * weight, config.ridge)  # [K, N]
             return least_squares, whitening_metric(gram, damping=config.damping)
         if config.method == "asvd":
             return weight, diagonal_metric(stats.compressed.mean_abs, alpha=config.alpha)
