@@ -13,7 +13,7 @@ import onnx
 
 from onnxsvd.config import RewriteConfig
 from onnxsvd.errors import FactorizationError
-from onnxsvd.factorize import decompose
+from onnxsvd.factorize import spectrum as singular_values
 from onnxsvd.graph import GraphIndex, find_sites, load_weight
 from onnxsvd.rank import break_even_rank, energy_rank
 
@@ -85,9 +85,9 @@ def inspect_model(
     for site in match.sites:
         if site.group not in spectra:
             try:
-                spectra[site.group] = decompose(
+                spectra[site.group] = singular_values(
                     load_weight(index, site, str(base_dir) if base_dir else None)
-                ).s  # [min(K, N)]
+                )  # [min(K, N)]
             except FactorizationError as error:
                 spectra[site.group], notes[site.group] = None, str(error)
         spectrum = spectra[site.group]

@@ -6,7 +6,10 @@ mean cosine to the original and nearest-neighbour agreement (the share of senten
 sentence is the same as with the original model). Writes JSON, a markdown table and a PNG plot.
 
     python tools/bench_quality.py [--out docs/results] [--ratios 0.3,0.5,0.7,0.9]
-        [--methods svd,asvd,whiten,whiten+sequential] [--threads 2]
+        [--methods svd,asvd,whiten,whiten+sequential,whiten+global] [--threads 2]
+
+``+global`` is ``--allocate global``: the ratio is then the kept fraction of all linear layers together,
+ranks chosen by whitened discarded energy times each site's measured sensitivity.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def main() -> int:
     parser.add_argument("--minilm", type=Path, default=ROOT / "build" / "minilm")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--ratios", default="0.3,0.5,0.7,0.9")
-    parser.add_argument("--methods", default="svd,asvd,whiten,whiten+sequential")
+    parser.add_argument("--methods", default="svd,asvd,whiten,whiten+sequential,whiten+global")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--damping", type=float, default=1e-2)
     args = parser.parse_args()
@@ -106,7 +109,10 @@ def main() -> int:
         for method in args.methods.split(","):
             base, _, variant = method.partition("+")
             rewrite_config = onnxsvd.RewriteConfig(
-                policy=onnxsvd.RankPolicy("ratio", ratio), method=base, damping=args.damping
+                policy=onnxsvd.RankPolicy("ratio", ratio),
+                method=base,
+                damping=args.damping,
+                allocate="global" if variant == "global" else "uniform",
             )
             tick = time.perf_counter()
             if variant == "sequential":
@@ -114,7 +120,12 @@ def main() -> int:
                     model, rewrite_config, batches, mask_input=find_mask_input(model)
                 )
             else:
-                result = onnxsvd.rewrite(model, rewrite_config, statistics if base != "svd" else None)
+                result = onnxsvd.rewrite(
+                    model,
+                    rewrite_config,
+                    statistics if base != "svd" else None,
+                    batches=batches if variant == "global" else None,
+                )
             seconds = time.perf_counter() - tick
             candidate = embed(result.model, evaluation, args.threads)
             before, after = linear_params(result.report)

@@ -38,6 +38,7 @@ __all__ = [
     "truncate",
     "factorize",
     "split_rank",
+    "spectrum",
     "randomized_svd",
 ]
 
@@ -329,6 +330,21 @@ def decompose(
         raise FactorizationError(f"SVD failed: {error}") from error
     total = float(np.sum(transformed * transformed))
     return Decomposition(weight=weight, metric=metric, u=u, s=s, vt=vt, total_energy=total, options=options)
+
+
+def spectrum(weight: np.ndarray, metric: Metric = IDENTITY) -> np.ndarray:
+    """Singular values of ``Lᵀ W`` ``[min(K, N)]``, descending, without the singular vectors (cheaper).
+
+    Raises:
+        FactorizationError: the weight holds NaN or Inf, or the SVD fails.
+    """
+    weight = np.asarray(weight, dtype=np.float64)  # [K, N]
+    if not np.all(np.isfinite(weight)):
+        raise FactorizationError("weight contains NaN or Inf")
+    try:
+        return scipy.linalg.svdvals(metric.apply(weight), check_finite=False)  # [m]
+    except (np.linalg.LinAlgError, ValueError) as error:
+        raise FactorizationError(f"SVD failed: {error}") from error
 
 
 def split_rank(total: int, stages: int) -> list[int]:
