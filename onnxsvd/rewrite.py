@@ -32,6 +32,7 @@ from onnxsvd.factorize import (
     Metric,
     SvdOptions,
     decompose,
+    spectrum,
     diagonal_metric,
     identity_metric,
     split_rank,
@@ -457,27 +458,29 @@ def _global_ranks(
 
     if config.policy.kind == "rank" or config.stage_ranks is not None:
         raise UsageError("--allocate global takes --ratio (a budget over all sites) or --energy, not a fixed rank")
-    decompositions: dict[str, Decomposition] = {}
+    def decompose_group(key: str) -> Decomposition:
+        weight = load_weight(index, groups[key][0], base_dir)
+        goal, metric = target(groups[key], weight)
+        return decompose(goal, metric)  # the whole spectrum: [min(K, N)]
+
+    spectra: dict[str, np.ndarray] = {}
     for key, sites in groups.items():
         try:
             weight = load_weight(index, sites[0], base_dir)
-            if not np.all(np.isfinite(weight)):
-                continue
             goal, metric = target(sites, weight)
-            decompositions[key] = decompose(goal, metric)  # the whole spectrum: [min(K, N)]
+            spectra[key] = spectrum(goal, metric)  # only the singular values are kept: [min(K, N)]
         except FactorizationError:
             continue  # factor_group will keep it dense with the reason
-    sensitivities = dict.fromkeys(decompositions, 1.0)
+    sensitivities = dict.fromkeys(spectra, 1.0)
     if batches is not None:
         from onnxsvd.sensitivity import measure_sensitivities
 
         sensitivities = measure_sensitivities(
-            model, {k: groups[k] for k in decompositions}, decompositions, config, batches,
+            model, {k: groups[k] for k in spectra}, decompose_group, config, batches,
             ratios=config.sensitivity_ratios, base_dir=base_dir, progress=progress,
         )
     candidates = [
-        AllocationSite(key, groups[key][0].k, groups[key][0].n, decompositions[key].s, sensitivities[key])
-        for key in decompositions
+        AllocationSite(key, groups[key][0].k, groups[key][0].n, spectra[key], sensitivities[key]) for key in spectra
     ]
     if not candidates:
         return {}, []

@@ -17,6 +17,7 @@ import onnx
 
 from onnxsvd.calibrate.collect import session_for
 from onnxsvd.config import RankPolicy, RewriteConfig
+from onnxsvd.errors import FactorizationError
 from onnxsvd.factorize import Decomposition, truncate
 from onnxsvd.graph import EmitOptions, Site, emit, storage_dtype_for
 from onnxsvd.rank import choose_rank
@@ -49,7 +50,7 @@ def _error(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]])
 def measure_sensitivities(
     model: onnx.ModelProto,
     groups: Mapping[str, list[Site]],
-    decompositions: Mapping[str, Decomposition],
+    decompose_group: Callable[[str], Decomposition],
     config: RewriteConfig,
     batches: Batches,
     ratios: Sequence[float] = (0.25, 0.5),
@@ -62,7 +63,8 @@ def measure_sensitivities(
     Args:
         model: the model the groups were matched in (not modified).
         groups: sites per weight group.
-        decompositions: each group's full decomposition in the method's metric.
+        decompose_group: the full decomposition of a group in the method's metric (one at a time, so
+            only one weight's singular vectors are in memory).
         config: the rewrite configuration (storage dtype, layout).
         batches: calibration batches; the first ``max_batches`` are used.
         ratios: the per-layer ratios each site is truncated at.
@@ -78,9 +80,12 @@ def measure_sensitivities(
     reference = _outputs(model, sample, base_dir)
     sensitivities: dict[str, float] = {}
     for done, (key, sites) in enumerate(groups.items(), start=1):
-        decomposition = decompositions.get(key)
         site = sites[0]
         ratios_measured = []
+        try:
+            decomposition = decompose_group(key)
+        except FactorizationError:
+            decomposition = None
         if decomposition is not None:
             squared = decomposition.s.astype(np.float64) ** 2
             for ratio in ratios:
