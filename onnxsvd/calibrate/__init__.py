@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxsvd.calibrate.collect import collect, find_mask_input, specs_for_sites
-from onnxsvd.calibrate.stats import ActivationStats, Statistics, StatsAccumulator, combine
+from onnxsvd.calibrate.collect import collect, collect_groups, find_mask_input, specs_for_sites
+from onnxsvd.calibrate.stats import ActivationStats, Statistics, StatisticsWriter, StatsAccumulator, combine
 from onnxsvd.errors import UsageError
 
 __all__ = [
     "ActivationStats",
     "CalibrateConfig",
     "Statistics",
+    "StatisticsWriter",
     "StatsAccumulator",
     "batch_source",
     "calibrate",
@@ -141,9 +142,25 @@ def calibrate_file(
         io.check_output_path(output, model_path, force=False)
     model = io.load_model(model_path)
     batches, count = batch_source(data_path, model, config)
-    statistics = calibrate(
-        model, batches, config, progress=progress, total_batches=count, base_dir=Path(model_path).parent
-    )
-    if output is not None:
-        statistics.save(Path(output))
-    return statistics
+    if output is None:
+        return calibrate(
+            model, batches, config, progress=progress, total_batches=count, base_dir=Path(model_path).parent
+        )
+    # Each group of activations goes to the file as soon as it is collected: one group in memory.
+    from onnxsvd.graph import find_sites
+
+    specs = specs_for_sites(find_sites(model).sites)
+    with StatisticsWriter(output, io.fingerprint(model)) as writer:
+        for group in collect_groups(
+            model,
+            specs,
+            batches,
+            providers=config.providers,
+            mask_input=resolve_mask(model, config),
+            group_bytes=config.group_bytes,
+            progress=progress,
+            total_batches=count,
+            base_dir=str(Path(model_path).parent),
+        ):
+            writer.add(group)
+    return Statistics.load(output)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -20,7 +20,16 @@ import onnx
 from onnxsvd.calibrate.stats import ActivationStats, StatsAccumulator
 from onnxsvd.graph.match import Site
 
-__all__ = ["ActivationSpec", "specs_for_sites", "expose", "session_for", "collect", "rows_of", "find_mask_input"]
+__all__ = [
+    "ActivationSpec",
+    "specs_for_sites",
+    "expose",
+    "session_for",
+    "collect",
+    "collect_groups",
+    "rows_of",
+    "find_mask_input",
+]
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +169,12 @@ def rows_of(activation: np.ndarray, channel_axis: int, mask: np.ndarray | None =
 
 
 def _groups(specs: Sequence[ActivationSpec], rows_per_batch: int, budget: int) -> list[list[ActivationSpec]]:
+    """Split the activations so one run holds at most ``budget`` bytes: a batch of each activation
+    (float32 and its float64 copy) plus its float64 Gram accumulator ``K²``."""
     groups: list[list[ActivationSpec]] = [[]]
     used = 0
     for spec in specs:
-        size = rows_per_batch * spec.channels * 4
+        size = rows_per_batch * spec.channels * 12 + spec.channels * spec.channels * 8
         if groups[-1] and used + size > budget:
             groups.append([])
             used = 0
@@ -210,13 +221,33 @@ def collect(
     Returns:
         Statistics per spec key.
     """
+    results: dict[str, ActivationStats] = {}
+    for group_results in collect_groups(
+        model, specs, batches, providers, mask_input, group_bytes, progress, total_batches, base_dir
+    ):
+        results.update(group_results)
+    return results
+
+
+def collect_groups(
+    model: onnx.ModelProto,
+    specs: Sequence[ActivationSpec],
+    batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+    providers: Sequence[str] = ("cpu",),
+    mask_input: str | None = None,
+    group_bytes: int = DEFAULT_GROUP_BYTES,
+    progress: Progress | None = None,
+    total_batches: int | None = None,
+    base_dir: str | None = None,
+) -> Iterator[dict[str, ActivationStats]]:
+    """Like :func:`collect`, yielding each group's statistics as soon as its run is done, so a caller
+    that writes them out holds one group at a time."""
     first = next(iter(batches()), None)
     if first is None:
-        return {}
+        return
     groups = _groups(specs, _rows_estimate(first), group_bytes)
     if len(groups) > 1:
         log.info("collecting %d activations in %d groups to bound memory", len(specs), len(groups))
-    results: dict[str, ActivationStats] = {}
     done = 0
     total = total_batches * len(groups) if total_batches is not None else None
     for group in groups:
@@ -236,6 +267,5 @@ def collect(
             done += 1
             if progress is not None:
                 progress(done, total, f"{len(group)} activations")
-        for key, accumulator in accumulators.items():
-            results[key] = accumulator.result()
-    return results
+        yield {key: accumulator.result() for key, accumulator in accumulators.items()}
+        del accumulators

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from scipy.linalg import blas
 
 from onnxsvd.errors import StatsError
 
-__all__ = ["ActivationStats", "Statistics", "StatsAccumulator", "combine"]
+__all__ = ["ActivationStats", "Statistics", "StatisticsWriter", "StatsAccumulator", "combine"]
 
 _FORMAT_VERSION = 1
 
@@ -104,27 +105,14 @@ class Statistics:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write an ``.npz`` atomically."""
-        from onnxsvd.io import atomic_path
-
-        arrays: dict[str, np.ndarray] = {
-            "__format__": np.array(_FORMAT_VERSION),
-            "__fingerprint__": np.array(self.fingerprint),
-            "__names__": np.array(list(self.activations), dtype=object).astype(str),
-        }
-        for position, stats in enumerate(self.activations.values()):
-            arrays[f"gram_{position}"] = stats.gram
-            arrays[f"abs_sum_{position}"] = stats.abs_sum
-            arrays[f"abs_max_{position}"] = stats.abs_max
-            arrays[f"rows_{position}"] = np.array(stats.rows)
-        path = Path(path)
-        with atomic_path(path, suffix=".npz") as temporary:
-            with open(temporary, "wb") as handle:
-                np.savez(handle, **arrays)
-        return path
+        with StatisticsWriter(path, self.fingerprint) as writer:
+            writer.add(self.activations)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Statistics:
-        """Read a file written by :meth:`save`.
+        """Open a file written by :meth:`save` or :class:`StatisticsWriter`; each activation's arrays are
+        read only when it is looked up, so a rewrite holds one Gram at a time.
 
         Raises:
             StatsError: missing, unreadable, or not an onnxsvd statistics file.
@@ -133,21 +121,83 @@ class Statistics:
         if not path.is_file():
             raise StatsError(f"statistics file not found: {path}; run 'onnxsvd calibrate' to make one")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                if "__fingerprint__" not in data.files:
-                    raise StatsError(f"{path} is not an onnxsvd statistics file; make one with 'onnxsvd calibrate'")
-                names = [str(name) for name in data["__names__"]]
-                activations = {
-                    name: ActivationStats(
-                        gram=data[f"gram_{i}"],
-                        abs_sum=data[f"abs_sum_{i}"],
-                        abs_max=data[f"abs_max_{i}"],
-                        rows=int(data[f"rows_{i}"]),
-                    )
-                    for i, name in enumerate(names)
-                }
-                return cls(fingerprint=str(data["__fingerprint__"]), activations=activations)
-        except StatsError:
-            raise
-        except (OSError, ValueError, KeyError) as error:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
             raise StatsError(f"cannot read statistics {path} ({error}); re-run 'onnxsvd calibrate'") from error
+        if not hasattr(data, "files") or "__fingerprint__" not in data.files:
+            raise StatsError(f"{path} is not an onnxsvd statistics file; make one with 'onnxsvd calibrate'")
+        try:
+            names = [str(name) for name in data["__names__"]]
+            fingerprint = str(data["__fingerprint__"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            raise StatsError(f"cannot read statistics {path} ({error}); re-run 'onnxsvd calibrate'") from error
+        return cls(fingerprint=fingerprint, activations=_LazyActivations(path, data, names))
+
+
+class _LazyActivations(Mapping[str, ActivationStats]):
+    """Activation statistics read from an open ``.npz`` on lookup."""
+
+    def __init__(self, path: Path, data: np.lib.npyio.NpzFile, names: list[str]) -> None:
+        self.path, self.data = path, data
+        self.position = {name: i for i, name in enumerate(names)}
+
+    def __getitem__(self, name: str) -> ActivationStats:
+        i = self.position[name]
+        try:
+            return ActivationStats(
+                gram=self.data[f"gram_{i}"],
+                abs_sum=self.data[f"abs_sum_{i}"],
+                abs_max=self.data[f"abs_max_{i}"],
+                rows=int(self.data[f"rows_{i}"]),
+            )
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            raise StatsError(f"cannot read statistics {self.path} ({error}); re-run 'onnxsvd calibrate'") from error
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.position)
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+
+class StatisticsWriter:
+    """Writes a statistics ``.npz`` entry by entry (nothing is kept in memory), atomically.
+
+    Use as a context manager: ``add`` statistics as they are collected; on a clean exit the names and
+    fingerprint are written and the file is moved into place; on an error nothing is left behind.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fingerprint: str) -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.names: list[str] = []
+
+    def __enter__(self) -> StatisticsWriter:
+        from onnxsvd.io import atomic_path
+
+        self._atomic = atomic_path(self.path, suffix=".npz")
+        self._temporary = self._atomic.__enter__()
+        self._zip = zipfile.ZipFile(self._temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        return self
+
+    def _write(self, key: str, array: np.ndarray) -> None:
+        with self._zip.open(f"{key}.npy", "w", force_zip64=True) as handle:
+            np.lib.format.write_array(handle, np.asanyarray(array), allow_pickle=False)
+
+    def add(self, activations: Mapping[str, ActivationStats]) -> None:
+        """Append statistics (written at once)."""
+        for name, stats in activations.items():
+            i = len(self.names)
+            self.names.append(name)
+            self._write(f"gram_{i}", stats.gram)
+            self._write(f"abs_sum_{i}", stats.abs_sum)
+            self._write(f"abs_max_{i}", stats.abs_max)
+            self._write(f"rows_{i}", np.array(stats.rows))
+
+    def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
+        if error is None:
+            self._write("__format__", np.array(_FORMAT_VERSION))
+            self._write("__fingerprint__", np.array(self.fingerprint))
+            self._write("__names__", np.array(self.names, dtype=str))
+        self._zip.close()
+        self._atomic.__exit__(type(error) if error else None, error, trace)
