@@ -77,6 +77,7 @@ def open_session(
     provider: str = "cpu",
     threads: int | None = None,
     profile_prefix: str | None = None,
+    spinning: bool = False,
 ) -> tuple[Any, float]:
     """Open an ``InferenceSession`` on ``path`` for ``provider``; return it and the seconds it took.
 
@@ -85,6 +86,8 @@ def open_session(
         provider: ``"cpu"`` or ``"cuda"`` (CUDA sessions fall back to CPU for nodes CUDA lacks).
         threads: ``intra_op_num_threads`` (``None``: onnxruntime's default).
         profile_prefix: enable onnxruntime profiling, writing the trace with this prefix.
+        spinning: let idle pool threads spin (onnxruntime's default). Off by default: sessions timed
+            alternately would otherwise steal each other's cores.
 
     Raises:
         ProviderError: the provider is missing or failed to initialise.
@@ -96,6 +99,11 @@ def open_session(
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        # Two sessions timed alternately in one process each have a thread pool; a pool that spins after
+        # its run keeps the cores busy while the other session runs, and slows whichever runs second.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
