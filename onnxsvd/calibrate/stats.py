@@ -75,19 +75,21 @@ class StatsAccumulator:
 
     def update(self, batch: np.ndarray) -> None:
         """Add a batch ``[..., K]`` (all leading dimensions are rows)."""
-        rows = np.asarray(batch).reshape(-1, self.abs_sum.shape[0]).astype(np.float64)  # [T, K]
-        if rows.shape[0]:
-            # rows.T is Fortran-contiguous [K, T]: syrk computes (rowsᵀ)(rowsᵀ)ᵀ = XᵀX into the upper triangle.
-            self.gram = blas.dsyrk(1.0, rows.T, beta=1.0, c=self.gram, trans=0, lower=0, overwrite_c=1)
+        native = np.asarray(batch).reshape(-1, self.abs_sum.shape[0])  # [T, K]
+        if native.shape[0] == 0:
+            return
+        rows = native.astype(np.float64)  # [T, K]
+        # rows.T is Fortran-contiguous [K, T]: syrk computes (rowsᵀ)(rowsᵀ)ᵀ = XᵀX into the upper triangle.
+        self.gram = blas.dsyrk(1.0, rows.T, beta=1.0, c=self.gram, trans=0, lower=0, overwrite_c=1)
         magnitude = np.abs(rows)  # [T, K]
-        self.abs_sum += magnitude.sum(axis=0)  # [K]
-        if rows.shape[0]:
-            np.maximum(self.abs_max, magnitude.max(axis=0), out=self.abs_max)  # [K]
+        self.abs_sum += magnitude.sum(axis=0)  # [K], summed in float64
+        np.maximum(self.abs_max, magnitude.max(axis=0), out=self.abs_max)  # [K]
         self.rows += rows.shape[0]
 
     def result(self) -> ActivationStats:
-        upper = np.triu(self.gram)  # [K, K]
-        gram = upper + np.triu(upper, 1).T  # symmetric XᵀX: [K, K]
+        upper = self.gram  # syrk filled the upper triangle; the strict lower one is still zero: [K, K]
+        gram = upper + upper.T  # [K, K]
+        gram[np.diag_indices_from(gram)] *= 0.5  # the diagonal was counted twice
         return ActivationStats(np.ascontiguousarray(gram), self.abs_sum.copy(), self.abs_max.copy(), self.rows)
 
 
