@@ -54,6 +54,9 @@ DataSource = Union[  # noqa: UP007 - a runtime alias: ``X | Y`` of these types f
     str, os.PathLike, InputData, Mapping[str, np.ndarray], Iterable[Mapping[str, np.ndarray]]
 ]
 
+#: Runs a model on ``{input: array}`` and returns ``{output: array}``.
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
 _MASK_NAMES = ("attention_mask", "input_mask", "mask")
 
 
@@ -125,38 +128,95 @@ def _layout(model: onnx.ModelProto, trim: bool) -> _Layout:
 # Loss
 
 
-class _Targets:
-    """The teacher's outputs on all samples, their variances, and batches cut to their longest sample."""
+class _Samples:
+    """All samples, the teacher's outputs on them and their variances; batches cut to their longest sample.
 
-    def __init__(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], layout: _Layout,
-                 train_indices: np.ndarray) -> None:
+    With a mask layout, each sample's length is its last unmasked position + 1: batches are grouped by
+    length (so little compute goes to padding) and cut to their longest member.
+    """
+
+    def __init__(self, inputs: dict[str, np.ndarray], layout: _Layout) -> None:
         self.inputs = inputs
-        self.outputs = outputs
         self.layout = layout
+        self.count = len(next(iter(inputs.values())))
+        self.outputs: dict[str, np.ndarray] = {}
         self.variance: dict[str, float] = {}
-        mask = inputs[layout.mask][train_indices] if layout.mask is not None else None
-        for name, value in outputs.items():
+        self.lengths: np.ndarray | None = None
+        if layout.mask is not None:
+            used = np.asarray(inputs[layout.mask]) != 0  # [S, L]
+            last = used.shape[1] - np.argmax(used[:, ::-1], axis=1)  # [S] last unmasked position + 1
+            self.lengths = np.where(used.any(axis=1), last, 1)
+
+    def by_length(self, indices: np.ndarray) -> np.ndarray:
+        """``indices`` ordered by length (stable), so that consecutive samples make tight batches."""
+        if self.lengths is None:
+            return indices
+        return indices[np.argsort(self.lengths[indices], kind="stable")]
+
+    def epoch(self, indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """One pass over ``indices`` in shuffled batches; with lengths, batches of similar lengths.
+
+        Samples are shuffled, cut into chunks of 16 batches, each chunk is sorted by length and cut into
+        batches, and the batches are shuffled: every batch is still a random draw, with little padding.
+        """
+        shuffled = rng.permutation(indices)
+        chunk = batch_size * (16 if self.lengths is not None else 1)
+        batches: list[np.ndarray] = []
+        for start in range(0, len(shuffled), chunk):
+            part = self.by_length(shuffled[start : start + chunk])
+            batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def feeds(self, indices: np.ndarray) -> tuple[dict[str, np.ndarray], int | None]:
+        """The inputs of ``indices`` and the length they were cut to (None without a mask layout)."""
+        feeds = {name: value[indices] for name, value in self.inputs.items()}
+        if self.lengths is None:
+            return feeds, None
+        length = int(self.lengths[indices].max())
+        for name in self.layout.sequence_inputs:
+            feeds[name] = feeds[name][:, :length]
+        return feeds, length
+
+    def record_teacher(self, run: Runner, names: list[str], batch_size: int) -> None:
+        """Run the teacher on every sample (in length-sorted batches) and keep ``names`` as targets."""
+        ordered = self.by_length(np.arange(self.count))
+        for start in range(0, self.count, batch_size):
+            indices = ordered[start : start + batch_size]
+            feeds, length = self.feeds(indices)
+            outputs = run(feeds)
+            for name in names:
+                value = outputs[name]
+                if name not in self.outputs:
+                    shape = list(value.shape)
+                    shape[0] = self.count
+                    if length is not None and name in self.layout.sequence_outputs:
+                        shape[1] = self.inputs[self.layout.mask].shape[1]
+                    self.outputs[name] = np.zeros(shape, dtype=value.dtype)  # padded positions stay 0
+                if length is not None and name in self.layout.sequence_outputs:
+                    self.outputs[name][indices, :length] = value
+                else:
+                    self.outputs[name][indices] = value
+
+    def measure_variance(self, train_indices: np.ndarray) -> None:
+        """Per output, the variance of the teacher's values over the training samples (real positions only)."""
+        mask = self.inputs[self.layout.mask][train_indices] if self.layout.mask is not None else None
+        for name, value in self.outputs.items():
             picked = value[train_indices].astype(np.float64)  # [S_train, ...]
-            if mask is not None and name in layout.sequence_outputs:
+            if mask is not None and name in self.layout.sequence_outputs:
                 picked = picked[mask != 0]  # [rows, D]
             variance = float(np.var(picked)) if picked.size else 0.0
             self.variance[name] = variance if variance > 0.0 and math.isfinite(variance) else 1.0
 
     def batch(self, indices: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]:
         """(inputs, teacher outputs, mask ``[B, T]`` or None) of ``indices``, trailing padding cut."""
-        feeds = {name: value[indices] for name, value in self.inputs.items()}
+        feeds, length = self.feeds(indices)
         targets = {name: value[indices] for name, value in self.outputs.items()}
-        if self.layout.mask is None:
+        if length is None:
             return feeds, targets, None
-        mask = feeds[self.layout.mask]  # [B, S]
-        used = np.nonzero(np.any(mask != 0, axis=0))[0]
-        length = int(used[-1]) + 1 if used.size else 1
-        for name in self.layout.sequence_inputs:
-            feeds[name] = feeds[name][:, :length]
         for name in self.layout.sequence_outputs:
             if name in targets:
                 targets[name] = targets[name][:, :length]
-        return feeds, targets, mask[:, :length]
+        return feeds, targets, self.inputs[self.layout.mask][indices, :length]
 
 
 def _squared_error(prediction: Any, target: Any, weight: Any | None) -> tuple[Any, float]:
@@ -175,9 +235,6 @@ def _squared_error(prediction: Any, target: Any, weight: Any | None) -> tuple[An
 # The teacher and ONNX Runtime
 
 
-Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-
-
 def _ort_runner(model: onnx.ModelProto, threads: int | None) -> Runner:
     from onnxsvd.calibrate.collect import session_for
 
@@ -190,17 +247,6 @@ def _ort_runner(model: onnx.ModelProto, threads: int | None) -> Runner:
         return dict(zip(names, values, strict=True))
 
     return run
-
-
-def _teacher_outputs(run: Runner, inputs: dict[str, np.ndarray],
-                     names: list[str], batch_size: int) -> dict[str, np.ndarray]:
-    count = len(next(iter(inputs.values())))
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for start in range(0, count, batch_size):
-        outputs = run({name: value[start : start + batch_size] for name, value in inputs.items()})
-        for name in names:
-            parts[name].append(outputs[name])
-    return {name: np.concatenate(chunks, axis=0) for name, chunks in parts.items()}
 
 
 def _distilled_outputs(rewritten: onnx.ModelProto, teacher: onnx.ModelProto) -> list[str]:
@@ -310,14 +356,14 @@ def finetune(
         generator = torch.Generator().manual_seed(config.seed)
         order = np.random.default_rng(config.seed)
         permutation = order.permutation(count)
-        heldout, training = np.sort(permutation[:heldout_count]), permutation[heldout_count:]
+        targets = _Samples(inputs, _layout(rewritten, config.trim_padding))
+        heldout = targets.by_length(np.sort(permutation[:heldout_count]))
+        training = permutation[heldout_count:]
 
         started = time.perf_counter()
-        teacher_run = _ort_runner(teacher, config.threads)
-        teacher_outputs = _teacher_outputs(teacher_run, inputs, output_names, config.eval_batch_size)
+        targets.record_teacher(_ort_runner(teacher, config.threads), output_names, config.eval_batch_size)
+        targets.measure_variance(training)
         teacher_seconds = time.perf_counter() - started
-        layout = _layout(rewritten, config.trim_padding)
-        targets = _Targets(inputs, teacher_outputs, layout, training)
 
         def ort_heldout(model: onnx.ModelProto) -> float:
             run = _ort_runner(model, config.threads)
@@ -344,12 +390,11 @@ def finetune(
         best_state = copy.deepcopy(student.forms.state_dict())
         stale, steps_run, stopped_early = 0, 0, False
         window: list[float] = []
-        epoch: list[int] = []
+        batches: list[np.ndarray] = []
         for step in range(1, config.steps + 1):
-            if len(epoch) < config.batch_size:
-                epoch.extend(order.permutation(training).tolist())
-            batch, epoch = np.array(epoch[: config.batch_size]), epoch[config.batch_size :]
-            feeds, wanted, mask = targets.batch(batch)
+            if not batches:
+                batches = targets.epoch(training, config.batch_size, order)
+            feeds, wanted, mask = targets.batch(batches.pop())
             student.train()
             loss = _training_loss(student, teacher_graph, feeds, wanted, mask, output_names, matched, targets,
                                   config, device, torch)
@@ -437,7 +482,7 @@ def _matched_activations(pairs: list[FactorPair], teacher: onnx.ModelProto) -> l
 
 
 def _training_loss(student: Any, teacher_graph: Any, feeds: dict[str, np.ndarray], wanted: dict[str, np.ndarray],
-                   mask: np.ndarray | None, output_names: list[str], matched: list[str], targets: _Targets,
+                   mask: np.ndarray | None, output_names: list[str], matched: list[str], targets: _Samples,
                    config: FinetuneConfig, device: Any, torch: Any) -> Any:
     tensors = _to_torch(feeds, device, torch)
     weight = torch.from_numpy(mask).to(device) if mask is not None else None
@@ -460,7 +505,7 @@ def _training_loss(student: Any, teacher_graph: Any, feeds: dict[str, np.ndarray
     return loss
 
 
-def _heldout_loss(run: Callable[[dict[str, np.ndarray]], Mapping[str, Any]], targets: _Targets, heldout: np.ndarray,
+def _heldout_loss(run: Callable[[dict[str, np.ndarray]], Mapping[str, Any]], targets: _Samples, heldout: np.ndarray,
                   output_names: list[str], batch_size: int, torch: Any) -> float:
     """The outputs' distillation loss over the whole held-out split (exact, not a mean of batch means)."""
     sums = dict.fromkeys(output_names, 0.0)
