@@ -479,17 +479,17 @@ class SiteSpeedCheck:
         self.layout = layout
         self.progress = progress
         self._shapes: dict[str, tuple[int, ...]] = {}
-        self._shapes_of: int | None = None
+        self._shapes_of: onnx.ModelProto | None = None  # held, so its identity cannot be reused
         self._timings: dict[Any, list[SiteTiming]] = {}
 
     def _activation_shapes(self, model: onnx.ModelProto, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
         # Computed once per model object (the sequential rewrite calls once per level on one model).
-        if self._shapes_of != id(model) or any(site.activation not in self._shapes for site in sites):
+        if self._shapes_of is not model or any(site.activation not in self._shapes for site in sites):
             every = find_sites(model).sites
             self._shapes = activation_shapes(
                 model, every or sites, self.config.input_shapes or None, self.batch, self.config.providers
             )
-            self._shapes_of = id(model)
+            self._shapes_of = model
         return self._shapes
 
     def __call__(
