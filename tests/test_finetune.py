@@ -379,6 +379,32 @@ def test_fold_back_reproduces_trained_student_through_ort(form: str, dtype: str,
     assert relative_error(run(folded, feeds)[0], trained) < (1e-5 if dtype == "auto" else 5e-3)
 
 
+@pytest.mark.parametrize(
+    "trans_a,trans_b,alpha,beta,bias,weight_as",
+    [(1, 1, 0.5, 2.0, "mn", "B"), (1, 0, 1.0, 1.0, "n", "A"), (0, 1, 2.0, 0.5, "scalar", "A")],
+)
+@pytest.mark.parametrize("form", ["core", "factors"])
+def test_fold_back_on_gemm_variants(trans_a, trans_b, alpha, beta, bias, weight_as, form, rng) -> None:
+    """transA on the activation, α folded into the factors, C and β on the second node, the mirror Gemm."""
+    case = gemm_case(rng, 12, 16, 14, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta, bias=bias,
+                     weight_as=weight_as)
+    rewritten = onnxsvd.rewrite(case.model, onnxsvd.RewriteConfig(policy=onnxsvd.RankPolicy("rank", 3, align=1))).model
+    pairs, skips = find_factor_pairs(rewritten)
+    assert len(pairs) == 1 and skips == []
+    assert (pairs[0].a_transposed, pairs[0].b_transposed) == ((False, False) if weight_as == "B" else (True, True))
+    generator = torch.Generator().manual_seed(1)
+    student = Student(rewritten, pairs, form, lora_rank=2, generator=generator)
+    feeds = {"X": torch.from_numpy(case.feeds["X"])}
+    with torch.no_grad():
+        assert relative_error(student(feeds)["Y"].numpy(), run(rewritten, case.feeds)[0]) < 1e-5
+    perturb(student, generator)
+    with torch.no_grad():
+        trained = student(feeds)["Y"].numpy()
+    folded = fold_back(rewritten, student)
+    assert structure(folded) == structure(rewritten)
+    assert relative_error(run(folded, case.feeds)[0], trained) < 1e-5
+
+
 def test_core_form_trains_only_the_core(rng: np.random.Generator) -> None:
     _, rewritten, _ = rewritten_mixed(rng)
     pairs, _ = find_factor_pairs(rewritten)

@@ -6,11 +6,12 @@ import dataclasses
 
 from onnxsvd.errors import UsageError
 
-__all__ = ["DEVICES", "TRAIN_FORMS", "FinetuneConfig"]
+__all__ = ["DEVICES", "SCHEDULES", "TRAIN_FORMS", "FinetuneConfig"]
 
 #: The ``--train`` choices (see :mod:`onnxsvd.finetune.forms`) and the ``--device`` choices.
 TRAIN_FORMS = ("core", "factors")
 DEVICES = ("cpu", "cuda")
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,8 @@ class FinetuneConfig:
         steps: optimisation steps at most (one batch each).
         lr: Adam's step size relative to each trained tensor's scale (its RMS at the start): 1e-3 moves
             every tensor by about 0.1% of its size per step, whatever the factors' absolute scale.
+        schedule: ``"cosine"`` (decay to a tenth of ``lr`` at ``steps``) or ``"constant"``.
+        warmup_steps: steps of linear warm-up from near zero to ``lr``.
         lora_rank: R, the rank of the core's update ``X·Y`` (``core`` only).
         batch_size: samples per step.
         eval_batch_size: samples per batch when computing the teacher's outputs and the held-out loss.
@@ -42,6 +45,8 @@ class FinetuneConfig:
     train: str = "factors"
     steps: int = 300
     lr: float = 1e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 10
     lora_rank: int = 8
     batch_size: int = 32
     eval_batch_size: int = 64
@@ -65,6 +70,10 @@ class FinetuneConfig:
             raise UsageError(f"--steps must be ≥ 0, got {self.steps}")
         if not self.lr > 0.0:
             raise UsageError(f"--lr must be > 0, got {self.lr:g}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown --schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0:
+            raise UsageError(f"--warmup-steps must be ≥ 0, got {self.warmup_steps}")
         if self.lora_rank < 1:
             raise UsageError(f"--lora-rank must be at least 1, got {self.lora_rank}")
         for flag, value in (("--batch-size", self.batch_size), ("--eval-batch-size", self.eval_batch_size),

@@ -17,7 +17,9 @@ same QR-then-SVD, so both factors keep comparable ranges (it matters for fp16 st
 keeps its two nodes and its shapes.
 
 Learning rates are relative: every trained tensor gets Adam's step size ``lr × its scale`` (the RMS of
-its starting value; ``Y``, which starts at zero, takes the scale of ``σ``). Whitened factors are badly
+its starting value), so a step changes each factor by about ``lr`` of its norm. ``Y`` starts at zero and
+takes the scale ``rms(σ)/√r`` of an off-diagonal entry: a step of all ``r²`` entries of ``X·Y`` then moves the
+core by about ``lr`` of ``‖diag(σ)‖``, like a step of ``σ``. Whitened factors are badly
 balanced (MiniLM's ``A`` has an RMS near 0.01 and its ``B`` near 0.7), which is why one absolute learning
 rate on whole factors either collapses one of them or leaves the other untouched.
 """
@@ -119,6 +121,7 @@ class CoreForm(_Form):
         self.x = torch.nn.Parameter(x)
         self.y = torch.nn.Parameter(torch.zeros(lora, rank))  # [R, r]
         self.scale = _rms(self.sigma) or 1.0
+        self.rank = rank
 
     def core(self) -> torch.Tensor:
         """``M = diag(σ) + X Y`` ``[r, r]``."""
@@ -131,7 +134,8 @@ class CoreForm(_Form):
         return [
             {"params": [self.sigma], "lr": lr * self.scale},
             {"params": [self.x], "lr": lr * (_rms(self.x) or 1.0)},
-            {"params": [self.y], "lr": lr * self.scale},
+            # An update of every entry of the r×r core by ε·c/√r moves the core by ε of its own norm c·√r.
+            {"params": [self.y], "lr": lr * self.scale / math.sqrt(self.rank)},
         ]
 
 

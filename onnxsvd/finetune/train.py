@@ -59,6 +59,9 @@ Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 _MASK_NAMES = ("attention_mask", "input_mask", "mask")
 
+#: The cosine schedule ends at this fraction of the learning rate.
+_FINAL_LR = 0.1
+
 
 @dataclasses.dataclass
 class FinetuneResult:
@@ -374,6 +377,7 @@ def finetune(
         student = Student(rewritten, pairs, config.train, config.lora_rank, generator).to(device)
         teacher_graph = TorchGraph(teacher).to(device) if matched else None
         optimizer = torch.optim.Adam(student.param_groups(config.lr))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: _lr_factor(done, config))
 
         def student_heldout() -> float:
             student.eval()
@@ -401,6 +405,7 @@ def finetune(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             steps_run = step
             window.append(float(loss.item()))
             if step % config.eval_every == 0 or step == config.steps:
@@ -469,6 +474,17 @@ def finetune(
     log.info("fine-tuned %d factor pairs (%s): held-out loss %.5f → %.5f in %d steps", len(pairs), config.train,
              heldout_before, heldout_after, steps_run)
     return FinetuneResult(result_model, report)
+
+
+def _lr_factor(done: int, config: FinetuneConfig) -> float:
+    """The learning rate's multiplier after ``done`` steps: linear warm-up, then constant or cosine decay."""
+    warmup = min(config.warmup_steps, config.steps)
+    if done < warmup:
+        return (done + 1) / (warmup + 1)
+    if config.schedule == "constant" or config.steps <= warmup:
+        return 1.0
+    progress = min(1.0, (done - warmup) / (config.steps - warmup))
+    return _FINAL_LR + (1.0 - _FINAL_LR) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _to_torch(arrays: Mapping[str, np.ndarray], device: Any, torch: Any) -> dict[str, Any]:
