@@ -89,7 +89,7 @@ def _greedy(
         heap: list[tuple[float, str]] = []
         by_key = {site.key: site for site in sites}
 
-        def push(site: AllocationSite) -> None:
+        def push(site: AllocationSite, step: int = step, heap: list[tuple[float, str]] = heap) -> None:
             current = ranks[site.key]
             stop = min(current + step, site.max_rank)
             if stop > current:

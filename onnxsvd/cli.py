@@ -181,7 +181,8 @@ def calibrate(
 
 
 def _policy(rank: int | None, ratio: float | None, energy: float | None, align: int, allow_growth: bool) -> RankPolicy:
-    given = [(kind, value) for kind, value in (("rank", rank), ("ratio", ratio), ("energy", energy)) if value is not None]
+    choices = (("rank", rank), ("ratio", ratio), ("energy", energy))
+    given = [(kind, value) for kind, value in choices if value is not None]
     if len(given) > 1:
         raise UsageError("give only one of --rank, --ratio and --energy")
     kind, value = given[0] if given else ("ratio", 0.5)
@@ -245,7 +246,8 @@ def _stage_ranks(text: str | None) -> tuple[int, ...] | None:
               help="exact, randomized (range finder), or auto: randomized when the rank is well below min(K, N).")
 @click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True,
               help="Where the SVDs run (cuda through torch).")
-@click.option("--jobs", type=int, default=0, show_default=True, help="Weights factorized in parallel (0: from the cores).")
+@click.option("--jobs", type=int, default=0, show_default=True,
+              help="Weights factorized in parallel (0: from the cores).")
 @click.option("--external-data/--no-external-data", default=None,
               help="Write weights to <output>.data [default: when the input does, or above 2 GB].")
 def rewrite(
@@ -397,7 +399,9 @@ def _render_rewrite(report: Any) -> None:
         shape = f"{site.shape[0]}×{site.shape[1]}" if site.shape else "-"
         energy = f"{site.kept_energy:.3f}" if site.kept_energy is not None else "-"
         params = (
-            f"{site.params_before:,} → {site.params_after:,}" if site.action == "factorized" else f"{site.params_before:,}"
+            f"{site.params_before:,} → {site.params_after:,}"
+            if site.action == "factorized"
+            else f"{site.params_before:,}"
         )
         table.add_row(
             site.name, site.op_type, shape, site.action, str(site.rank or "-"), params, energy, site.reason

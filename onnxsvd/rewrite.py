@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -32,9 +32,9 @@ from onnxsvd.factorize import (
     Metric,
     SvdOptions,
     decompose,
-    spectrum,
     diagonal_metric,
     identity_metric,
+    spectrum,
     split_rank,
     truncate,
     whitening_metric,

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
 
-def _outputs(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], base_dir: str | None) -> list[list[np.ndarray]]:
+def _outputs(
+    model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], base_dir: str | None
+) -> list[list[np.ndarray]]:
     session = session_for(model, base_dir=base_dir)
     names = [value.name for value in session.get_outputs()]
     feed_names = {value.name for value in session.get_inputs()}

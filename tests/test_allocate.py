@@ -26,7 +26,9 @@ def _sites(seed: int, count: int) -> list[AllocationSite]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10_000), count=st.integers(1, 8), ratio=st.floats(0.1, 0.9), align=st.sampled_from([1, 4, 8]))
+@given(
+    seed=st.integers(0, 10_000), count=st.integers(1, 8), ratio=st.floats(0.1, 0.9), align=st.sampled_from([1, 4, 8])
+)
 def test_budget_is_met_and_uniform_is_never_better(seed: int, count: int, ratio: float, align: int) -> None:
     sites = _sites(seed, count)
     allocation = allocate_budget(sites, ratio, align)

@@ -259,7 +259,7 @@ def collect_groups(
         accumulators = {spec.key: StatsAccumulator(spec.channels) for spec in group}
         for batch in batches():
             feed = {name: value for name, value in batch.items() if name in feed_names}
-            values = dict(zip([name for name, _ in tensors], session.run(output_names, feed)))
+            values = dict(zip([name for name, _ in tensors], session.run(output_names, feed), strict=True))
             mask = batch.get(mask_input) if mask_input else None
             for spec in group:
                 accumulators[spec.key].update(rows_of(values[spec.tensor], spec.channel_axis, mask))

@@ -181,7 +181,8 @@ def _chain_nodes(
         if gemm and site.transpose_activation and opset < 11:
             # Old opsets need C on every Gemm; transpose the activation and use MatMul instead.
             transposed = names.fresh(f"{site.activation}/{tag}_t")
-            nodes.append(helper.make_node("Transpose", [activation], [transposed], name=names.fresh(f"{site.name}/{tag}_t")))
+            transpose_name = names.fresh(f"{site.name}/{tag}_t")
+            nodes.append(helper.make_node("Transpose", [activation], [transposed], name=transpose_name))
             activation = transposed
         if site.weight_side == "right":
             first_inputs, second_inputs = [activation, first], [hidden, second]
