@@ -238,9 +238,9 @@ def write_markdown(summary: dict, path: Path) -> None:
     lines += [
         "",
         f"Machine: {summary['machine']}; 1-minute load average {summary['load_before']:.2f} before and "
-        f"{summary['load_after']:.2f} after, {_loads(summary)} at the start of the timed rounds (a shared "
-        f"machine: the run started under a load of {summary['max_load']:g} and each round waited for one under "
-        f"{summary['max_load'] + 1:g}, up to {summary['wait']:.0f} s; other jobs may have started meanwhile).",
+        f"{summary['load_after']:.2f} after, {_loads(summary)} at the start of the timed rounds. The machine is "
+        f"shared: the run waited up to {summary['wait']:.0f} s for a load under {summary['max_load']:g} before "
+        f"starting and under {summary['max_load'] + 1:g} before each timed round, then went ahead.",
         "",
         "`of bound` is speedup / bound; the keep-dense columns use the bound of that rewrite (fewer sites "
         "rewritten lower it). *Spinning pools*: the same plain rewrite timed with onnxruntime's default "

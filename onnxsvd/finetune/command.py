@@ -14,7 +14,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from onnxsvd.finetune.config import DEVICES, TRAIN_FORMS, FinetuneConfig
+from onnxsvd.finetune.config import DEVICES, SCHEDULES, TRAIN_FORMS, FinetuneConfig
 from onnxsvd.finetune.report import FinetuneReport
 
 __all__ = ["finetune_command", "render_report"]
@@ -64,7 +64,11 @@ def _progress(console: Console, steps: int) -> tuple[Any, Any]:
               help="factors: both factors of every site; core: U_r (diag Σ + X·Y) V_rᵀ with U_r, V_r fixed.")
 @click.option("--steps", type=int, default=_DEFAULTS.steps, show_default=True, help="Optimisation steps at most.")
 @click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True,
-              help="Adam step size relative to each trained tensor's RMS (1e-3: about 0.1%% of its size a step).")
+              help="Adam step size relative to each trained tensor's RMS (1e-3: about 0.1% of its size a step).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_DEFAULTS.schedule, show_default=True,
+              help="Learning rate after the warm-up: cosine decay to a tenth of --lr at --steps, or constant.")
+@click.option("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps, show_default=True,
+              help="Steps of linear warm-up to --lr.")
 @click.option("--lora-rank", type=int, default=_DEFAULTS.lora_rank, show_default=True,
               help="Rank R of the core's update X·Y (--train core).")
 @click.option("--val-split", type=float, default=_DEFAULTS.val_split, show_default=True,
@@ -91,6 +95,8 @@ def finetune_command(
     train: str,
     steps: int,
     lr: float,
+    schedule: str,
+    warmup_steps: int,
     lora_rank: int,
     val_split: float,
     batch_size: int,
@@ -112,9 +118,9 @@ def finetune_command(
     from onnxsvd.finetune.train import finetune_file
 
     config = FinetuneConfig(
-        train=train, steps=steps, lr=lr, lora_rank=lora_rank, val_split=val_split, batch_size=batch_size,
-        eval_every=eval_every, patience=patience, match_activations=match_activations, device=device, seed=seed,
-        threads=threads,
+        train=train, steps=steps, lr=lr, schedule=schedule, warmup_steps=warmup_steps, lora_rank=lora_rank,
+        val_split=val_split, batch_size=batch_size, eval_every=eval_every, patience=patience,
+        match_activations=match_activations, device=device, seed=seed, threads=threads,
     )
     if report_path is not None:
         io.check_output_path(report_path, rewritten, force=False)
