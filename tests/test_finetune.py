@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from onnxsvd.finetune.forms import balanced_split, product_svd  # noqa: E402
 from onnxsvd.finetune.sites import find_factor_pairs  # noqa: E402
 from onnxsvd.finetune.student import Student, fold_back  # noqa: E402
 from onnxsvd.finetune.torch_graph import TorchGraph  # noqa: E402
+from onnxsvd.finetune.train import _layout, _Samples  # noqa: E402
 from tests.conftest import MODELS, REPO  # noqa: E402
 from tests.models import gemm_case, make_model, relative_error, run  # noqa: E402
 
@@ -491,10 +493,24 @@ def test_padding_is_trimmed_and_masked(rng: np.random.Generator) -> None:
     data = {"input_ids": ids, "attention_mask": mask}
     result = finetune(rewritten, teacher, data, FinetuneConfig(train="factors", steps=40, lr=1e-2, eval_every=10))
     assert result.report.heldout_after < result.report.heldout_before
-    from onnxsvd.finetune.train import _layout
+    augmented = finetune(rewritten, teacher, data,
+                         FinetuneConfig(train="factors", steps=40, lr=1e-2, eval_every=10, augment=0.2))
+    assert augmented.report.heldout_after < augmented.report.heldout_before and not augmented.report.notes
 
     layout = _layout(rewritten, trim=True)
     assert layout.mask == "attention_mask" and layout.sequence_outputs == {"hidden"}
+    samples = _Samples({**data, "token_type_ids": np.zeros_like(ids)}, dataclasses.replace(
+        layout, sequence_inputs=layout.sequence_inputs | {"token_type_ids"}))
+    assert samples.lengths is not None and samples.lengths.tolist() == lengths.tolist()
+    batch = samples.epoch(np.arange(80), 16, np.random.default_rng(0))[0]
+    feeds, _ = samples.feeds(batch)
+    assert feeds["input_ids"].shape[1] == lengths[batch].max()
+    augmenter = samples.token_augmenter(np.arange(80), 0.5)
+    mask = feeds["attention_mask"]
+    changed = augmenter(feeds, mask, np.random.default_rng(1))
+    assert np.all(changed["input_ids"][mask == 0] == feeds["input_ids"][mask == 0])  # padding untouched
+    assert np.mean(changed["input_ids"][mask != 0] != feeds["input_ids"][mask != 0]) > 0.3
+    assert np.all(changed["token_type_ids"] == 0) and np.all(changed["attention_mask"] == mask)
 
 
 # --------------------------------------------------------------------------------------------------------

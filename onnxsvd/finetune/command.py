@@ -78,6 +78,9 @@ def _progress(console: Console, steps: int) -> tuple[Any, Any]:
               help="Steps between held-out evaluations.")
 @click.option("--patience", type=int, default=_DEFAULTS.patience, show_default=True,
               help="Held-out evaluations without improvement before stopping.")
+@click.option("--augment", type=float, default=_DEFAULTS.augment, show_default=True,
+              help="Probability of replacing each real token by a random one of the data in a training batch "
+                   "(token models with an attention mask); the teacher labels each such batch afresh.")
 @click.option("--match-activations", is_flag=True, default=_DEFAULTS.match_activations,
               help="Also distil every site's output (the teacher runs in torch on each batch).")
 @click.option("--device", type=click.Choice(DEVICES), default=_DEFAULTS.device, show_default=True,
@@ -102,6 +105,7 @@ def finetune_command(
     batch_size: int,
     eval_every: int,
     patience: int,
+    augment: float,
     match_activations: bool,
     device: str,
     seed: int,
@@ -119,7 +123,7 @@ def finetune_command(
 
     config = FinetuneConfig(
         train=train, steps=steps, lr=lr, schedule=schedule, warmup_steps=warmup_steps, lora_rank=lora_rank,
-        val_split=val_split, batch_size=batch_size, eval_every=eval_every, patience=patience,
+        val_split=val_split, batch_size=batch_size, eval_every=eval_every, patience=patience, augment=augment,
         match_activations=match_activations, device=device, seed=seed, threads=threads,
     )
     if report_path is not None:

@@ -33,6 +33,9 @@ class FinetuneConfig:
         eval_every: steps between two held-out evaluations.
         patience: held-out evaluations without improvement before stopping.
         min_delta: relative improvement of the held-out loss that counts as one.
+        augment: with a token mask, the probability of replacing each real token of the integer sequence
+            inputs by a random token of the data for a training step; the teacher labels each such batch
+            afresh (ONNX Runtime), so the student sees new inputs every epoch. 0 turns it off.
         match_activations: also distil the site outputs (same tensor names in both models).
         activation_weight: weight of the activation term against the outputs' term.
         trim_padding: with a token-mask input (``attention_mask``…), cut each batch's trailing columns
@@ -54,6 +57,7 @@ class FinetuneConfig:
     eval_every: int = 25
     patience: int = 4
     min_delta: float = 1e-3
+    augment: float = 0.0
     match_activations: bool = False
     activation_weight: float = 1.0
     trim_padding: bool = True
@@ -82,6 +86,8 @@ class FinetuneConfig:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
         if not 0.0 < self.val_split < 1.0:
             raise UsageError(f"--val-split must be in (0, 1), got {self.val_split:g}")
+        if not 0.0 <= self.augment < 1.0:
+            raise UsageError(f"--augment must be in [0, 1), got {self.augment:g}")
         if self.min_delta < 0.0:
             raise UsageError(f"--min-delta must be ≥ 0, got {self.min_delta:g}")
         if self.activation_weight < 0.0:

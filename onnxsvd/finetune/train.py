@@ -57,6 +57,9 @@ DataSource = Union[  # noqa: UP007 - a runtime alias: ``X | Y`` of these types f
 #: Runs a model on ``{input: array}`` and returns ``{output: array}``.
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
+#: Makes a new batch of inputs from a batch, its mask ``[B, T]`` (or None) and a generator.
+Augmenter = Callable[[dict[str, np.ndarray], "np.ndarray | None", np.random.Generator], dict[str, np.ndarray]]
+
 _MASK_NAMES = ("attention_mask", "input_mask", "mask")
 
 #: The cosine schedule ends at this fraction of the learning rate.
@@ -199,6 +202,37 @@ class _Samples:
                     self.outputs[name][indices, :length] = value
                 else:
                     self.outputs[name][indices] = value
+
+    def token_augmenter(self, train_indices: np.ndarray, probability: float) -> Augmenter | None:
+        """Replaces each real token of the integer sequence inputs with ``probability`` by a random token.
+
+        Replacement tokens are drawn from the training samples' own tokens of that input (so ids stay in the
+        vocabulary, and an input that is constant, like ``token_type_ids`` of single sentences, stays so).
+        ``None`` without a mask layout or integer sequence inputs.
+        """
+        if self.layout.mask is None:
+            return None
+        used = np.asarray(self.inputs[self.layout.mask])[train_indices] != 0  # [S_train, L]
+        pools = {
+            name: np.asarray(self.inputs[name])[train_indices][used]  # [tokens]
+            for name in sorted(self.layout.sequence_inputs - {self.layout.mask})
+            if np.issubdtype(self.inputs[name].dtype, np.integer)
+        }
+        if not pools:
+            return None
+
+        def augment(feeds: dict[str, np.ndarray], mask: np.ndarray | None, rng: np.random.Generator) -> dict:
+            changed = dict(feeds)
+            real = mask != 0 if mask is not None else None
+            for name, pool in pools.items():
+                value = feeds[name]
+                replace = rng.random(value.shape) < probability  # [B, T]
+                if real is not None:
+                    replace &= real
+                changed[name] = np.where(replace, pool[rng.integers(0, len(pool), size=value.shape)], value)
+            return changed
+
+        return augment
 
     def measure_variance(self, train_indices: np.ndarray) -> None:
         """Per output, the variance of the teacher's values over the training samples (real positions only)."""
@@ -364,7 +398,8 @@ def finetune(
         training = permutation[heldout_count:]
 
         started = time.perf_counter()
-        targets.record_teacher(_ort_runner(teacher, config.threads), output_names, config.eval_batch_size)
+        teacher_run = _ort_runner(teacher, config.threads)
+        targets.record_teacher(teacher_run, output_names, config.eval_batch_size)
         targets.measure_variance(training)
         teacher_seconds = time.perf_counter() - started
 
@@ -387,6 +422,7 @@ def finetune(
                     targets, heldout, output_names, config.eval_batch_size, torch,
                 )
 
+        notes: list[str] = []
         train_started = time.perf_counter()
         initial = student_heldout()
         history = [EvaluationPoint(0, None, initial, time.perf_counter() - train_started)]
@@ -394,11 +430,18 @@ def finetune(
         best_state = copy.deepcopy(student.forms.state_dict())
         stale, steps_run, stopped_early = 0, 0, False
         window: list[float] = []
+        augment = targets.token_augmenter(training, config.augment) if config.augment > 0.0 else None
+        if config.augment > 0.0 and augment is None:
+            notes.append("--augment needs integer token inputs beside a token mask; trained without it")
         batches: list[np.ndarray] = []
         for step in range(1, config.steps + 1):
             if not batches:
                 batches = targets.epoch(training, config.batch_size, order)
             feeds, wanted, mask = targets.batch(batches.pop())
+            if augment is not None:
+                feeds = augment(feeds, mask, order)
+                fresh = teacher_run(feeds)
+                wanted = {name: fresh[name] for name in output_names}
             student.train()
             loss = _training_loss(student, teacher_graph, feeds, wanted, mask, output_names, matched, targets,
                                   config, device, torch)
@@ -430,7 +473,6 @@ def finetune(
                 break
         train_seconds = time.perf_counter() - train_started
 
-        notes: list[str] = []
         result_model = copy.deepcopy(rewritten)
         heldout_after = heldout_before
         if best_step > 0:
