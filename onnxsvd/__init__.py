@@ -12,6 +12,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# Calibration and the sequential rewrite alternate ONNX Runtime runs with BLAS on the same cores.
+# OpenBLAS's idle threads spin for about 0.1 s (2^28 cycles) after every call, which slowed each following
+# ONNX Runtime run; 2^20 cycles (under a millisecond) keeps them warm between back-to-back BLAS calls
+# only. Takes effect when onnxsvd is imported before numpy (as the CLI does); a value already set wins.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
 from onnxsvd.analysis import Inspection, inspect_model
 from onnxsvd.config import RankPolicy, RewriteConfig
 from onnxsvd.errors import OnnxSvdError

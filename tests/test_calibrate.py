@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsvd.calibrate import CalibrateConfig, calibrate, calibrate_file
-from onnxsvd.calibrate.collect import rows_of
-from onnxsvd.calibrate.stats import Statistics, StatsAccumulator
+from onnxsvd.calibrate.collect import expose, rows_of, session_for
+from onnxsvd.calibrate.stats import Statistics, StatsAccumulator, Workspace
 from onnxsvd.cli import main
 from onnxsvd.config import RankPolicy, RewriteConfig
 from onnxsvd.errors import StatsError, UsageError
@@ -101,6 +101,47 @@ def test_rows_of_drops_padding_and_reads_transposed_channels() -> None:
     np.testing.assert_array_equal(rows, activation[mask != 0])
     transposed = rows_of(np.swapaxes(activation, -1, -2), -2)
     np.testing.assert_array_equal(transposed, activation.reshape(-1, 4))
+
+
+def test_reused_buffers_give_the_same_statistics(rng: np.random.Generator) -> None:
+    """Rows gathered into a shared workspace, batches of varying size, a Gram wider than one mirroring
+    block: the same sums as a direct float64 computation, and an exactly symmetric Gram."""
+    workspace = Workspace()
+    wide, narrow = StatsAccumulator(300), StatsAccumulator(7)
+    seen_wide, seen_narrow = [], []
+    for rows in (5, 40, 3):
+        activation = rng.standard_normal((2, rows, 300)).astype(np.float32)  # [B, S, K]
+        mask = rng.integers(0, 2, size=(2, rows))
+        mask[0, 0] = 1
+        wide.update(rows_of(activation, -1, mask, workspace), workspace)
+        narrow.update(rows_of(activation[..., :7], -1, mask, workspace), workspace)
+        seen_wide.append(activation[mask != 0].astype(np.float64))
+        seen_narrow.append(activation[..., :7][mask != 0].astype(np.float64))
+    for accumulator, seen in ((wide, seen_wide), (narrow, seen_narrow)):
+        direct = np.concatenate(seen)
+        shared = accumulator.result(copy=False)
+        np.testing.assert_allclose(shared.gram, direct.T @ direct, rtol=1e-10, atol=1e-10)
+        np.testing.assert_array_equal(shared.gram, shared.gram.T)
+        np.testing.assert_allclose(shared.abs_sum, np.abs(direct).sum(axis=0), rtol=1e-10)
+        np.testing.assert_array_equal(shared.abs_max, np.abs(direct).max(axis=0))
+        assert shared.rows == len(direct)
+
+
+def test_in_memory_sessions_match_the_serialized_model(rng: np.random.Generator) -> None:
+    """Large initializers handed to ONNX Runtime as arrays give the outputs of the plain serialized
+    model, and the model itself is left as it was."""
+    import onnxruntime as ort
+
+    model = _mlp(rng)
+    before = model.SerializeToString()
+    exposed = expose(model, [("r0", TensorProto.FLOAT), ("y", TensorProto.FLOAT)])
+    assert {t.name for t in exposed.graph.initializer} == {"w0", "b0", "w1", "b1", "w2", "b2"}
+    x = _correlated(rng, 3, 5, 24)
+    shared = session_for(exposed).run(None, {"x": x})
+    plain = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for left, right in zip(shared, plain, strict=True):
+        np.testing.assert_array_equal(left, right)
+    assert model.SerializeToString() == before
 
 
 def test_statistics_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:

@@ -24,10 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+# onnxsvd first: it sets OpenBLAS's idle-thread timeout before numpy loads, as it does for the CLI.
+import onnxsvd
+
+# isort: split
 import numpy as np
 import onnx
 
-import onnxsvd
 from onnxsvd.calibrate import CalibrateConfig, batch_source, calibrate
 from onnxsvd.calibrate.collect import find_mask_input, session_for
 from onnxsvd.sequential import rewrite_sequential

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from onnxsvd.calibrate.stats import ActivationStats, StatsAccumulator
+from onnxsvd.calibrate.stats import ActivationStats, StatsAccumulator, Workspace
 from onnxsvd.graph.match import Site
 
 __all__ = [
@@ -69,9 +69,8 @@ def specs_for_sites(sites: Iterable[Site]) -> list[ActivationSpec]:
 
 def expose(model: onnx.ModelProto, tensors: Sequence[tuple[str, int]]) -> onnx.ModelProto:
     """A copy of ``model`` whose outputs are exactly ``tensors`` (name, elem type), pruned to the nodes
-    they need."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
+    they need; only the initializers those nodes read are copied."""
+    exposed = _without_initializers(model)
     del exposed.graph.output[:]
     graph_inputs = {value.name for value in exposed.graph.input}
     for name, elem_type in tensors:
@@ -81,12 +80,35 @@ def expose(model: onnx.ModelProto, tensors: Sequence[tuple[str, int]]) -> onnx.M
             exposed.graph.node.append(onnx.helper.make_node("Identity", [name], [alias]))
             name = alias
         exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
-    _prune(exposed.graph)
+    needed = _prune(exposed.graph)
+    exposed.graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name in needed)
     return exposed
 
 
-def _prune(graph: onnx.GraphProto) -> None:
-    """Drop the nodes (and initializers) that no graph output needs, so a run stops at the activations."""
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with everything but the graph's initializers (cheap: no weight bytes)."""
+    shell = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(shell, field.name, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(shell.graph, field.name, value)
+    return shell
+
+
+def _copy_field(target: object, name: str, value: object) -> None:
+    if hasattr(value, "extend"):  # a repeated field
+        getattr(target, name).extend(value)
+    elif hasattr(value, "CopyFrom"):  # a message
+        getattr(target, name).CopyFrom(value)
+    else:
+        setattr(target, name, value)
+
+
+def _prune(graph: onnx.GraphProto) -> set[str]:
+    """Drop the nodes (and initializers) that no graph output needs, so a run stops at the activations;
+    return the names the kept nodes read."""
     from onnxsvd.graph.match import _subgraph_references
 
     needed = {value.name for value in graph.output}
@@ -103,6 +125,7 @@ def _prune(graph: onnx.GraphProto) -> None:
     if len(used) != len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(used)
+    return needed
 
 
 def session_for(
@@ -110,8 +133,12 @@ def session_for(
     providers: Sequence[str] = ("cpu",),
     threads: int | None = None,
     base_dir: str | None = None,
+    spin: bool = True,
 ):
     """An ONNX Runtime session on the given providers (``"cpu"``, ``"cuda"``).
+
+    With ``spin=False`` its idle threads sleep at once instead of spinning for more work: for callers
+    that do their own heavy numpy work between runs, which spinning threads would slow down.
 
     A lazily loaded model (weights still on disk) is opened through a temporary file in ``base_dir``.
 
@@ -136,12 +163,64 @@ def session_for(
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if isinstance(model, str):
         return ort.InferenceSession(model, options, providers=names)
-    from onnxsvd.io import temporary_model_path
+    from onnxsvd.io import is_lazy, temporary_model_path
 
-    with temporary_model_path(model, base_dir) as path:
-        return ort.InferenceSession(path or model.SerializeToString(), options, providers=names)
+    if is_lazy(model):
+        with temporary_model_path(model, base_dir) as path:
+            return ort.InferenceSession(path or model.SerializeToString(), options, providers=names)
+    return _in_memory_session(model, options, names)
+
+
+#: Initializers at least this large are handed to ONNX Runtime as arrays instead of protobuf bytes.
+_SHARED_BYTES = 1024
+
+#: Element types whose numpy arrays ONNX Runtime takes as OrtValues as they are.
+_SHAREABLE = {
+    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.BOOL,
+}
+
+
+def _in_memory_session(model: onnx.ModelProto, options, providers: list[str]):
+    """A session on an in-memory model without serializing its weights: the large initializers go to
+    ONNX Runtime as arrays (``add_external_initializers``) and the protobuf it parses holds only stubs.
+
+    Copying and serializing the weights, then parsing them back, took longer than a calibration batch.
+    """
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    shell = _without_initializers(model)
+    names: list[str] = []
+    arrays: list[np.ndarray] = []
+    for tensor in model.graph.initializer:
+        if (
+            tensor.data_type in _SHAREABLE
+            and tensor.data_location != onnx.TensorProto.EXTERNAL
+            and len(tensor.raw_data) >= _SHARED_BYTES
+        ):
+            stub = onnx.TensorProto(
+                name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+                data_location=onnx.TensorProto.EXTERNAL,
+            )
+            stub.external_data.add(key="location", value="onnxsvd-in-memory")
+            shell.graph.initializer.append(stub)
+            names.append(tensor.name)
+            arrays.append(np.ascontiguousarray(numpy_helper.to_array(tensor)))
+        else:
+            shell.graph.initializer.append(tensor)
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
+    if names:
+        options.add_external_initializers(names, values)
+    session = ort.InferenceSession(shell.SerializeToString(), options, providers=providers)
+    # ONNX Runtime reads these buffers for the session's whole life.
+    session._onnxsvd_initializers = (arrays, values)
+    return session
 
 
 def find_mask_input(model: onnx.ModelProto) -> str | None:
@@ -152,11 +231,17 @@ def find_mask_input(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def rows_of(activation: np.ndarray, channel_axis: int, mask: np.ndarray | None = None) -> np.ndarray:
+def rows_of(
+    activation: np.ndarray,
+    channel_axis: int,
+    mask: np.ndarray | None = None,
+    workspace: Workspace | None = None,
+) -> np.ndarray:
     """The ``[T, K]`` rows of an activation read with its channels on ``channel_axis``.
 
     With a ``[B, S]`` ``mask`` whose shape matches the activation's leading dimensions, rows at mask 0
-    (padding tokens, which the model's outputs ignore) are dropped.
+    (padding tokens, which the model's outputs ignore) are dropped; they are gathered into the
+    ``workspace``'s buffer when one is given (valid until its next use), into a new array otherwise.
     """
     array = np.asarray(activation)
     if array.ndim == 1:
@@ -164,7 +249,12 @@ def rows_of(activation: np.ndarray, channel_axis: int, mask: np.ndarray | None =
     if channel_axis != -1:
         array = np.moveaxis(array, channel_axis, -1)  # [..., K]
     if mask is not None and array.shape[:-1] == mask.shape:
-        return array[np.asarray(mask) != 0]  # [T, K]
+        keep = np.flatnonzero(np.asarray(mask).reshape(-1))  # [T]
+        flat = array.reshape(-1, array.shape[-1])  # [B·S, K]
+        if workspace is None:
+            return flat[keep]  # [T, K]
+        rows = workspace.array(flat.dtype, keep.size, flat.shape[1])  # [T, K]
+        return np.take(flat, keep, axis=0, out=rows, mode="clip")
     return array.reshape(-1, array.shape[-1])  # [T, K]
 
 
@@ -253,19 +343,21 @@ def collect_groups(
     for group in groups:
         tensors = list(dict.fromkeys((spec.tensor, spec.elem_type) for spec in group))
         exposed = expose(model, tensors)
-        session = session_for(exposed, providers, base_dir=base_dir)
+        session = session_for(exposed, providers, base_dir=base_dir, spin=False)
         output_names = [output.name for output in exposed.graph.output]
         feed_names = {value.name for value in session.get_inputs()}
         accumulators = {spec.key: StatsAccumulator(spec.channels) for spec in group}
+        workspace = Workspace()
         for batch in batches():
             feed = {name: value for name, value in batch.items() if name in feed_names}
             values = dict(zip([name for name, _ in tensors], session.run(output_names, feed), strict=True))
             mask = batch.get(mask_input) if mask_input else None
             for spec in group:
-                accumulators[spec.key].update(rows_of(values[spec.tensor], spec.channel_axis, mask))
+                rows = rows_of(values[spec.tensor], spec.channel_axis, mask, workspace)  # [T, K]
+                accumulators[spec.key].update(rows, workspace)
             del values
             done += 1
             if progress is not None:
                 progress(done, total, f"{len(group)} activations")
-        yield {key: accumulator.result() for key, accumulator in accumulators.items()}
+        yield {key: accumulator.result(copy=False) for key, accumulator in accumulators.items()}
         del accumulators

@@ -19,7 +19,7 @@ from scipy.linalg import blas
 
 from onnxsvd.errors import StatsError
 
-__all__ = ["ActivationStats", "Statistics", "StatisticsWriter", "StatsAccumulator", "combine"]
+__all__ = ["ActivationStats", "Statistics", "StatisticsWriter", "StatsAccumulator", "Workspace", "combine"]
 
 _FORMAT_VERSION = 1
 
@@ -63,6 +63,26 @@ def combine(parts: Iterable[ActivationStats]) -> ActivationStats:
     )
 
 
+class Workspace:
+    """Row buffers reused from batch to batch, one per dtype, grown as needed.
+
+    A batch's rows (hundreds of MB for a wide model) would otherwise be fresh memory every time, and
+    faulting those pages in costs as much as the Gram itself. Not thread-safe: one per collecting loop.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[np.dtype, np.ndarray] = {}
+
+    def array(self, dtype: np.dtype | type, rows: int, channels: int) -> np.ndarray:
+        """A C-contiguous ``[rows, channels]`` view of the ``dtype`` buffer; its contents are undefined."""
+        dtype = np.dtype(dtype)
+        size = rows * channels
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.size < size:
+            buffer = self._buffers[dtype] = np.empty(size, dtype=dtype)
+        return buffer[:size].reshape(rows, channels)
+
+
 class StatsAccumulator:
     """Accumulates one activation's statistics batch by batch, in float64, holding nothing but sums."""
 
@@ -73,24 +93,53 @@ class StatsAccumulator:
         self.abs_max = np.zeros(channels, dtype=np.float64)  # [K]
         self.rows = 0
 
-    def update(self, batch: np.ndarray) -> None:
-        """Add a batch ``[..., K]`` (all leading dimensions are rows)."""
+    def update(self, batch: np.ndarray, workspace: Workspace | None = None) -> None:
+        """Add a batch ``[..., K]`` (all leading dimensions are rows).
+
+        Args:
+            batch: the rows, in any real dtype; they are widened to float64 before any arithmetic.
+            workspace: reusable buffers for the float64 copy (a fresh array without one).
+        """
         native = np.asarray(batch).reshape(-1, self.abs_sum.shape[0])  # [T, K]
         if native.shape[0] == 0:
             return
-        rows = native.astype(np.float64)  # [T, K]
+        if workspace is None:
+            rows = native.astype(np.float64)  # [T, K]
+        else:
+            rows = workspace.array(np.float64, *native.shape)  # [T, K]
+            np.copyto(rows, native)
         # rows.T is Fortran-contiguous [K, T]: syrk computes (rowsᵀ)(rowsᵀ)ᵀ = XᵀX into the upper triangle.
         self.gram = blas.dsyrk(1.0, rows.T, beta=1.0, c=self.gram, trans=0, lower=0, overwrite_c=1)
-        magnitude = np.abs(rows)  # [T, K]
+        magnitude = np.abs(rows, out=rows)  # [T, K], in place: the rows are not needed any more
         self.abs_sum += magnitude.sum(axis=0)  # [K], summed in float64
         np.maximum(self.abs_max, magnitude.max(axis=0), out=self.abs_max)  # [K]
         self.rows += rows.shape[0]
 
-    def result(self) -> ActivationStats:
-        upper = self.gram  # syrk filled the upper triangle; the strict lower one is still zero: [K, K]
-        gram = upper + upper.T  # [K, K]
-        gram[np.diag_indices_from(gram)] *= 0.5  # the diagonal was counted twice
-        return ActivationStats(np.ascontiguousarray(gram), self.abs_sum.copy(), self.abs_max.copy(), self.rows)
+    def result(self, copy: bool = True) -> ActivationStats:
+        """The statistics so far.
+
+        Args:
+            copy: return copies; with ``False`` the Gram is the accumulator's own buffer (no new memory),
+                valid until the next :meth:`update`: for a caller that is done accumulating.
+        """
+        _mirror_upper(self.gram)  # syrk never reads the strict lower triangle, so filling it is harmless
+        gram = self.gram.T  # C-contiguous view of the same (now symmetric) buffer: [K, K]
+        if not copy:
+            return ActivationStats(gram, self.abs_sum, self.abs_max, self.rows)
+        return ActivationStats(gram.copy(), self.abs_sum.copy(), self.abs_max.copy(), self.rows)
+
+
+def _mirror_upper(square: np.ndarray, block: int = 256) -> None:
+    """Copy the upper triangle of ``square`` onto its strict lower triangle, in place, block by block
+    (one transposed pass over the whole matrix would miss the cache at every element)."""
+    size = square.shape[0]
+    for start in range(0, size, block):
+        stop = min(start + block, size)
+        diagonal = square[start:stop, start:stop]
+        diagonal[...] = np.triu(diagonal) + np.triu(diagonal, 1).T
+        for other in range(stop, size, block):
+            end = min(other + block, size)
+            square[other:end, start:stop] = square[start:stop, other:end].T
 
 
 @dataclasses.dataclass(frozen=True)
