@@ -36,6 +36,7 @@ __all__ = [
     "check_model",
     "check_output_path",
     "save_model",
+    "DataFile",
     "atomic_path",
     "fingerprint",
     "count_parameters",
@@ -217,6 +218,7 @@ def save_model(
     output: str | os.PathLike[str],
     base_dir: str | os.PathLike[str] | None = None,
     external_data: bool | None = None,
+    data_file: DataFile | None = None,
 ) -> Path:
     """Write ``model`` atomically to ``output``.
 
@@ -225,16 +227,22 @@ def save_model(
     (``base_dir``: the input model's folder) — the weights are never all in memory. The data file is moved
     into place before the model file, and both are removed if anything fails.
 
+    Args:
+        data_file: the :class:`DataFile` for ``output`` that tensors were already streamed to while the
+            model was built (implies ``external_data``); the rest are appended to it, then it is committed.
+
     Raises:
         OutputError: the model cannot be serialised or written.
     """
     output = Path(output)
     lazy = is_lazy(model)
-    if external_data is None:
+    if data_file is not None:
+        external_data = True
+    elif external_data is None:
         external_data = lazy or model.ByteSize() >= PROTOBUF_LIMIT
     try:
         if external_data:
-            _save_external(model, output, Path(base_dir) if base_dir is not None else None)
+            _save_external(model, output, Path(base_dir) if base_dir is not None else None, data_file)
         else:
             if lazy:
                 if base_dir is None:
@@ -255,52 +263,110 @@ def save_model(
 _CHUNK = 64 * 1024 * 1024
 
 
-def _save_external(model: onnx.ModelProto, output: Path, base_dir: Path | None) -> None:
+class DataFile:
+    """The ``<output>.data`` file of a model being written, built in a temporary file beside it.
+
+    Tensors are appended as they are made (:meth:`tensor` writes an array at once and returns an
+    initializer pointing at it), so a rewrite holds no factor bytes in memory; :func:`save_model` appends
+    the rest and commits: the file is moved into place just before the model that points to it. Use as a
+    context manager: leaving it uncommitted removes the temporary file.
+    """
+
+    def __init__(self, output: str | os.PathLike[str]) -> None:
+        self.output = Path(output)
+        self.location = f"{self.output.name}.data"
+        self.path = self.output.parent / self.location
+        self.written: set[str] = set()
+        handle, name = tempfile.mkstemp(prefix=f".{self.location}.", suffix=".tmp", dir=self.output.parent)
+        self.temporary = Path(name)
+        self._sink = os.fdopen(handle, "wb")
+
+    def __enter__(self) -> DataFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+    def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        """An initializer named ``name`` whose bytes (``array``'s) are written to the data file now."""
+        array = np.ascontiguousarray(array)
+        tensor = onnx.TensorProto(
+            name=name, dims=array.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        )
+        self.append(tensor, memoryview(array).cast("B"))
+        return tensor
+
+    def append(self, tensor: onnx.TensorProto, data: bytes | memoryview) -> None:
+        """Write ``data`` and point ``tensor`` at it (any data it held inline is dropped)."""
+        offset = self._sink.tell()
+        self._sink.write(data)
+        self._point(tensor, offset)
+
+    def copy_from(self, tensor: onnx.TensorProto, base_dir: Path | None) -> None:
+        """Copy a lazy tensor's bytes from its data file in ``base_dir``, in chunks, and point it here."""
+        offset = self._sink.tell()
+        _copy_external(tensor, base_dir, self._sink)
+        self._point(tensor, offset)
+
+    def holds(self, tensor: onnx.TensorProto) -> bool:
+        """True when ``tensor`` was written here by :meth:`tensor`/:meth:`append`/:meth:`copy_from`."""
+        return (
+            tensor.name in self.written
+            and tensor.data_location == onnx.TensorProto.EXTERNAL
+            and _external_fields(tensor).get("location") == self.location
+        )
+
+    def _point(self, tensor: onnx.TensorProto, offset: int) -> None:
+        _clear_data(tensor)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        fields = (("location", self.location), ("offset", str(offset)), ("length", str(self._sink.tell() - offset)))
+        for key, value in fields:
+            tensor.external_data.add(key=key, value=value)
+        self.written.add(tensor.name)
+
+    def commit(self) -> None:
+        """Flush to disk and move the file into place as ``<output>.data``."""
+        self._sink.flush()
+        os.fsync(self._sink.fileno())
+        self._sink.close()
+        with contextlib.suppress(OSError):
+            os.chmod(self.temporary, _mode_for(self.path))
+        os.replace(self.temporary, self.path)
+
+    def discard(self) -> None:
+        """Close and remove the temporary file if it was not committed."""
+        if not self._sink.closed:
+            self._sink.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.temporary.unlink()
+
+
+def _save_external(model: onnx.ModelProto, output: Path, base_dir: Path | None, data_file: DataFile | None) -> None:
     """Write every tensor's bytes to ``<output>.data`` and the graph to ``output``, atomically.
 
     A lazy model is rewritten in place (its tensors then point to the new data file); an in-memory model
-    is copied first so the caller's tensors stay as they were.
+    is copied first so the caller's tensors stay as they were. Tensors already in ``data_file`` stay.
     """
-    location = f"{output.name}.data"
-    data_path = output.parent / location
     if is_lazy(model):
         staged = model  # tiny: the weights are on disk
     else:
         staged = onnx.ModelProto()
         staged.CopyFrom(model)
-    handle, temporary_name = tempfile.mkstemp(prefix=f".{location}.", suffix=".tmp", dir=output.parent)
-    os.close(handle)
-    data_temporary = Path(temporary_name)
-    try:
-        with open(data_temporary, "wb") as sink:
-            for tensor in onnx.external_data_helper._get_all_tensors(staged):
-                offset = sink.tell()
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    _copy_external(tensor, base_dir, sink)
-                elif tensor.HasField("raw_data") or _has_typed_data(tensor):
-                    raw = tensor.raw_data if tensor.HasField("raw_data") else tensor_array(tensor).tobytes()
-                    if len(raw) < 1024:  # tiny tensors stay inline, as onnx's own converter does
-                        continue
-                    sink.write(raw)
-                    _clear_data(tensor)
-                else:
-                    continue
-                del tensor.external_data[:]
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                fields = (("location", location), ("offset", str(offset)), ("length", str(sink.tell() - offset)))
-                for key, value in fields:
-                    tensor.external_data.add(key=key, value=value)
-            sink.flush()
-            os.fsync(sink.fileno())
-        with contextlib.suppress(OSError):
-            os.chmod(data_temporary, _mode_for(data_path))
+    with data_file if data_file is not None else DataFile(output) as data:
+        for tensor in onnx.external_data_helper._get_all_tensors(staged):
+            if data.holds(tensor):
+                continue
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                data.copy_from(tensor, base_dir)
+            elif tensor.HasField("raw_data") or _has_typed_data(tensor):
+                raw = tensor.raw_data if tensor.HasField("raw_data") else tensor_array(tensor).tobytes()
+                if len(raw) >= 1024:  # tiny tensors stay inline, as onnx's own converter does
+                    data.append(tensor, raw)
         with atomic_path(output) as temporary:
             temporary.write_bytes(staged.SerializeToString())
             # The data file goes into place just before the model that points to it.
-            os.replace(data_temporary, data_path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            data_temporary.unlink()
+            data.commit()
 
 
 def _copy_external(tensor: onnx.TensorProto, base_dir: Path | None, sink: object) -> None:

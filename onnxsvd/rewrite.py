@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -373,6 +374,7 @@ def rewrite(
     progress: Progress | None = None,
     speed_check: SpeedCheck | None = None,
     batches: Callable[[], Any] | None = None,
+    data_file: io.DataFile | None = None,
 ) -> RewriteResult:
     """Replace every eligible MatMul/Gemm of ``model`` by a low-rank factor chain.
 
@@ -386,6 +388,9 @@ def rewrite(
             whose chain is not faster; see :class:`onnxsvd.validate.site_speed.SiteSpeedCheck`).
         batches: calibration batches (a callable giving a fresh iterable), used by ``allocate="global"``
             to measure each site's sensitivity; without them every site counts with sensitivity 1.
+        data_file: the output's :class:`onnxsvd.io.DataFile`: each factor is written there as soon as it is
+            made (the returned model's factor initializers point at it), so no factor stays in memory;
+            save the model with ``io.save_model(..., data_file=data_file)``. Not with ``speed_check``.
 
     Returns:
         The rewritten model and a report of every MatMul/Gemm.
@@ -415,7 +420,9 @@ def rewrite(
     base = str(base_dir) if base_dir is not None else None
     # Without a speed check nothing needs the arrays after a group is done: its factors become
     # initializers at once and the arrays are dropped, so at most `jobs` weights are in memory.
-    tensors = FactorTensors(model) if speed_check is None else None
+    if data_file is not None and speed_check is not None:
+        raise UsageError("a speed check needs the factors in memory: do not stream them to a data file")
+    tensors = FactorTensors(model, data_file) if speed_check is None else None
 
     overrides: dict[str, int] = {}
     notes: list[str] = []
@@ -564,8 +571,6 @@ def rewrite_file(
         OutputError: the output cannot be written (checked before any work).
         DataError: the data does not fit the model.
     """
-    from onnxsvd.calibrate import batch_source, calibrate, resolve_mask
-
     config = config or RewriteConfig()
     calibration = calibration or CalibrateConfig()
     input_path = Path(input_path)
@@ -580,13 +585,55 @@ def rewrite_file(
             raise UsageError(SHAPE_HINT)
         check_providers(speed_check.providers)
     model = io.load_model(input_path)
-    calibrate_seconds = 0.0
+    if output_path is not None and external_data is None:
+        external_data = io.is_lazy(model) or any(True for _ in io.external_tensors(io_probe(input_path)))
+    # Writing external data, the factors go straight to the output's data file as they are made (not
+    # with a speed check or the sequential rewrite, which run the partly rewritten model).
+    stream = output_path is not None and external_data and not sequential and speed_check is None
+    with io.DataFile(output_path) if stream else contextlib.nullcontext() as data_file:
+        rewritten = _rewrite_loaded(
+            model, input_path, config, statistics, progress, data, calibration, sequential, speed_check, data_file
+        )
+        if output_path is not None:
+            if not external_data and not io.is_lazy(rewritten.model):
+                io.check_model(rewritten.model, full_check=True)
+            io.save_model(
+                rewritten.model, output_path, base_dir=input_path.parent, external_data=external_data,
+                data_file=data_file,
+            )
+    report = rewritten.report
+    report.input = str(input_path)
+    report.file_size_before = io.file_size(input_path)
+    report.dry_run = output_path is None
+    if output_path is not None:
+        if external_data:
+            _check_written(Path(output_path))
+        report.output = str(output_path)
+        report.file_size_after = io.file_size(output_path)
+    return report
+
+
+def _rewrite_loaded(
+    model: onnx.ModelProto,
+    input_path: Path,
+    config: RewriteConfig,
+    statistics: Statistics | None,
+    progress: Progress | None,
+    data: str | os.PathLike[str] | None,
+    calibration: CalibrateConfig,
+    sequential: bool,
+    speed_check: SpeedCheckConfig | None,
+    data_file: io.DataFile | None,
+) -> RewriteResult:
+    """The rewrite step of :func:`rewrite_file`: calibrate if asked, then one-shot or sequential."""
+    from onnxsvd.calibrate import batch_source, calibrate, resolve_mask
+
     check = _site_speed_check(speed_check, model, data, calibration, config, progress)
     if sequential:
         from onnxsvd.sequential import rewrite_sequential
 
         batches, _ = batch_source(data, model, calibration)  # type: ignore[arg-type]
-        result = rewrite_sequential(
+        return rewrite_sequential(
             model,
             config,
             batches,
@@ -596,41 +643,28 @@ def rewrite_file(
             progress=progress,
             speed_check=check,
         )
-    else:
-        if data is not None and config.needs_statistics:
-            tick = time.perf_counter()
-            batches, count = batch_source(data, model, calibration)
-            statistics = calibrate(model, batches, calibration, total_batches=count, base_dir=input_path.parent)
-            calibrate_seconds = time.perf_counter() - tick
-        allocation_batches = None
-        if data is not None and config.allocate == "global":
-            allocation_batches, _ = batch_source(data, model, calibration)
-        result = rewrite(
-            model,
-            config,
-            statistics,
-            base_dir=input_path.parent,
-            progress=progress,
-            speed_check=check,
-            batches=allocation_batches,
-        )
-    report = result.report
+    calibrate_seconds = 0.0
+    if data is not None and config.needs_statistics:
+        tick = time.perf_counter()
+        batches, count = batch_source(data, model, calibration)
+        statistics = calibrate(model, batches, calibration, total_batches=count, base_dir=input_path.parent)
+        calibrate_seconds = time.perf_counter() - tick
+    allocation_batches = None
+    if data is not None and config.allocate == "global":
+        allocation_batches, _ = batch_source(data, model, calibration)
+    result = rewrite(
+        model,
+        config,
+        statistics,
+        base_dir=input_path.parent,
+        progress=progress,
+        speed_check=check,
+        batches=allocation_batches,
+        data_file=data_file,
+    )
     if calibrate_seconds:
-        report.notes.append(f"calibration: {calibrate_seconds:.1f} s")
-    report.input = str(input_path)
-    report.file_size_before = io.file_size(input_path)
-    report.dry_run = output_path is None
-    if output_path is not None:
-        if external_data is None:
-            external_data = io.is_lazy(model) or any(True for _ in io.external_tensors(io_probe(input_path)))
-        if not external_data and not io.is_lazy(result.model):
-            io.check_model(result.model, full_check=True)
-        io.save_model(result.model, output_path, base_dir=input_path.parent, external_data=external_data)
-        if external_data:
-            _check_written(Path(output_path))
-        report.output = str(output_path)
-        report.file_size_after = io.file_size(output_path)
-    return report
+        result.report.notes.append(f"calibration: {calibrate_seconds:.1f} s")
+    return result
 
 
 def _site_speed_check(

@@ -87,6 +87,43 @@ def test_external_data_round_trip(tmp_path: Path, rng: np.random.Generator, lazy
     assert {p.name: p.read_bytes() for p in source.parent.iterdir()} == before  # input untouched
 
 
+def test_streamed_factors_equal_in_memory_ones_and_a_failure_leaves_nothing(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Factors written to the output's data file as they are made hold the bytes an in-memory rewrite
+    gives; a rewrite that fails half way leaves the output folder empty."""
+    import importlib
+
+    rewrite_module = importlib.import_module("onnxsvd.rewrite")  # the package's `rewrite` is the function
+    source = _save_external(_two_layer(rng), tmp_path / "in")
+    config = RewriteConfig(policy=RankPolicy("ratio", 0.5))
+    output = tmp_path / "out" / "small.onnx"
+    output.parent.mkdir()
+    rewrite_file(source, output, config)  # external data in, so external data out, streamed
+    streamed = {t.name: numpy_helper.to_array(t, str(output.parent)) for t in onnx.load(str(output)).graph.initializer}
+    in_memory = rewrite(io.load_model(source, lazy=False), config).model
+    expected = {t.name: numpy_helper.to_array(t) for t in in_memory.graph.initializer}
+    assert streamed.keys() == expected.keys()
+    for name, array in expected.items():
+        np.testing.assert_array_equal(streamed[name], array)
+
+    calls = []
+    original = rewrite_module.factor_group
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rewrite_module, "factor_group", failing)
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        rewrite_file(source, failed / "small.onnx", config)
+    assert list(failed.iterdir()) == []
+
+
 def test_lazy_inspect_and_calibrate_read_from_disk(tmp_path: Path, rng: np.random.Generator) -> None:
     source = _save_external(_two_layer(rng), tmp_path)
     data = tmp_path / "calib.npz"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -25,6 +26,9 @@ from onnx import helper, numpy_helper
 
 from onnxsvd.factorize import Factorization
 from onnxsvd.graph.match import CHAIN_OPS, GraphIndex, Site
+
+if TYPE_CHECKING:
+    from onnxsvd.io import DataFile
 
 __all__ = ["EmitOptions", "FactorTensors", "emit", "storage_dtype_for", "remove_dead_weights"]
 
@@ -85,11 +89,14 @@ class FactorTensors:
     """Creates each group's factor initializers (and Casts, if stored in another dtype) once per side.
 
     ``prepare`` can run as soon as a group is factorized, so its arrays can be dropped at once (factors
-    then live only as initializer bytes); ``emit`` later reads the names back.
+    then live only as initializer bytes, or only on disk with a ``data_file``: each factor is written to
+    the output's data file as it is made and its initializer points there); ``emit`` later reads the
+    names back.
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, data_file: DataFile | None = None) -> None:
         self.graph = model.graph
+        self.data_file = data_file
         self.names = _Names(model.graph)
         self.made: dict[tuple[str, str, int, str], str] = {}
         self.pieces: dict[tuple[str, str], list[tuple[str, str]]] = {}
@@ -140,7 +147,10 @@ class FactorTensors:
         side_part = "" if site.weight_side == "right" else "_t"
         name = self.names.fresh(f"{base}{stage_part}_{which}{side_part}")
         array = np.ascontiguousarray(value.astype(helper.tensor_dtype_to_np_dtype(storage)))
-        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        if self.data_file is not None:
+            self.graph.initializer.append(self.data_file.tensor(array, name))
+        else:
+            self.graph.initializer.append(numpy_helper.from_array(array, name))
         consumed = name
         if storage != site.weight.compute_dtype:
             consumed = self.names.fresh(f"{name}.cast")
