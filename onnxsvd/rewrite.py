@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -626,7 +627,7 @@ def _rewrite_loaded(
     data_file: io.DataFile | None,
 ) -> RewriteResult:
     """The rewrite step of :func:`rewrite_file`: calibrate if asked, then one-shot or sequential."""
-    from onnxsvd.calibrate import batch_source, calibrate, resolve_mask
+    from onnxsvd.calibrate import batch_source, calibrate, calibrate_to_file, resolve_mask
 
     check = _site_speed_check(speed_check, model, data, calibration, config, progress)
     if sequential:
@@ -644,24 +645,32 @@ def _rewrite_loaded(
             speed_check=check,
         )
     calibrate_seconds = 0.0
-    if data is not None and config.needs_statistics:
-        tick = time.perf_counter()
-        batches, count = batch_source(data, model, calibration)
-        statistics = calibrate(model, batches, calibration, total_batches=count, base_dir=input_path.parent)
-        calibrate_seconds = time.perf_counter() - tick
-    allocation_batches = None
-    if data is not None and config.allocate == "global":
-        allocation_batches, _ = batch_source(data, model, calibration)
-    result = rewrite(
-        model,
-        config,
-        statistics,
-        base_dir=input_path.parent,
-        progress=progress,
-        speed_check=check,
-        batches=allocation_batches,
-        data_file=data_file,
-    )
+    with tempfile.TemporaryDirectory(prefix="onnxsvd-stats-") as scratch:
+        if data is not None and config.needs_statistics:
+            tick = time.perf_counter()
+            batches, count = batch_source(data, model, calibration)
+            if io.is_lazy(model):
+                # A model too big to load: its statistics go to a file and are read one Gram at a time.
+                statistics = calibrate_to_file(
+                    model, batches, Path(scratch) / "stats.npz", calibration, total_batches=count,
+                    base_dir=input_path.parent,
+                )
+            else:
+                statistics = calibrate(model, batches, calibration, total_batches=count, base_dir=input_path.parent)
+            calibrate_seconds = time.perf_counter() - tick
+        allocation_batches = None
+        if data is not None and config.allocate == "global":
+            allocation_batches, _ = batch_source(data, model, calibration)
+        result = rewrite(
+            model,
+            config,
+            statistics,
+            base_dir=input_path.parent,
+            progress=progress,
+            speed_check=check,
+            batches=allocation_batches,
+            data_file=data_file,
+        )
     if calibrate_seconds:
         result.report.notes.append(f"calibration: {calibrate_seconds:.1f} s")
     return result

@@ -124,6 +124,55 @@ def test_streamed_factors_equal_in_memory_ones_and_a_failure_leaves_nothing(
     assert list(failed.iterdir()) == []
 
 
+def _skips(rng: np.random.Generator, width: int = 16) -> onnx.ModelProto:
+    """Three MatMuls with skip connections that cross any cut: x feeds layer 2, r0 feeds the output."""
+    weights = [numpy_helper.from_array(_decaying(rng, width, width).astype(np.float32), f"w{i}") for i in range(3)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h0"], name="fc0"),
+        helper.make_node("Relu", ["h0"], ["r0"]),
+        helper.make_node("MatMul", ["r0", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Add", ["h1", "x"], ["a1"]),
+        helper.make_node("MatMul", ["a1", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Add", ["h2", "r0"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "skips",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", width])],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_segmented_calibration_of_a_lazy_model_equals_one_session(tmp_path: Path, rng: np.random.Generator) -> None:
+    """A lazy model run one segment (one weight) at a time, tensors crossing the cuts kept on disk
+    between segments, gives the statistics of the whole model in one session."""
+    from onnxsvd.calibrate import CalibrateConfig, calibrate
+
+    source = _save_external(_skips(rng), tmp_path / "in")
+    x = rng.standard_normal((10, 3, 16)).astype(np.float32)
+
+    def batches():
+        return ({"x": x[i : i + 4]} for i in range(0, 10, 4))
+
+    whole = calibrate(io.load_model(source, lazy=False), batches)
+    lazy = io.load_model(source, lazy=True)
+    progress = []
+    segmented = calibrate(
+        lazy, batches, CalibrateConfig(segment_bytes=1100), progress=lambda d, t, what: progress.append(what),
+        base_dir=source.parent,
+    )
+    # Three segments, one per weight; the last only reads a1, made in the second, so it never runs.
+    assert set(progress) == {"segment 1/3", "segment 2/3"}
+    assert set(segmented.activations) == set(whole.activations) == {"x", "r0", "a1"}
+    for name, stats in whole.activations.items():
+        np.testing.assert_allclose(segmented.activations[name].gram, stats.gram, rtol=1e-6)
+        np.testing.assert_allclose(segmented.activations[name].abs_max, stats.abs_max, rtol=1e-6)
+        assert segmented.activations[name].rows == stats.rows == 30
+    assert sorted(p.name for p in source.parent.iterdir()) == ["model.onnx", "weights.bin"]  # no leftovers
+
+
 def test_lazy_inspect_and_calibrate_read_from_disk(tmp_path: Path, rng: np.random.Generator) -> None:
     source = _save_external(_two_layer(rng), tmp_path)
     data = tmp_path / "calib.npz"

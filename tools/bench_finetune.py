@@ -43,15 +43,17 @@ def score(model: onnx.ModelProto | str, evaluation: dict, reference: np.ndarray,
     }
 
 
-def rewritten_model(minilm: Path, work: Path, ratio: float, threads: int) -> tuple[Path, dict]:
-    """The whitened rewrite at ``ratio`` (made once, then reused), and its kept fractions."""
-    path = work / f"whiten_{ratio:g}.onnx"
-    report_path = work / f"whiten_{ratio:g}.json"
+def rewritten_model(minilm: Path, work: Path, ratio: float, allocate: str = "uniform") -> tuple[Path, dict]:
+    """The whitened rewrite at ``ratio`` with ``allocate`` ranks (made once, then reused), and its kept
+    fractions."""
+    stem = f"whiten_{ratio:g}" if allocate == "uniform" else f"whiten_{allocate}_{ratio:g}"
+    path = work / f"{stem}.onnx"
+    report_path = work / f"{stem}.json"
     if not path.exists() or not report_path.exists():
         tick = time.perf_counter()
         report = onnxsvd.rewrite_file(
             minilm / "model.onnx", path,
-            onnxsvd.RewriteConfig(policy=onnxsvd.RankPolicy("ratio", ratio), method="whiten"),
+            onnxsvd.RewriteConfig(policy=onnxsvd.RankPolicy("ratio", ratio), method="whiten", allocate=allocate),
             data=minilm / CALIBRATION,
         )
         before, after = linear_params(report)
@@ -72,6 +74,8 @@ def main() -> int:
     parser.add_argument("--lr-core", type=float, default=1e-2)
     parser.add_argument("--lr-factors", type=float, default=FinetuneConfig().lr)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--allocate", default="uniform", choices=["uniform", "global"],
+                        help="rank allocation of the whitened starting point")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     ensure_minilm(args.minilm)
@@ -85,7 +89,7 @@ def main() -> int:
 
     rows = []
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        path, info = rewritten_model(args.minilm, args.work, ratio, args.threads)
+        path, info = rewritten_model(args.minilm, args.work, ratio, args.allocate)
         rewritten = onnx.load(str(path))
         row = {"ratio": ratio, **info, "whitened": score(rewritten, evaluation, reference, neighbours, args.threads)}
         print(json.dumps(row), flush=True)
@@ -96,7 +100,7 @@ def main() -> int:
             tick = time.perf_counter()
             result = finetune(rewritten, teacher, calibration, config)
             seconds = time.perf_counter() - tick
-            onnx.save(result.model, str(args.work / f"whiten_{ratio:g}_{form}.onnx"))
+            onnx.save(result.model, str(path.with_name(f"{path.stem}_{form}.onnx")))
             report = result.report
             row[form] = {
                 **score(result.model, evaluation, reference, neighbours, args.threads),

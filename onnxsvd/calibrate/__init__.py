@@ -30,6 +30,7 @@ __all__ = [
     "batch_source",
     "calibrate",
     "calibrate_file",
+    "calibrate_to_file",
     "combine",
 ]
 
@@ -49,6 +50,9 @@ class CalibrateConfig:
         mask_input: ``"auto"`` (use an ``attention_mask``-like ``[B, S]`` input when the model has one),
             an input name, or ``None``: rows where the mask is 0 (padding) are left out of the statistics.
         group_bytes: cap on the activation bytes one run holds per batch; more activations run in groups.
+        segment_bytes: for a model whose weights stay on disk (over 512 MB of external data), the weight
+            bytes one ONNX Runtime session may hold: the model runs in segments of consecutive nodes
+            (``None``: a quarter of its weights, at least 256 MiB).
     """
 
     batch_size: int = 32
@@ -56,6 +60,7 @@ class CalibrateConfig:
     providers: tuple[str, ...] = ("cpu",)
     mask_input: str | None = "auto"
     group_bytes: int = 1 << 30
+    segment_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -123,6 +128,7 @@ def calibrate(
         progress=progress,
         total_batches=total_batches,
         base_dir=str(base_dir) if base_dir is not None else None,
+        segment_bytes=config.segment_bytes,
     )
     return Statistics(fingerprint=fingerprint(model), activations=activations)
 
@@ -146,9 +152,26 @@ def calibrate_file(
         return calibrate(
             model, batches, config, progress=progress, total_batches=count, base_dir=Path(model_path).parent
         )
-    # Each group of activations goes to the file as soon as it is collected: one group in memory.
+    return calibrate_to_file(
+        model, batches, output, config, progress=progress, total_batches=count, base_dir=Path(model_path).parent
+    )
+
+
+def calibrate_to_file(
+    model: onnx.ModelProto,
+    batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+    output: str | os.PathLike[str],
+    config: CalibrateConfig | None = None,
+    progress: Progress | None = None,
+    total_batches: int | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> Statistics:
+    """Like :func:`calibrate`, writing each group of activations to ``output`` as soon as it is collected
+    (one group in memory), atomically; returns the file's statistics, loaded lazily."""
+    from onnxsvd import io
     from onnxsvd.graph import find_sites
 
+    config = config or CalibrateConfig()
     specs = specs_for_sites(find_sites(model).sites)
     with StatisticsWriter(output, io.fingerprint(model)) as writer:
         for group in collect_groups(
@@ -159,8 +182,9 @@ def calibrate_file(
             mask_input=resolve_mask(model, config),
             group_bytes=config.group_bytes,
             progress=progress,
-            total_batches=count,
-            base_dir=str(Path(model_path).parent),
+            total_batches=total_batches,
+            base_dir=str(base_dir) if base_dir is not None else None,
+            segment_bytes=config.segment_bytes,
         ):
             writer.add(group)
     return Statistics.load(output)

@@ -10,6 +10,7 @@ exposing them all in one run would hold too much memory, they are collected in g
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -294,6 +295,7 @@ def collect(
     progress: Progress | None = None,
     total_batches: int | None = None,
     base_dir: str | None = None,
+    segment_bytes: int | None = None,
 ) -> dict[str, ActivationStats]:
     """Run ``model`` on every batch and accumulate each activation's statistics.
 
@@ -307,13 +309,15 @@ def collect(
         progress: callback per batch.
         total_batches: for the progress bar.
         base_dir: the model's folder, for a lazily loaded model.
+        segment_bytes: for a lazily loaded model, the weight bytes one ONNX Runtime session may hold (see
+            :func:`collect_groups`); ``None``: a quarter of the model's weights, at least 256 MiB.
 
     Returns:
         Statistics per spec key.
     """
     results: dict[str, ActivationStats] = {}
     for group_results in collect_groups(
-        model, specs, batches, providers, mask_input, group_bytes, progress, total_batches, base_dir
+        model, specs, batches, providers, mask_input, group_bytes, progress, total_batches, base_dir, segment_bytes
     ):
         results.update(group_results)
     return results
@@ -329,13 +333,35 @@ def collect_groups(
     progress: Progress | None = None,
     total_batches: int | None = None,
     base_dir: str | None = None,
+    segment_bytes: int | None = None,
 ) -> Iterator[dict[str, ActivationStats]]:
     """Like :func:`collect`, yielding each group's statistics as soon as its run is done, so a caller
-    that writes them out holds one group at a time."""
+    that writes them out holds one group at a time.
+
+    A lazily loaded model (weights on disk) whose weights exceed ``segment_bytes`` is run in segments
+    of consecutive nodes holding at most that many weight bytes each, one session at a time, every batch
+    through one segment before the next: the tensors a later segment reads are kept per batch in a
+    temporary folder, so memory holds one segment's weights, never the whole model's.
+    """
     first = next(iter(batches()), None)
     if first is None:
         return
-    groups = _groups(specs, _rows_estimate(first), group_bytes)
+    rows = _rows_estimate(first)
+    from onnxsvd.io import is_lazy
+
+    if is_lazy(model):
+        total = sum(_tensor_bytes(tensor) for tensor in model.graph.initializer)
+        budget = segment_bytes if segment_bytes is not None else max(256 << 20, total // 4)
+        plan = _segment_plan(model, specs, budget) if total > budget else None
+        if plan is not None:
+            # Gram accumulators get the same budget as a segment's weights, so the two together stay
+            # within half the model.
+            group_budget = min(group_bytes, budget)
+            yield from _collect_segments(
+                model, plan, batches, providers, mask_input, group_budget, rows, progress, total_batches, base_dir
+            )
+            return
+    groups = _groups(specs, rows, group_bytes)
     if len(groups) > 1:
         log.info("collecting %d activations in %d groups to bound memory", len(specs), len(groups))
     done = 0
@@ -361,3 +387,193 @@ def collect_groups(
                 progress(done, total, f"{len(group)} activations")
         yield {key: accumulator.result(copy=False) for key, accumulator in accumulators.items()}
         del accumulators
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= int(dim)
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        itemsize = 4
+    return count * itemsize
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Every name ``node`` reads, its subgraphs' outer-scope names included."""
+    from onnxsvd.graph.match import _subgraph_references
+
+    return {name for name in node.input if name} | _subgraph_references(node)
+
+
+@dataclasses.dataclass
+class _Segment:
+    """Consecutive nodes run by one session: what they read from outside (graph inputs and earlier
+    segments' tensors), what later segments need from them, and the activations collected here."""
+
+    nodes: list[onnx.NodeProto]
+    inputs: list[str]
+    carry: list[str]
+    specs: list[ActivationSpec]
+
+
+@dataclasses.dataclass
+class _SegmentPlan:
+    segments: list[_Segment]
+    elem_types: dict[str, int]
+    last_reader: dict[str, int]
+    ids: dict[str, int]  # file names for the tensors kept between segments
+
+
+def _segment_plan(model: onnx.ModelProto, specs: Sequence[ActivationSpec], budget: int) -> _SegmentPlan | None:
+    """Cut the (topologically ordered) nodes into segments of at most ``budget`` weight bytes; ``None``
+    when a tensor crossing a cut has no known type (the whole model then runs in one session)."""
+    graph = model.graph
+    sizes = {tensor.name: _tensor_bytes(tensor) for tensor in graph.initializer}
+    graph_inputs = [value.name for value in graph.input if value.name not in sizes]
+    cuts: list[list[onnx.NodeProto]] = [[]]
+    held: set[str] = set()
+    used = 0
+    for node in graph.node:
+        weights = {name for name in _reads(node) if name in sizes and name not in held}
+        extra = sum(sizes[name] for name in weights)
+        if cuts[-1] and used + extra > budget:
+            cuts.append([])
+            held, used = set(), 0
+            weights = {name for name in _reads(node) if name in sizes}
+            extra = sum(sizes[name] for name in weights)
+        cuts[-1].append(node)
+        held |= weights
+        used += extra
+    if len(cuts) < 2:
+        return None
+
+    producer: dict[str, int] = {name: -1 for name in graph_inputs}  # graph inputs: before segment 0
+    for index, nodes in enumerate(cuts):
+        for node in nodes:
+            producer.update({name: index for name in node.output if name})
+    last_reader: dict[str, int] = {}
+    inputs: list[set[str]] = []
+    for index, nodes in enumerate(cuts):
+        local = {name for node in nodes for name in node.output}
+        outside = {name for node in nodes for name in _reads(node)} - local - set(sizes)
+        inputs.append(outside)
+        for name in outside:
+            last_reader[name] = max(last_reader.get(name, -1), index)
+    by_segment: dict[int, list[ActivationSpec]] = collections.defaultdict(list)
+    for spec in specs:
+        made = producer.get(spec.tensor, -1)
+        if made < 0:  # a graph input: collected by the first segment that reads it
+            made = next((i for i, names in enumerate(inputs) if spec.tensor in names), 0)
+        by_segment[made].append(spec)
+
+    elem_types = _elem_types(model)
+    crossing = {name for names in inputs for name in names}
+    if any(name not in elem_types for name in crossing):
+        log.info("calibration runs the whole model in one session: a tensor between segments has no known type")
+        return None
+    segments = []
+    for index, nodes in enumerate(cuts):
+        carry = sorted(
+            name for name in crossing
+            if producer.get(name) == index and last_reader.get(name, -1) > index
+        )
+        segments.append(_Segment(nodes, sorted(inputs[index]), carry, by_segment.get(index, [])))
+    log.info("calibration runs the model in %d segments of at most %d MiB of weights", len(segments), budget >> 20)
+    return _SegmentPlan(segments, elem_types, last_reader, {name: i for i, name in enumerate(sorted(crossing))})
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor shape inference can tell (a lazy model is cheap to infer on)."""
+    types: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 — inference is a best effort; unknown types turn segmenting off
+        inferred = model
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        elem_type = value.type.tensor_type.elem_type
+        if elem_type:
+            types[value.name] = elem_type
+    return types
+
+
+def _segment_model(model: onnx.ModelProto, segment: _Segment, elem_types: Mapping[str, int]) -> onnx.ModelProto:
+    """A model of the segment's nodes whose inputs are what they read from outside, with only their
+    initializers (still on disk for a lazy model)."""
+    shell = _without_initializers(model)
+    graph = shell.graph
+    del graph.node[:]
+    graph.node.extend(segment.nodes)
+    del graph.input[:]
+    graph.input.extend(onnx.helper.make_tensor_value_info(name, elem_types[name], None) for name in segment.inputs)
+    del graph.value_info[:]
+    needed = {name for node in segment.nodes for name in _reads(node)}
+    graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name in needed)
+    return shell
+
+
+def _collect_segments(
+    model: onnx.ModelProto,
+    plan: _SegmentPlan,
+    batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+    providers: Sequence[str],
+    mask_input: str | None,
+    group_bytes: int,
+    rows: int,
+    progress: Progress | None,
+    total_batches: int | None,
+    base_dir: str | None,
+) -> Iterator[dict[str, ActivationStats]]:
+    """Run the plan segment by segment (see :func:`collect_groups`)."""
+    import tempfile
+    from pathlib import Path
+
+    passes = sum(max(1, len(_groups(segment.specs, rows, group_bytes))) for segment in plan.segments)
+    total = total_batches * passes if total_batches is not None else None
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="onnxsvd-calibrate-") as folder:
+        store = Path(folder)
+
+        def stored(batch_index: int, name: str) -> Path:
+            return store / f"{batch_index}-{plan.ids[name]}.npy"
+
+        for index, segment in enumerate(plan.segments):
+            tensors = [(spec.tensor, spec.elem_type) for spec in segment.specs]
+            tensors += [(name, plan.elem_types[name]) for name in segment.carry]
+            tensors = list(dict.fromkeys(tensors))
+            if not tensors:
+                continue
+            exposed = expose(_segment_model(model, segment, plan.elem_types), tensors)
+            session = session_for(exposed, providers, base_dir=base_dir, spin=False)
+            output_names = [output.name for output in exposed.graph.output]
+            feed_names = [value.name for value in session.get_inputs()]
+            groups = _groups(segment.specs, rows, group_bytes) if segment.specs else [[]]
+            for group_index, group in enumerate(groups):
+                accumulators = {spec.key: StatsAccumulator(spec.channels) for spec in group}
+                workspace = Workspace()
+                for batch_index, batch in enumerate(batches()):
+                    feed = {
+                        name: batch[name] if name in batch else np.load(stored(batch_index, name))
+                        for name in feed_names
+                    }
+                    values = dict(zip([name for name, _ in tensors], session.run(output_names, feed), strict=True))
+                    if group_index == 0:
+                        for name in segment.carry:
+                            np.save(stored(batch_index, name), values[name])
+                    mask = batch.get(mask_input) if mask_input else None
+                    for spec in group:
+                        rows_seen = rows_of(values[spec.tensor], spec.channel_axis, mask, workspace)  # [T, K]
+                        accumulators[spec.key].update(rows_seen, workspace)
+                    del values, feed
+                    done += 1
+                    if progress is not None:
+                        progress(done, total, f"segment {index + 1}/{len(plan.segments)}")
+                if group:
+                    yield {key: accumulator.result(copy=False) for key, accumulator in accumulators.items()}
+                del accumulators
+            del session
+            for name, last in plan.last_reader.items():  # tensors no later segment reads
+                if last == index:
+                    for path in store.glob(f"*-{plan.ids[name]}.npy"):
+                        path.unlink()
