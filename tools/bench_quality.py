@@ -33,6 +33,7 @@ import onnx
 
 from onnxsvd.calibrate import CalibrateConfig, batch_source, calibrate
 from onnxsvd.calibrate.collect import find_mask_input, session_for
+from onnxsvd.finetune import FinetuneConfig, finetune
 from onnxsvd.sequential import rewrite_sequential
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +87,14 @@ def main() -> int:
     parser.add_argument("--methods", default="svd,asvd,whiten,whiten+sequential,whiten+global")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--damping", type=float, default=1e-2)
+    parser.add_argument("--finetune-data", type=Path, default=None,
+                        help="samples for +finetune rows (calibration, sensitivities and fine-tuning; 10%% held "
+                             "out); default: calib_2000.npz beside the model")
+    parser.add_argument("--finetune-steps", type=int, default=FinetuneConfig().steps)
+    parser.add_argument("--finetune-lr", type=float, default=FinetuneConfig().lr)
+    parser.add_argument("--finetune-train", default=FinetuneConfig().train, choices=["core", "factors"])
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an existing quality.json for the (method, ratio) pairs not run now")
     parser.add_argument("--timing-only", action="store_true",
                         help="only time calibration against the model, and the sequential rewrite at 0.5, "
                              "three times each on a quiet machine; writes timing.json/.md")
@@ -113,30 +122,46 @@ def main() -> int:
 
     reference = embed(model, evaluation, args.threads)
     reference_neighbours = nearest_neighbours(reference)
+    tuning = Tuning(args, model)
     rows = []
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for method in args.methods.split(","):
-            base, _, variant = method.partition("+")
+            base, *flags = method.split("+")
+            unknown = set(flags) - {"sequential", "global", "finetune"}
+            if unknown:
+                parser.error(f"unknown method variant(s) {sorted(unknown)} in {method!r}")
             rewrite_config = onnxsvd.RewriteConfig(
                 policy=onnxsvd.RankPolicy("ratio", ratio),
                 method=base,
                 damping=args.damping,
-                allocate="global" if variant == "global" else "uniform",
+                allocate="global" if "global" in flags else "uniform",
+            )
+            # Fine-tuned rows start from a rewrite calibrated on the fine-tuning set (issue 6: ~2,000 sentences).
+            method_statistics, method_batches = (
+                tuning.calibration() if "finetune" in flags else (statistics, batches)
             )
             tick = time.perf_counter()
-            if variant == "sequential":
+            if "sequential" in flags:
                 result = rewrite_sequential(
-                    model, rewrite_config, batches, mask_input=find_mask_input(model)
+                    model, rewrite_config, method_batches, mask_input=find_mask_input(model)
                 )
             else:
                 result = onnxsvd.rewrite(
                     model,
                     rewrite_config,
-                    statistics if base != "svd" else None,
-                    batches=batches if variant == "global" else None,
+                    method_statistics if base != "svd" else None,
+                    batches=method_batches if "global" in flags else None,
                 )
             seconds = time.perf_counter() - tick
-            candidate = embed(result.model, evaluation, args.threads)
+            rewritten, extra = result.model, {}
+            if "finetune" in flags:
+                start = embed(rewritten, evaluation, args.threads)
+                rewritten, extra = tuning.finetune(rewritten)
+                extra["before_finetune"] = {
+                    "mean_cosine": mean_cosine(reference, start),
+                    "nn_agreement": float(np.mean(nearest_neighbours(start) == reference_neighbours)),
+                }
+            candidate = embed(rewritten, evaluation, args.threads)
             before, after = linear_params(result.report)
             row = {
                 "method": method,
@@ -146,9 +171,17 @@ def main() -> int:
                 "mean_cosine": mean_cosine(reference, candidate),
                 "nn_agreement": float(np.mean(nearest_neighbours(candidate) == reference_neighbours)),
                 "rewrite_seconds": seconds,
+                **extra,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+            with open(args.out / "quality.partial.jsonl", "a") as partial:  # survives an interrupted run
+                partial.write(json.dumps(row) + "\n")
+    if args.merge and (args.out / "quality.json").exists():
+        fresh = {(row["method"], row["ratio"]) for row in rows}
+        kept = [row for row in json.loads((args.out / "quality.json").read_text())["rows"]
+                if (row["method"], row["ratio"]) not in fresh]
+        rows = kept + rows
 
     summary = {
         "model": "all-MiniLM-L6-v2 (36 constant MatMuls), mean-pooled sentence_embedding",
@@ -158,6 +191,7 @@ def main() -> int:
         "model_seconds_on_calibration": model_seconds,
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, threads={args.threads}",
         "damping": args.damping,
+        "finetune": tuning.describe(),
         "rows": rows,
     }
     (args.out / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -165,6 +199,40 @@ def main() -> int:
     plot(rows, args.out / "quality.png")
     print((args.out / "quality.md").read_text())
     return 0
+
+
+class Tuning:
+    """The ``+finetune`` rows' data (calibrated once, on first use) and fine-tuning."""
+
+    def __init__(self, args: argparse.Namespace, model: onnx.ModelProto) -> None:
+        self.args, self.model = args, model
+        self.path = args.finetune_data or args.minilm / "calib_2000.npz"
+        self.cached: tuple | None = None
+
+    def calibration(self) -> tuple:
+        if self.cached is None:
+            config = CalibrateConfig(batch_size=64)
+            batches, count = batch_source(self.path, self.model, config)
+            self.cached = (calibrate(self.model, batches, config, total_batches=count), batches)
+        return self.cached
+
+    def finetune(self, rewritten: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+        config = FinetuneConfig(train=self.args.finetune_train, steps=self.args.finetune_steps,
+                                lr=self.args.finetune_lr, threads=self.args.threads)
+        tick = time.perf_counter()
+        result = finetune(rewritten, self.model, dict(np.load(self.path)), config)
+        report = result.report
+        return result.model, {
+            "finetune_seconds": time.perf_counter() - tick,
+            "finetune_steps_run": report.steps_run,
+            "finetune_best_step": report.best_step,
+            "heldout_before": report.heldout_before,
+            "heldout_after": report.heldout_after,
+        }
+
+    def describe(self) -> dict:
+        return {"data": self.path.name, "train": self.args.finetune_train, "steps": self.args.finetune_steps,
+                "lr": self.args.finetune_lr}
 
 
 def timing(args: argparse.Namespace, model: onnx.ModelProto, model_path: Path, calib: dict) -> int:

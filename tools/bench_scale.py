@@ -4,11 +4,14 @@ For each size, makes the model with tools/make_synthetic.py (external data) unle
 under ``/usr/bin/time -v``, each as its own process:
 
 - ``onnxsvd rewrite model.onnx -o small.onnx --ratio 0.25`` (the output is checked to run in ONNX Runtime),
+- ``onnxsvd calibrate model.onnx --data calib.npz -o stats.npz`` on 16 random sequences of 32 tokens,
+- ``onnxsvd inspect model.onnx`` (``--with-inspect``: it computes every weight's spectrum, which is slow),
 - ``onnxslim model.onnx slim.onnx`` — the tool a user has today, as the baseline for time and memory,
 
 and writes docs/results/scale.json and docs/results/scale.md.
 
     python tools/bench_scale.py [--sizes small,medium,large] [--work build/synthetic] [--skip-slim]
+        [--skip-calibrate] [--with-inspect]
 """
 
 from __future__ import annotations
@@ -73,10 +76,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--skip-slim", action="store_true", help="do not run the onnxslim baseline")
+    parser.add_argument("--skip-calibrate", action="store_true", help="do not measure onnxsvd calibrate")
+    parser.add_argument("--with-inspect", action="store_true", help="also measure onnxsvd inspect")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     onnxsvd = [sys.executable, "-m", "onnxsvd"]
     slim = shutil.which("onnxslim")
+    load_at_start = os.getloadavg()
     rows = []
     for name in args.sizes.split(","):
         width, layers = SIZES[name]
@@ -101,6 +107,27 @@ def main() -> int:
             "output_runs": runs(output, width) if rewrite["exit_code"] == 0 else False,
             "memory_bound_gib": 0.5 * size / 2**30 + 1.0,
         }
+        if not args.skip_calibrate:
+            data = folder / "calib.npz"
+            samples = np.random.default_rng(0).standard_normal((16, 32, width)).astype(np.float32)
+            np.savez(data, x=samples)
+            stats = folder / "stats.npz"
+            measured = timed([*onnxsvd, "calibrate", str(model), "--data", str(data), "-o", str(stats)],
+                             folder / "calibrate.log")
+            row.update({
+                "calibrate_seconds": measured["seconds"],
+                "calibrate_peak_rss_gib": measured["peak_rss_mib"] / 1024 if measured["peak_rss_mib"] else None,
+                "calibrate_exit_code": measured["exit_code"],
+                "stats_gib": stats.stat().st_size / 2**30 if stats.exists() else None,
+            })
+            stats.unlink(missing_ok=True)
+        if args.with_inspect:
+            measured = timed([*onnxsvd, "inspect", str(model)], folder / "inspect.log")
+            row.update({
+                "inspect_seconds": measured["seconds"],
+                "inspect_peak_rss_gib": measured["peak_rss_mib"] / 1024 if measured["peak_rss_mib"] else None,
+                "inspect_exit_code": measured["exit_code"],
+            })
         if slim and not args.skip_slim:
             slimmed = folder / "slim.onnx"
             baseline = timed([slim, str(model), str(slimmed)], folder / "slim.log")
@@ -116,6 +143,7 @@ def main() -> int:
     summary = {
         "ratio": args.ratio,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
         "gpu_svd": "not measured: no GPU on this machine (use --device cuda where torch sees one)",
         "rows": rows,
@@ -125,17 +153,20 @@ def main() -> int:
         f"Synthetic decoders (tools/make_synthetic.py), `onnxsvd rewrite --ratio {args.ratio}` against `onnxslim`, "
         f"each a separate process under /usr/bin/time -v ({summary['machine']}).",
         "",
-        "| model | size GiB | onnxsvd s | onnxsvd peak GiB | bound 0.5·S+1 GiB | output GiB | output runs "
-        "| onnxslim s | onnxslim peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | size GiB | bound 0.5·S+1 GiB | rewrite s | rewrite peak GiB | output GiB | output runs "
+        "| calibrate s | calibrate peak GiB | inspect s | inspect peak GiB | onnxslim s | onnxslim peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         def cell(value, fmt="{:.2f}"):
             return fmt.format(value) if isinstance(value, (int, float)) and value is not None else "-"
         lines.append(
             f"| {row['model']} (d={row['width']}, {row['layers']} layers) | {cell(row['model_gib'])} "
+            f"| {cell(row['memory_bound_gib'])} "
             f"| {cell(row['onnxsvd_seconds'], '{:.0f}')} | {cell(row['onnxsvd_peak_rss_gib'])} "
-            f"| {cell(row['memory_bound_gib'])} | {cell(row['output_gib'])} | {row['output_runs']} "
+            f"| {cell(row['output_gib'])} | {row['output_runs']} "
+            f"| {cell(row.get('calibrate_seconds'), '{:.0f}')} | {cell(row.get('calibrate_peak_rss_gib'))} "
+            f"| {cell(row.get('inspect_seconds'), '{:.0f}')} | {cell(row.get('inspect_peak_rss_gib'))} "
             f"| {cell(row.get('onnxslim_seconds'), '{:.0f}')} | {cell(row.get('onnxslim_peak_rss_gib'))} |"
         )
     lines += ["", f"GPU SVD: {summary['gpu_svd']}."]

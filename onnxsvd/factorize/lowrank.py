@@ -126,14 +126,22 @@ def whitening_metric(gram: np.ndarray, damping: float = 1e-2) -> Metric:
     if scale <= 0.0:
         raise FactorizationError("degenerate statistics: activations are all zero")
     floor = max(damping, 1e-10) * scale
-    symmetric = 0.5 * (gram + gram.T)  # [K, K]
-    damped = symmetric + floor * np.eye(gram.shape[0])  # [K, K]
+    # One K×K buffer beside the Gram, worked on in place (a wide site's Gram is hundreds of MB): the
+    # symmetrised, damped Gram, then its Cholesky factor.
+    damped = np.add(gram, gram.T)  # [K, K]
+    damped *= 0.5
+    damped[np.diag_indices_from(damped)] += floor
     try:
-        lower = np.linalg.cholesky(damped)  # [K, K], damped = L Lᵀ
+        # damped.T is the same symmetric matrix in Fortran order, so LAPACK factors it in place: Uᵀ U = damped.
+        upper = scipy.linalg.cholesky(damped.T, lower=False, overwrite_a=True, check_finite=False)  # [K, K]
+        lower = upper.T  # [K, K], damped = L Lᵀ
         if np.all(np.isfinite(lower)) and np.min(np.abs(np.diag(lower))) > 0.0:
             return Metric("cholesky", lower=lower)
-    except np.linalg.LinAlgError:
+    except (np.linalg.LinAlgError, ValueError):
         pass
+    del damped
+    symmetric = np.add(gram, gram.T)  # [K, K]
+    symmetric *= 0.5
     eigenvalues, eigenvectors = np.linalg.eigh(symmetric)  # [K], [K, K]
     eigenvalues = np.maximum(eigenvalues, 0.0) + floor  # [K], all ≥ floor > 0
     return Metric("eigen", lower=eigenvectors * np.sqrt(eigenvalues)[None, :])  # Q Λ^½: [K, K]
