@@ -23,7 +23,8 @@ class FinetuneConfig:
             ``diag(σ) + X·Y`` trained).
         steps: optimisation steps at most (one batch each).
         lr: Adam's step size relative to each trained tensor's scale (its RMS at the start): 1e-3 moves
-            every tensor by about 0.1% of its size per step, whatever the factors' absolute scale.
+            every tensor by about 0.1% of its size per step, whatever the factors' absolute scale. The
+            default, 3e-3, is what the MiniLM-L6 benchmark trains whole factors with.
         schedule: ``"cosine"`` (decay to a tenth of ``lr`` at ``steps``) or ``"constant"``.
         warmup_steps: steps of linear warm-up from near zero to ``lr``.
         lora_rank: R, the rank of the core's update ``X·Y`` (``core`` only).
@@ -47,7 +48,7 @@ class FinetuneConfig:
 
     train: str = "factors"
     steps: int = 300
-    lr: float = 1e-3
+    lr: float = 3e-3
     schedule: str = "cosine"
     warmup_steps: int = 10
     lora_rank: int = 8
