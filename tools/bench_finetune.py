@@ -74,6 +74,8 @@ def main() -> int:
     parser.add_argument("--lr-core", type=float, default=1e-2)
     parser.add_argument("--lr-factors", type=float, default=FinetuneConfig().lr)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--augment", type=float, default=0.0,
+                        help="FinetuneConfig.augment: share of tokens replaced in each training batch")
     parser.add_argument("--allocate", default="uniform", choices=["uniform", "global"],
                         help="rank allocation of the whitened starting point")
     args = parser.parse_args()
@@ -96,7 +98,7 @@ def main() -> int:
         for form in args.forms.split(","):
             lr = args.lr_core if form == "core" else args.lr_factors
             config = FinetuneConfig(train=form, steps=args.steps, lr=lr, batch_size=args.batch_size,
-                                    threads=args.threads)
+                                    threads=args.threads, augment=args.augment)
             tick = time.perf_counter()
             result = finetune(rewritten, teacher, calibration, config)
             seconds = time.perf_counter() - tick
@@ -126,6 +128,8 @@ def main() -> int:
         "evaluation_sentences": int(len(evaluation["input_ids"])),
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "allocate": args.allocate,
+        "augment": args.augment,
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, threads={args.threads}",
         "rows": rows,
     }
@@ -138,10 +142,13 @@ def main() -> int:
 def write_markdown(summary: dict, path: Path) -> None:
     forms = [form for form in ("core", "factors") if any(form in row for row in summary["rows"])]
     lines = [
-        f"MiniLM-L6 whitened with uniform ranks, calibrated and fine-tuned on {summary['calibration_sentences']} "
+        f"MiniLM-L6 whitened with {summary.get('allocate', 'uniform')} ranks, calibrated and fine-tuned on "
+        f"{summary['calibration_sentences']} "
         f"sentences (10% held out), evaluated on {summary['evaluation_sentences']} other sentences: mean cosine of "
         "sentence embeddings to the original (nearest-neighbour agreement). At most "
-        f"{summary['steps']} steps of {summary['batch_size']} sentences, early stopping; {summary['machine']}.",
+        f"{summary['steps']} steps of {summary['batch_size']} sentences, early stopping"
+        + (f", {summary['augment']:g} of the tokens replaced (--augment)" if summary.get("augment") else "")
+        + f"; {summary['machine']}.",
         "",
         "| kept linear params | whitened | " + " | ".join(f"+ finetune {form}" for form in forms)
         + " | " + " | ".join(f"{form}: steps (best), minutes" for form in forms) + " |",
