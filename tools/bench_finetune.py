@@ -74,6 +74,8 @@ def main() -> int:
     parser.add_argument("--lr-core", type=float, default=1e-2)
     parser.add_argument("--lr-factors", type=float, default=FinetuneConfig().lr)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--patience", type=int, default=FinetuneConfig().patience,
+                        help="held-out evaluations (every 25 steps) without improvement before stopping")
     parser.add_argument("--augment", type=float, default=0.0,
                         help="FinetuneConfig.augment: share of tokens replaced in each training batch")
     parser.add_argument("--allocate", default="uniform", choices=["uniform", "global"],
@@ -98,7 +100,7 @@ def main() -> int:
         for form in args.forms.split(","):
             lr = args.lr_core if form == "core" else args.lr_factors
             config = FinetuneConfig(train=form, steps=args.steps, lr=lr, batch_size=args.batch_size,
-                                    threads=args.threads, augment=args.augment)
+                                    threads=args.threads, augment=args.augment, patience=args.patience)
             tick = time.perf_counter()
             result = finetune(rewritten, teacher, calibration, config)
             seconds = time.perf_counter() - tick
@@ -130,6 +132,7 @@ def main() -> int:
         "batch_size": args.batch_size,
         "allocate": args.allocate,
         "augment": args.augment,
+        "patience": args.patience,
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, threads={args.threads}",
         "rows": rows,
     }
