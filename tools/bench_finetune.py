@@ -160,7 +160,7 @@ def write_markdown(summary: dict, path: Path) -> None:
     for row in summary["rows"]:
         cells = [f"{row['kept_linear_params']:.0%}",
                  f"{row['whitened']['mean_cosine']:.3f} ({row['whitened']['nn_agreement']:.2f})"]
-        cells += [f"{row[f]['mean_cosine']:.3f} ({row[f]['nn_agreement']:.2f})" if f in row else "-" for f in forms]
+        cells += [f"{row[f]['mean_cosine']:.3f} ({row[f]['nn_agreement']:.3f})" if f in row else "-" for f in forms]
         cells += [f"{row[f]['steps_run']} ({row[f]['best_step']}), {row[f]['seconds'] / 60:.1f}" if f in row else "-"
                   for f in forms]
         lines.append("| " + " | ".join(cells) + " |")
