@@ -32,6 +32,7 @@ __all__ = [
     "external_tensors",
     "tensor_array",
     "is_lazy",
+    "tensor_bytes",
     "temporary_model_path",
     "check_model",
     "check_output_path",
@@ -124,8 +125,7 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path, where: str = "mo
                 "copy it beside the model"
             )
         offset = int(fields.get("offset", 0) or 0)
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        length = int(fields["length"]) if fields.get("length") else _elements(tensor.dims) * itemsize
+        length = int(fields["length"]) if fields.get("length") else tensor_bytes(tensor)
         if offset + length > target.stat().st_size:
             raise ModelError(
                 f"{where}: external data file {location!r} is shorter than tensor {tensor.name!r} needs "
@@ -376,8 +376,7 @@ def _copy_external(tensor: onnx.TensorProto, base_dir: Path | None, sink: object
     fields = _external_fields(tensor)
     source = base_dir / fields["location"]
     start = int(fields.get("offset", 0) or 0)
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    length = int(fields["length"]) if fields.get("length") else _elements(tensor.dims) * itemsize
+    length = int(fields["length"]) if fields.get("length") else tensor_bytes(tensor)
     with open(source, "rb") as handle:
         handle.seek(start)
         left = length
@@ -447,6 +446,11 @@ def count_parameters(model: onnx.ModelProto) -> int:
                 if attribute.name == "value":
                     total += _elements(attribute.t.dims)
     return total
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of the tensor's values from its shape and dtype (no data is read)."""
+    return _elements(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def _elements(dims: object) -> int:

@@ -20,6 +20,7 @@ import onnx
 
 from onnxsvd.calibrate.stats import ActivationStats, StatsAccumulator, Workspace
 from onnxsvd.graph.match import Site
+from onnxsvd.io import is_lazy, tensor_bytes
 
 __all__ = [
     "ActivationSpec",
@@ -169,7 +170,7 @@ def session_for(
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if isinstance(model, str):
         return ort.InferenceSession(model, options, providers=names)
-    from onnxsvd.io import is_lazy, temporary_model_path
+    from onnxsvd.io import temporary_model_path
 
     if is_lazy(model):
         with temporary_model_path(model, base_dir) as path:
@@ -347,10 +348,8 @@ def collect_groups(
     if first is None:
         return
     rows = _rows_estimate(first)
-    from onnxsvd.io import is_lazy
-
     if is_lazy(model):
-        total = sum(_tensor_bytes(tensor) for tensor in model.graph.initializer)
+        total = sum(tensor_bytes(tensor) for tensor in model.graph.initializer)
         budget = segment_bytes if segment_bytes is not None else max(256 << 20, total // 4)
         plan = _segment_plan(model, specs, budget) if total > budget else None
         if plan is not None:
@@ -389,17 +388,6 @@ def collect_groups(
         del accumulators
 
 
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    count = 1
-    for dim in tensor.dims:
-        count *= int(dim)
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        itemsize = 4
-    return count * itemsize
-
-
 def _reads(node: onnx.NodeProto) -> set[str]:
     """Every name ``node`` reads, its subgraphs' outer-scope names included."""
     from onnxsvd.graph.match import _subgraph_references
@@ -430,7 +418,7 @@ def _segment_plan(model: onnx.ModelProto, specs: Sequence[ActivationSpec], budge
     """Cut the (topologically ordered) nodes into segments of at most ``budget`` weight bytes; ``None``
     when a tensor crossing a cut has no known type (the whole model then runs in one session)."""
     graph = model.graph
-    sizes = {tensor.name: _tensor_bytes(tensor) for tensor in graph.initializer}
+    sizes = {tensor.name: tensor_bytes(tensor) for tensor in graph.initializer}
     graph_inputs = [value.name for value in graph.input if value.name not in sizes]
     cuts: list[list[onnx.NodeProto]] = [[]]
     held: set[str] = set()
