@@ -65,6 +65,8 @@ class CalibrateConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.segment_bytes is not None and self.segment_bytes < 1:
+            raise UsageError(f"segment_bytes must be at least 1, got {self.segment_bytes}")
         if self.max_samples is not None and self.max_samples < 1:
             raise UsageError(f"--max-samples must be at least 1, got {self.max_samples}")
         for provider in self.providers:
