@@ -21,7 +21,7 @@ from onnxsvd.finetune.forms import balanced_split, product_svd  # noqa: E402
 from onnxsvd.finetune.sites import find_factor_pairs  # noqa: E402
 from onnxsvd.finetune.student import Student, fold_back  # noqa: E402
 from onnxsvd.finetune.torch_graph import TorchGraph  # noqa: E402
-from onnxsvd.finetune.train import _layout, _Samples  # noqa: E402
+from onnxsvd.finetune.train import _layout, _relation_error, _Samples  # noqa: E402
 from tests.conftest import MODELS, REPO  # noqa: E402
 from tests.models import gemm_case, make_model, relative_error, run  # noqa: E402
 
@@ -463,6 +463,28 @@ def test_finetune_is_deterministic(mlp_pair) -> None:
     ]
 
 
+def test_relation_error_compares_cosine_similarities(rng: np.random.Generator) -> None:
+    teacher = rng.standard_normal((6, 5))
+    student = teacher + 0.3 * rng.standard_normal((6, 5))
+    total, count = _relation_error(torch.from_numpy(student), torch.from_numpy(teacher))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    expected = (unit(student) @ unit(student).T - unit(teacher) @ unit(teacher).T) ** 2
+    assert count == 30 and float(total) == pytest.approx(expected.sum(), rel=1e-5)
+    scaled = teacher * rng.uniform(0.5, 3.0, size=(6, 1))  # each sample's length changed, not its direction
+    assert float(_relation_error(torch.from_numpy(scaled), torch.from_numpy(teacher))[0]) < 1e-10
+
+
+def test_relation_weight_adds_a_similarity_term_and_training_lowers_it(mlp_pair) -> None:
+    teacher, rewritten, data = mlp_pair
+    plain = finetune(rewritten, teacher, data, FinetuneConfig(steps=0)).report
+    config = FinetuneConfig(train="factors", steps=120, lr=1e-2, eval_every=20, relation_weight=1.0)
+    related = finetune(rewritten, teacher, data, config).report
+    assert related.heldout_before > plain.heldout_before  # the held-out loss includes the relational term
+    assert related.heldout_after < 0.7 * related.heldout_before and not related.notes
+    with pytest.raises(UsageError, match="--relation-weight"):
+        FinetuneConfig(relation_weight=-1.0)
+
+
 def test_finetune_refuses_a_model_without_factors(mlp_pair) -> None:
     teacher, _, data = mlp_pair
     with pytest.raises(UsageError, match="no factorized sites"):
@@ -497,11 +519,22 @@ def test_padding_is_trimmed_and_masked(rng: np.random.Generator) -> None:
                          FinetuneConfig(train="factors", steps=40, lr=1e-2, eval_every=10, augment=0.2))
     assert augmented.report.heldout_after < augmented.report.heldout_before and not augmented.report.notes
 
+    related = finetune(rewritten, teacher, data,
+                       FinetuneConfig(train="factors", steps=40, lr=1e-2, eval_every=10, relation_weight=1.0))
+    assert related.report.heldout_after < related.report.heldout_before and not related.report.notes
+    pooled = finetune(rewritten, teacher, data,
+                      FinetuneConfig(train="factors", steps=40, lr=1e-2, eval_every=10, outputs=("pooled",)))
+    assert pooled.report.outputs == ["pooled"] and pooled.report.heldout_after < pooled.report.heldout_before
+    with pytest.raises(UsageError, match=r"--outputs logits: .*choose from hidden, pooled"):
+        finetune(rewritten, teacher, data, FinetuneConfig(steps=1, outputs=("logits",)))
+
     layout = _layout(rewritten, trim=True)
     assert layout.mask == "attention_mask" and layout.sequence_outputs == {"hidden"}
     samples = _Samples({**data, "token_type_ids": np.zeros_like(ids)}, dataclasses.replace(
         layout, sequence_inputs=layout.sequence_inputs | {"token_type_ids"}))
     assert samples.lengths is not None and samples.lengths.tolist() == lengths.tolist()
+    samples.outputs = {"hidden": np.zeros((80, 12, 16)), "pooled": np.zeros((80, 16)), "score": np.zeros((80, 1))}
+    assert samples.relational() == ["pooled"]  # not the sequence output, nor one value per sample
     batch = samples.epoch(np.arange(80), 16, np.random.default_rng(0))[0]
     feeds, _ = samples.feeds(batch)
     assert feeds["input_ids"].shape[1] == lengths[batch].max()
@@ -540,7 +573,8 @@ def test_cli_finetune_writes_model_and_report(tmp_path: Path, mlp_pair, capsys: 
     np.savez(tmp_path / "data.npz", **data)
     code = main(["finetune", str(tmp_path / "small.onnx"), "--teacher", str(MLP), "--data", str(tmp_path / "data.npz"),
                  "-o", str(tmp_path / "tuned.onnx"), "--train", "core", "--steps", "30", "--lr", "1e-2",
-                 "--eval-every", "10", "--seed", "1", "--report", str(tmp_path / "report.json")])
+                 "--eval-every", "10", "--seed", "1", "--relation-weight", "0.5",
+                 "--report", str(tmp_path / "report.json")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "held-out loss:" in captured.out
@@ -548,8 +582,18 @@ def test_cli_finetune_writes_model_and_report(tmp_path: Path, mlp_pair, capsys: 
     assert structure(tuned) == structure(rewritten)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["train"] == "core" and report["config"]["seed"] == 1
+    assert report["config"]["relation_weight"] == 0.5 and not report["notes"]
     assert report["heldout_after"] <= report["heldout_before"]
     code = main(["finetune", str(tmp_path / "small.onnx"), "--teacher", str(MLP), "--data", str(tmp_path / "data.npz"),
                  "-o", str(tmp_path / "x.onnx"), "--val-split", "1.5"])
     captured = capsys.readouterr()
     assert code == 2 and "--val-split" in captured.err and len(captured.err.strip().splitlines()) == 1
+    code = main(["finetune", str(tmp_path / "small.onnx"), "--teacher", str(MLP), "--data", str(tmp_path / "data.npz"),
+                 "-o", str(tmp_path / "x.onnx"), "--relation-weight", "-1"])
+    captured = capsys.readouterr()
+    assert code == 2 and "--relation-weight" in captured.err and len(captured.err.strip().splitlines()) == 1
+    code = main(["finetune", str(tmp_path / "small.onnx"), "--teacher", str(MLP), "--data", str(tmp_path / "data.npz"),
+                 "-o", str(tmp_path / "x.onnx"), "--outputs", "embedding"])
+    captured = capsys.readouterr()
+    assert code == 2 and "--outputs embedding" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()

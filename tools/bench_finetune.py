@@ -78,6 +78,14 @@ def main() -> int:
                         help="held-out evaluations (every 25 steps) without improvement before stopping")
     parser.add_argument("--augment", type=float, default=0.0,
                         help="FinetuneConfig.augment: share of tokens replaced in each training batch")
+    parser.add_argument("--relation-weight", type=float, default=FinetuneConfig().relation_weight,
+                        help="FinetuneConfig.relation_weight: weight of the pooled embeddings' similarity term")
+    parser.add_argument("--match-activations", action="store_true",
+                        help="FinetuneConfig.match_activations: also distil every site's output")
+    parser.add_argument("--activation-weight", type=float, default=FinetuneConfig().activation_weight)
+    parser.add_argument("--outputs", default="",
+                        help="FinetuneConfig.outputs: outputs to distil, comma-separated (default: all)")
+    parser.add_argument("--tag", default="finetune", help="stem of the JSON and markdown files written to --out")
     parser.add_argument("--allocate", default="uniform", choices=["uniform", "global"],
                         help="rank allocation of the whitened starting point")
     args = parser.parse_args()
@@ -100,11 +108,15 @@ def main() -> int:
         for form in args.forms.split(","):
             lr = args.lr_core if form == "core" else args.lr_factors
             config = FinetuneConfig(train=form, steps=args.steps, lr=lr, batch_size=args.batch_size,
-                                    threads=args.threads, augment=args.augment, patience=args.patience)
+                                    threads=args.threads, augment=args.augment, patience=args.patience,
+                                    relation_weight=args.relation_weight,
+                                    match_activations=args.match_activations,
+                                    activation_weight=args.activation_weight,
+                                    outputs=tuple(name for name in args.outputs.split(",") if name))
             tick = time.perf_counter()
             result = finetune(rewritten, teacher, calibration, config)
             seconds = time.perf_counter() - tick
-            onnx.save(result.model, str(path.with_name(f"{path.stem}_{form}.onnx")))
+            onnx.save(result.model, str(path.with_name(f"{path.stem}_{form}_{args.tag}.onnx")))
             report = result.report
             row[form] = {
                 **score(result.model, evaluation, reference, neighbours, args.threads),
@@ -132,13 +144,17 @@ def main() -> int:
         "batch_size": args.batch_size,
         "allocate": args.allocate,
         "augment": args.augment,
+        "relation_weight": args.relation_weight,
+        "match_activations": args.match_activations,
+        "activation_weight": args.activation_weight,
         "patience": args.patience,
+        "outputs": args.outputs or "all",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, threads={args.threads}",
         "rows": rows,
     }
-    (args.out / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_markdown(summary, args.out / "finetune.md")
-    print((args.out / "finetune.md").read_text())
+    (args.out / f"{args.tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_markdown(summary, args.out / f"{args.tag}.md")
+    print((args.out / f"{args.tag}.md").read_text())
     return 0
 
 

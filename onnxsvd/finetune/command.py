@@ -81,8 +81,17 @@ def _progress(console: Console, steps: int) -> tuple[Any, Any]:
 @click.option("--augment", type=float, default=_DEFAULTS.augment, show_default=True,
               help="Probability of replacing each real token by a random one of the data in a training batch "
                    "(token models with an attention mask); the teacher labels each such batch afresh.")
+@click.option("--outputs", "outputs_text", default="", metavar="NAMES",
+              help="Outputs to distil, comma-separated (for example the pooled embedding a deployment reads) "
+                   "[default: every float output of both models].")
 @click.option("--match-activations", is_flag=True, default=_DEFAULTS.match_activations,
               help="Also distil every site's output (the teacher runs in torch on each batch).")
+@click.option("--activation-weight", type=float, default=_DEFAULTS.activation_weight, show_default=True,
+              help="Weight of the matched activations' term against the outputs' term (--match-activations).")
+@click.option("--relation-weight", type=float, default=_DEFAULTS.relation_weight, show_default=True,
+              help="Weight of a term that distils the cosine similarities between the samples of a batch, for "
+                   "every output without a sequence axis (a pooled embedding): what nearest-neighbour search "
+                   "sees. 0 turns it off.")
 @click.option("--device", type=click.Choice(DEVICES), default=_DEFAULTS.device, show_default=True,
               help="Where torch trains.")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
@@ -106,7 +115,10 @@ def finetune_command(
     eval_every: int,
     patience: int,
     augment: float,
+    outputs_text: str,
     match_activations: bool,
+    activation_weight: float,
+    relation_weight: float,
     device: str,
     seed: int,
     threads: int | None,
@@ -124,7 +136,9 @@ def finetune_command(
     config = FinetuneConfig(
         train=train, steps=steps, lr=lr, schedule=schedule, warmup_steps=warmup_steps, lora_rank=lora_rank,
         val_split=val_split, batch_size=batch_size, eval_every=eval_every, patience=patience, augment=augment,
-        match_activations=match_activations, device=device, seed=seed, threads=threads,
+        outputs=tuple(name.strip() for name in outputs_text.split(",")) if outputs_text else (),
+        match_activations=match_activations, activation_weight=activation_weight,
+        relation_weight=relation_weight, device=device, seed=seed, threads=threads,
     )
     if report_path is not None:
         io.check_output_path(report_path, rewritten, force=False)

@@ -37,8 +37,16 @@ class FinetuneConfig:
         augment: with a token mask, the probability of replacing each real token of the integer sequence
             inputs by a random token of the data for a training step; the teacher labels each such batch
             afresh (ONNX Runtime), so the student sees new inputs every epoch. 0 turns it off.
+        outputs: the model outputs to distil, by name; empty: every float output both models have. Naming
+            only the outputs a deployment reads (a pooled embedding, say) spends the factors' capacity on
+            them alone.
         match_activations: also distil the site outputs (same tensor names in both models).
         activation_weight: weight of the activation term against the outputs' term.
+        relation_weight: weight of a relational term for every output without a sequence axis (a pooled
+            embedding, logits): the squared difference between the student's and the teacher's cosine
+            similarity matrices over each batch, relative to the variance of the teacher's similarities.
+            It distils which samples lie near which (what nearest-neighbour search sees), where the
+            outputs' term distils each sample alone. 0 turns it off.
         trim_padding: with a token-mask input (``attention_mask``…), cut each batch's trailing columns
             where every sample is padding, and leave padded positions out of the loss.
         device: ``"cpu"`` or ``"cuda"``.
@@ -59,8 +67,10 @@ class FinetuneConfig:
     patience: int = 4
     min_delta: float = 1e-3
     augment: float = 0.0
+    outputs: tuple[str, ...] = ()
     match_activations: bool = False
     activation_weight: float = 1.0
+    relation_weight: float = 0.0
     trim_padding: bool = True
     device: str = "cpu"
     seed: int = 0
@@ -93,5 +103,9 @@ class FinetuneConfig:
             raise UsageError(f"--min-delta must be ≥ 0, got {self.min_delta:g}")
         if self.activation_weight < 0.0:
             raise UsageError(f"--activation-weight must be ≥ 0, got {self.activation_weight:g}")
+        if self.relation_weight < 0.0:
+            raise UsageError(f"--relation-weight must be ≥ 0, got {self.relation_weight:g}")
+        if any(not name for name in self.outputs):
+            raise UsageError("--outputs takes output names separated by commas, with none empty")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {self.threads}")

@@ -7,9 +7,13 @@ Legend: S samples, B a batch, T sequence positions (after trimming padding), D a
 2. The samples are split (``val_split`` held out, seeded). Each step takes a batch of training samples,
    runs the student (:class:`onnxsvd.finetune.student.Student`) in torch and minimises
    ``loss = mean over outputs of ‖student − teacher‖² / (elements · Var(teacher output))``, plus with
-   ``match_activations`` the same for every site output (teacher activations from the original run in
-   torch on the same batch), weighted by ``activation_weight``.
-3. Every ``eval_every`` steps the held-out loss (outputs only) is measured; the best checkpoint is kept
+   ``relation_weight`` the relational term of the outputs without a sequence axis (``[B, D]``: the mean
+   squared difference of the two ``[B, B]`` cosine-similarity matrices of the batch, over the variance of
+   the teacher's similarities), plus with ``match_activations`` the outputs' term for every site output
+   (teacher activations from the original run in torch on the same batch), weighted by
+   ``activation_weight``.
+3. Every ``eval_every`` steps the held-out loss (the outputs' and relational terms, not the activations')
+   is measured; the best checkpoint is kept
    and training stops after ``patience`` evaluations without a relative improvement of ``min_delta``.
 4. The best checkpoint is folded back into the rewritten graph (same nodes and shapes) and its held-out
    loss is measured again through ONNX Runtime; if it is not below the rewritten model's, the rewritten
@@ -147,6 +151,7 @@ class _Samples:
         self.count = len(next(iter(inputs.values())))
         self.outputs: dict[str, np.ndarray] = {}
         self.variance: dict[str, float] = {}
+        self.relation_variance: dict[str, float] = {}
         self.lengths: np.ndarray | None = None
         if layout.mask is not None:
             used = np.asarray(inputs[layout.mask]) != 0  # [S, L]
@@ -244,6 +249,22 @@ class _Samples:
             variance = float(np.var(picked)) if picked.size else 0.0
             self.variance[name] = variance if variance > 0.0 and math.isfinite(variance) else 1.0
 
+    def relational(self) -> list[str]:
+        """Outputs that the relational term applies to: no sequence axis, more than one value per sample."""
+        return [name for name, value in self.outputs.items()
+                if name not in self.layout.sequence_outputs and value.ndim >= 2 and math.prod(value.shape[1:]) > 1]
+
+    def measure_relation_variance(self, train_indices: np.ndarray, names: list[str], limit: int = 1024) -> None:
+        """Per output, the variance of the teacher's pairwise cosine similarities (up to ``limit`` samples)."""
+        picked = np.sort(train_indices)[:limit]
+        for name in names:
+            value = self.outputs[name][picked].reshape(len(picked), -1).astype(np.float64)  # [n, D]
+            unit = value / np.maximum(np.linalg.norm(value, axis=1, keepdims=True), 1e-12)
+            similarity = unit @ unit.T  # [n, n]
+            off_diagonal = similarity[~np.eye(len(picked), dtype=bool)]
+            variance = float(np.var(off_diagonal)) if off_diagonal.size else 0.0
+            self.relation_variance[name] = variance if variance > 0.0 and math.isfinite(variance) else 1.0
+
     def batch(self, indices: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]:
         """(inputs, teacher outputs, mask ``[B, T]`` or None) of ``indices``, trailing padding cut."""
         feeds, length = self.feeds(indices)
@@ -268,6 +289,17 @@ def _squared_error(prediction: Any, target: Any, weight: Any | None) -> tuple[An
     return (difference * mask).sum(), float(torch.sum(weight != 0).item()) * per_position
 
 
+def _relation_error(prediction: Any, target: Any) -> tuple[Any, float]:
+    """(Σ squared difference of the batch's pairwise cosine similarities, pair count); ``[B, ...]`` tensors."""
+    import torch
+
+    student = torch.nn.functional.normalize(prediction.float().flatten(1), dim=1)  # [B, D]
+    teacher = torch.nn.functional.normalize(target.float().flatten(1), dim=1)  # [B, D]
+    difference = (student @ student.T - teacher @ teacher.T) ** 2  # [B, B]
+    count = student.shape[0] * (student.shape[0] - 1)
+    return difference.sum() - difference.diagonal().sum(), float(count)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The teacher and ONNX Runtime
 
@@ -286,8 +318,8 @@ def _ort_runner(model: onnx.ModelProto, threads: int | None) -> Runner:
     return run
 
 
-def _distilled_outputs(rewritten: onnx.ModelProto, teacher: onnx.ModelProto) -> list[str]:
-    """Float outputs that both models have, by name."""
+def _distilled_outputs(rewritten: onnx.ModelProto, teacher: onnx.ModelProto, wanted: tuple[str, ...] = ()) -> list[str]:
+    """Float outputs that both models have, by name: all of them, or those of ``wanted`` in its order."""
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
     teacher_outputs = {value.name: value.type.tensor_type.elem_type for value in teacher.graph.output}
     names = [v.name for v in rewritten.graph.output if teacher_outputs.get(v.name) in floats]
@@ -296,7 +328,12 @@ def _distilled_outputs(rewritten: onnx.ModelProto, teacher: onnx.ModelProto) -> 
             "the rewritten model and the teacher share no float output by name; pass the original model the "
             "rewritten one was made from as --teacher"
         )
-    return names
+    unknown = [name for name in wanted if name not in names]
+    if unknown:
+        raise UsageError(
+            f"--outputs {', '.join(unknown)}: not a float output of both models; choose from {', '.join(names)}"
+        )
+    return list(dict.fromkeys(wanted)) if wanted else names
 
 
 def _check_interfaces(rewritten: onnx.ModelProto, teacher: onnx.ModelProto) -> None:
@@ -372,7 +409,7 @@ def finetune(
         )
     check_supported(rewritten)
     _check_interfaces(rewritten, teacher)
-    output_names = _distilled_outputs(rewritten, teacher)
+    output_names = _distilled_outputs(rewritten, teacher, config.outputs)
     matched = _matched_activations(pairs, teacher) if config.match_activations else []
     if matched:
         check_supported(teacher)
@@ -401,12 +438,18 @@ def finetune(
         teacher_run = _ort_runner(teacher, config.threads)
         targets.record_teacher(teacher_run, output_names, config.eval_batch_size)
         targets.measure_variance(training)
+        notes: list[str] = []
+        relational = targets.relational() if config.relation_weight > 0.0 else []
+        if config.relation_weight > 0.0 and not relational:
+            notes.append("--relation-weight needs an output without a sequence axis (like a pooled embedding); "
+                         "trained without it")
+        targets.measure_relation_variance(training, relational)
         teacher_seconds = time.perf_counter() - started
 
         def ort_heldout(model: onnx.ModelProto) -> float:
             run = _ort_runner(model, config.threads)
             return _heldout_loss(lambda feeds: {k: torch.from_numpy(v) for k, v in run(feeds).items()},
-                                 targets, heldout, output_names, config.eval_batch_size, torch)
+                                 targets, heldout, output_names, relational, config, torch)
 
         heldout_before = ort_heldout(rewritten)
         student = Student(rewritten, pairs, config.train, config.lora_rank, generator).to(device)
@@ -419,10 +462,9 @@ def finetune(
             with torch.no_grad():
                 return _heldout_loss(
                     lambda feeds: student(_to_torch(feeds, device, torch), outputs=output_names),
-                    targets, heldout, output_names, config.eval_batch_size, torch,
+                    targets, heldout, output_names, relational, config, torch,
                 )
 
-        notes: list[str] = []
         train_started = time.perf_counter()
         initial = student_heldout()
         history = [EvaluationPoint(0, None, initial, time.perf_counter() - train_started)]
@@ -443,8 +485,8 @@ def finetune(
                 fresh = teacher_run(feeds)
                 wanted = {name: fresh[name] for name in output_names}
             student.train()
-            loss = _training_loss(student, teacher_graph, feeds, wanted, mask, output_names, matched, targets,
-                                  config, device, torch)
+            loss = _training_loss(student, teacher_graph, feeds, wanted, mask, output_names, relational, matched,
+                                  targets, config, device, torch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -540,8 +582,8 @@ def _matched_activations(pairs: list[FactorPair], teacher: onnx.ModelProto) -> l
 
 
 def _training_loss(student: Any, teacher_graph: Any, feeds: dict[str, np.ndarray], wanted: dict[str, np.ndarray],
-                   mask: np.ndarray | None, output_names: list[str], matched: list[str], targets: _Samples,
-                   config: FinetuneConfig, device: Any, torch: Any) -> Any:
+                   mask: np.ndarray | None, output_names: list[str], relational: list[str], matched: list[str],
+                   targets: _Samples, config: FinetuneConfig, device: Any, torch: Any) -> Any:
     tensors = _to_torch(feeds, device, torch)
     weight = torch.from_numpy(mask).to(device) if mask is not None else None
     outputs = student(tensors, outputs=output_names + matched)
@@ -550,6 +592,13 @@ def _training_loss(student: Any, teacher_graph: Any, feeds: dict[str, np.ndarray
         total, count = _squared_error(outputs[name], torch.from_numpy(wanted[name]).to(device), weight)
         terms.append(total / max(count, 1.0) / targets.variance[name])
     loss = torch.stack(terms).mean()
+    relations = []
+    for name in relational:
+        total, count = _relation_error(outputs[name], torch.from_numpy(wanted[name]).to(device))
+        if count > 0:
+            relations.append(total / count / targets.relation_variance[name])
+    if relations:
+        loss = loss + config.relation_weight * torch.stack(relations).mean()
     if matched and teacher_graph is not None and config.activation_weight > 0.0:
         with torch.no_grad():
             reference = teacher_graph(tensors, outputs=matched)
@@ -564,12 +613,18 @@ def _training_loss(student: Any, teacher_graph: Any, feeds: dict[str, np.ndarray
 
 
 def _heldout_loss(run: Callable[[dict[str, np.ndarray]], Mapping[str, Any]], targets: _Samples, heldout: np.ndarray,
-                  output_names: list[str], batch_size: int, torch: Any) -> float:
-    """The outputs' distillation loss over the whole held-out split (exact, not a mean of batch means)."""
+                  output_names: list[str], relational: list[str], config: FinetuneConfig, torch: Any) -> float:
+    """The outputs' (and relational) distillation loss over the whole held-out split.
+
+    Sums over all batches before dividing (exact, not a mean of batch means). The relational term compares
+    similarities within each batch of ``eval_batch_size`` held-out samples.
+    """
     sums = dict.fromkeys(output_names, 0.0)
     counts = dict.fromkeys(output_names, 0.0)
-    for start in range(0, len(heldout), batch_size):
-        feeds, wanted, mask = targets.batch(heldout[start : start + batch_size])
+    relation_sums = dict.fromkeys(relational, 0.0)
+    relation_counts = dict.fromkeys(relational, 0.0)
+    for start in range(0, len(heldout), config.eval_batch_size):
+        feeds, wanted, mask = targets.batch(heldout[start : start + config.eval_batch_size])
         outputs = run(feeds)
         weight = torch.from_numpy(mask) if mask is not None else None
         for name in output_names:
@@ -577,8 +632,16 @@ def _heldout_loss(run: Callable[[dict[str, np.ndarray]], Mapping[str, Any]], tar
             total, count = _squared_error(prediction, torch.from_numpy(wanted[name]), weight)
             sums[name] += float(total.item())
             counts[name] += count
-    terms = [sums[name] / max(counts[name], 1.0) / targets.variance[name] for name in output_names]
-    return float(np.mean(terms))
+        for name in relational:
+            total, count = _relation_error(outputs[name].detach().cpu(), torch.from_numpy(wanted[name]))
+            relation_sums[name] += float(total.item())
+            relation_counts[name] += count
+    loss = float(np.mean([sums[name] / max(counts[name], 1.0) / targets.variance[name] for name in output_names]))
+    relations = [relation_sums[name] / relation_counts[name] / targets.relation_variance[name]
+                 for name in relational if relation_counts[name] > 0]
+    if relations:
+        loss += config.relation_weight * float(np.mean(relations))
+    return loss
 
 
 def _stamp(model: onnx.ModelProto, config: FinetuneConfig, best_step: int) -> None:
