@@ -5,7 +5,7 @@ For every ratio, rewrites MiniLM-L6 with whitening calibrated on the 2,000-sente
 out for early stopping) with ``--train core`` and ``--train factors``, and compares the mean-pooled
 sentence embeddings of 512 other sentences with the original's: mean cosine and nearest-neighbour
 agreement (the share of sentences whose nearest other sentence is the same as with the original).
-Writes ``finetune.json`` and ``finetune.md``.
+Writes ``finetune.json`` and ``finetune.md`` (``--tag`` names them otherwise).
 
     python tools/bench_finetune.py [--ratios 0.5,0.9] [--forms core,factors] [--steps 400] [--threads 2]
         [--lr-core 1e-2] [--lr-factors 3e-3] [--out docs/results] [--work build/finetune]
@@ -80,7 +80,8 @@ def main() -> int:
                         help="FinetuneConfig.augment: share of tokens replaced in each training batch")
     parser.add_argument("--relation-weight", type=float, default=FinetuneConfig().relation_weight,
                         help="FinetuneConfig.relation_weight: weight of the pooled embeddings' similarity term")
-    parser.add_argument("--match-activations", action="store_true",
+    parser.add_argument("--match-activations", action=argparse.BooleanOptionalAction,
+                        default=FinetuneConfig().match_activations,
                         help="FinetuneConfig.match_activations: also distil every site's output")
     parser.add_argument("--activation-weight", type=float, default=FinetuneConfig().activation_weight)
     parser.add_argument("--outputs", default="",
@@ -167,6 +168,10 @@ def write_markdown(summary: dict, path: Path) -> None:
         "sentence embeddings to the original (nearest-neighbour agreement). At most "
         f"{summary['steps']} steps of {summary['batch_size']} sentences, early stopping"
         + (f", {summary['augment']:g} of the tokens replaced (--augment)" if summary.get("augment") else "")
+        + (", site activations matched (--match-activations)" if summary.get("match_activations") else "")
+        + (f", relational term weighted {summary['relation_weight']:g} (--relation-weight)"
+           if summary.get("relation_weight") else "")
+        + (f", outputs distilled: {summary['outputs']} (--outputs)" if summary.get("outputs", "all") != "all" else "")
         + f"; {summary['machine']}.",
         "",
         "| kept linear params | whitened | " + " | ".join(f"+ finetune {form}" for form in forms)

@@ -9,7 +9,9 @@ sentence is the same as with the original model). Writes JSON, a markdown table 
         [--methods svd,asvd,whiten,whiten+sequential,whiten+global] [--threads 2]
 
 ``+global`` is ``--allocate global``: the ratio is then the kept fraction of all linear layers together,
-ranks chosen by whitened discarded energy times each site's measured sensitivity.
+ranks chosen by whitened discarded energy times each site's measured sensitivity. ``+finetune`` rows are
+calibrated and fine-tuned (``onnxsvd finetune``) on ``--finetune-data``; ``+activations`` adds the matched
+site activations to the fine-tuning loss (``--match-activations``).
 """
 
 from __future__ import annotations
@@ -127,9 +129,11 @@ def main() -> int:
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for method in args.methods.split(","):
             base, *flags = method.split("+")
-            unknown = set(flags) - {"sequential", "global", "finetune"}
+            unknown = set(flags) - {"sequential", "global", "finetune", "activations"}
             if unknown:
                 parser.error(f"unknown method variant(s) {sorted(unknown)} in {method!r}")
+            if "activations" in flags and "finetune" not in flags:
+                parser.error(f"'+activations' (fine-tuning with matched activations) needs '+finetune' in {method!r}")
             rewrite_config = onnxsvd.RewriteConfig(
                 policy=onnxsvd.RankPolicy("ratio", ratio),
                 method=base,
@@ -156,7 +160,7 @@ def main() -> int:
             rewritten, extra = result.model, {}
             if "finetune" in flags:
                 start = embed(rewritten, evaluation, args.threads)
-                rewritten, extra = tuning.finetune(rewritten)
+                rewritten, extra = tuning.finetune(rewritten, match_activations="activations" in flags)
                 extra["before_finetune"] = {
                     "mean_cosine": mean_cosine(reference, start),
                     "nn_agreement": float(np.mean(nearest_neighbours(start) == reference_neighbours)),
@@ -216,9 +220,10 @@ class Tuning:
             self.cached = (calibrate(self.model, batches, config, total_batches=count), batches)
         return self.cached
 
-    def finetune(self, rewritten: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    def finetune(self, rewritten: onnx.ModelProto, match_activations: bool = False) -> tuple[onnx.ModelProto, dict]:
         config = FinetuneConfig(train=self.args.finetune_train, steps=self.args.finetune_steps,
-                                lr=self.args.finetune_lr, threads=self.args.threads)
+                                lr=self.args.finetune_lr, threads=self.args.threads,
+                                match_activations=match_activations)
         tick = time.perf_counter()
         result = finetune(rewritten, self.model, dict(np.load(self.path)), config)
         report = result.report

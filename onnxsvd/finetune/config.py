@@ -40,7 +40,10 @@ class FinetuneConfig:
         outputs: the model outputs to distil, by name; empty: every float output both models have. Naming
             only the outputs a deployment reads (a pooled embedding, say) spends the factors' capacity on
             them alone.
-        match_activations: also distil the site outputs (same tensor names in both models).
+        match_activations: also distil the site outputs (same tensor names in both models), with the teacher
+            run in torch on each batch. About twice the time of a step, and better at equal time: on MiniLM-L6
+            at 50% it reached a lower held-out loss of the outputs in 1,500 steps than the outputs alone did
+            in 3,000, and more nearest-neighbour agreement. On by default.
         activation_weight: weight of the activation term against the outputs' term.
         relation_weight: weight of a relational term for every output without a sequence axis (a pooled
             embedding, logits): the squared difference between the student's and the teacher's cosine
@@ -68,7 +71,7 @@ class FinetuneConfig:
     min_delta: float = 1e-3
     augment: float = 0.0
     outputs: tuple[str, ...] = ()
-    match_activations: bool = False
+    match_activations: bool = True
     activation_weight: float = 1.0
     relation_weight: float = 0.0
     trim_padding: bool = True
