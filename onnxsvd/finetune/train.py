@@ -9,7 +9,7 @@ Legend: S samples, B a batch, T sequence positions (after trimming padding), D a
    ``loss = mean over outputs of ‖student − teacher‖² / (elements · Var(teacher output))``, plus with
    ``relation_weight`` the relational term of the outputs without a sequence axis (``[B, D]``: the mean
    squared difference of the two ``[B, B]`` cosine-similarity matrices of the batch, over the variance of
-   the teacher's similarities), plus with ``match_activations`` the outputs' term for every site output
+   the teacher's similarities), plus with ``match_activations`` (the default) the outputs' term for every site output
    (teacher activations from the original run in torch on the same batch), weighted by
    ``activation_weight``.
 3. Every ``eval_every`` steps the held-out loss (the outputs' and relational terms, not the activations')
