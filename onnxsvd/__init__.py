@@ -6,25 +6,33 @@ Library use::
     import onnx, onnxsvd
     result = onnxsvd.rewrite(onnx.load("model.onnx"), onnxsvd.RewriteConfig(policy=onnxsvd.RankPolicy("ratio", 0.5)))
     onnx.save(result.model, "small.onnx")
+
+Importing the package has no side effects and loads nothing heavy: each name below is imported from its
+module on first use.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-import os as _os
-
-# Calibration and the sequential rewrite alternate ONNX Runtime runs with BLAS on the same cores.
-# OpenBLAS's idle threads spin for about 0.1 s (2^28 cycles) after every call, which slowed each following
-# ONNX Runtime run; 2^20 cycles (under a millisecond) keeps them warm between back-to-back BLAS calls
-# only. Takes effect when onnxsvd is imported before numpy (as the CLI does); a value already set wins.
-_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
-
-from onnxsvd.analysis import Inspection, inspect_model
-from onnxsvd.config import RankPolicy, RewriteConfig
-from onnxsvd.errors import OnnxSvdError
-from onnxsvd.report import RewriteReport, SiteReport
-from onnxsvd.rewrite import RewriteResult, rewrite, rewrite_file
+#: Public name → the module that defines it (imported on first access).
+_EXPORTS = {
+    "Inspection": "onnxsvd.pipeline.inspect",
+    "inspect_model": "onnxsvd.pipeline.inspect",
+    "RankPolicy": "onnxsvd.config",
+    "RewriteConfig": "onnxsvd.config",
+    "OnnxSvdError": "onnxsvd.errors",
+    "RewriteReport": "onnxsvd.pipeline.report",
+    "SiteReport": "onnxsvd.pipeline.report",
+    "RewriteResult": "onnxsvd.pipeline.assemble",
+    "rewrite": "onnxsvd.pipeline.oneshot",
+    "rewrite_sequential": "onnxsvd.pipeline.sequential",
+    "RewriteJob": "onnxsvd.files",
+    "rewrite_file": "onnxsvd.files",
+}
 
 __all__ = [
     "__version__",
@@ -32,10 +40,35 @@ __all__ = [
     "OnnxSvdError",
     "RankPolicy",
     "RewriteConfig",
+    "RewriteJob",
     "RewriteReport",
     "RewriteResult",
     "SiteReport",
     "inspect_model",
     "rewrite",
     "rewrite_file",
+    "rewrite_sequential",
 ]
+
+if TYPE_CHECKING:
+    from onnxsvd.config import RankPolicy, RewriteConfig
+    from onnxsvd.errors import OnnxSvdError
+    from onnxsvd.files import RewriteJob, rewrite_file
+    from onnxsvd.pipeline.assemble import RewriteResult
+    from onnxsvd.pipeline.inspect import Inspection, inspect_model
+    from onnxsvd.pipeline.oneshot import rewrite
+    from onnxsvd.pipeline.report import RewriteReport, SiteReport
+    from onnxsvd.pipeline.sequential import rewrite_sequential
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'onnxsvd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

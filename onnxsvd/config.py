@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Sequence
 
 from onnxsvd.errors import UsageError
 
 __all__ = [
+    "PROVIDERS",
+    "DEVICES",
+    "Progress",
+    "check_provider_names",
     "RANK_POLICIES",
     "METHODS",
     "LAYOUTS",
@@ -29,6 +34,29 @@ LAYOUTS = ("fused", "stages")
 STORAGE_DTYPES = ("auto", "fp32", "fp16")
 SVD_SOLVERS = ("auto", "exact", "randomized")
 ALLOCATIONS = ("uniform", "global")
+#: Provider names the CLI and the configs accept → ONNX Runtime execution providers.
+PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+#: Where the SVDs (and fine-tuning) run.
+DEVICES = ("cpu", "cuda")
+
+#: A progress callback, called as ``progress(done, total, item)`` after each step of a long job
+#: (``total`` is ``None`` while it is not known yet).
+Progress = Callable[[int, "int | None", str], None]
+
+
+def check_provider_names(providers: Sequence[str], flag: str = "--providers") -> None:
+    """Refuse an empty, unknown or repeated provider name (what ONNX Runtime has is checked elsewhere).
+
+    Raises:
+        UsageError: naming the bad value and the accepted ones.
+    """
+    if not providers:
+        raise UsageError(f"give at least one provider to {flag} ({', '.join(PROVIDERS)})")
+    for provider in providers:
+        if provider not in PROVIDERS:
+            raise UsageError(f"unknown provider {provider!r} in {flag}; use one of {', '.join(PROVIDERS)}")
+    if len(set(providers)) != len(providers):
+        raise UsageError(f"{flag} lists a provider twice: {','.join(providers)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +150,7 @@ class RewriteConfig:
             raise UsageError(f"unknown --allocate {self.allocate!r}; use one of {', '.join(ALLOCATIONS)}")
         if self.svd not in SVD_SOLVERS:
             raise UsageError(f"unknown --svd {self.svd!r}; use one of {', '.join(SVD_SOLVERS)}")
-        if self.device not in ("cpu", "cuda"):
+        if self.device not in DEVICES:
             raise UsageError(f"unknown --device {self.device!r}; use cpu or cuda")
         if self.jobs < 0:
             raise UsageError(f"--jobs must be ≥ 0 (0: as many as the cores allow), got {self.jobs}")

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import os
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,10 @@ import onnx
 
 from onnxsvd.errors import DataError
 
-__all__ = ["LABELS_KEY", "InputSpec", "InputData", "model_inputs", "load_inputs", "iter_batches"]
+__all__ = ["LABELS_KEY", "Batches", "InputSpec", "InputData", "model_inputs", "load_inputs", "iter_batches"]
+
+#: A re-iterable source of batches: each call gives a fresh iterable of ``{input name: array}`` dicts.
+Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
 log = logging.getLogger(__name__)
 

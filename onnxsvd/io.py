@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +36,15 @@ __all__ = [
     "temporary_model_path",
     "check_model",
     "check_output_path",
+    "check_outputs",
+    "probe_model",
     "save_model",
     "DataFile",
     "atomic_path",
     "fingerprint",
     "count_parameters",
     "file_size",
+    "human_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,6 +138,11 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path, where: str = "mo
     return total
 
 
+def probe_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """The model's graph without its external data (cheap), to see how the file stores its weights."""
+    return onnx.load(str(path), load_external_data=False)
+
+
 def tensor_array(tensor: onnx.TensorProto, base_dir: str | os.PathLike[str] | None = None) -> np.ndarray:
     """The tensor's values, reading external data from ``base_dir`` when the tensor is lazy."""
     return numpy_helper.to_array(tensor, str(base_dir) if base_dir is not None else "")
@@ -180,6 +188,58 @@ def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathL
     if not os.access(folder, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
         raise OutputError(f"output {output} is not writable; choose a path you can write to")
     return output
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    if first.exists() and second.exists():
+        return os.path.samefile(first, second)
+    return first.resolve() == second.resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return folder.is_dir() and path.resolve().is_relative_to(folder.resolve())
+
+
+def check_outputs(
+    outputs: Mapping[str, str | os.PathLike[str] | None],
+    inputs: Mapping[str, str | os.PathLike[str] | None],
+    forceable: Collection[str] = (),
+    force: bool = False,
+) -> None:
+    """Refuse any output of a command that is one of its inputs (or lies inside an input folder), and two
+    outputs that are one file: writing it would destroy the input before or while it is read.
+
+    Args:
+        outputs: option → path of every file the command writes (``None``: not written).
+        inputs: option → path of every file or folder the command reads (``None``: not given).
+        forceable: ``"output option=input option"`` pairs (``"-o=model"``) that ``--force`` allows: only
+            overwriting an input model with its rewrite makes sense, never data, statistics or reports.
+        force: ``--force`` was given.
+
+    Raises:
+        OutputError: naming both options and what to do.
+    """
+    seen: dict[Path, str] = {}
+    for out_flag, out_path in outputs.items():
+        if out_path is None:
+            continue
+        output = Path(out_path)
+        for in_flag, in_path in inputs.items():
+            pair = f"{out_flag}={in_flag}"
+            if in_path is None or (force and pair in forceable):
+                continue
+            source = Path(in_path)
+            if _same_file(output, source) or _inside(output, source):
+                where = "is" if _same_file(output, source) else "is inside"
+                hint = " (or --force to overwrite it)" if pair in forceable else ""
+                raise OutputError(
+                    f"{out_flag} {output} {where} the {in_flag} input {source}; writing it would destroy that "
+                    f"input: choose another {out_flag} path{hint}"
+                )
+        for seen_path, seen_flag in seen.items():
+            if _same_file(output, seen_path):
+                raise OutputError(f"{out_flag} and {seen_flag} both name {output}; give each its own path")
+        seen[output] = out_flag
 
 
 @contextlib.contextmanager
@@ -458,6 +518,18 @@ def _elements(dims: object) -> int:
     for dim in dims:  # type: ignore[attr-defined]
         count *= int(dim)
     return count
+
+
+def human_bytes(count: int | None) -> str:
+    """``1536`` → ``"1.5 KB"`` (binary units); ``None`` → ``"-"``."""
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
 
 
 def file_size(path: str | os.PathLike[str]) -> int:

@@ -26,17 +26,17 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from onnxsvd import io
 from onnxsvd.calibrate import CalibrateConfig, batch_source, calibrate, resolve_mask
-from onnxsvd.config import METHODS, RewriteConfig
+from onnxsvd.config import METHODS, Progress, RewriteConfig, check_provider_names
 from onnxsvd.errors import OutputError, UsageError
-from onnxsvd.report import RewriteReport
-from onnxsvd.validate.latency import PROVIDERS
-from onnxsvd.validate.site_speed import SiteSpeedCheck, SpeedCheckConfig, check_providers
+from onnxsvd.pipeline import RewriteReport, rewrite, rewrite_sequential
+from onnxsvd.pipeline.speed import SiteSpeedCheck, SpeedCheckConfig
+from onnxsvd.validate.latency import check_providers
 
 __all__ = ["SWEEP_METHODS", "SweepConfig", "SweepEntry", "SweepResult", "parse_methods", "sweep"]
 
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 SWEEP_METHODS = (*METHODS, *(f"{method}+sequential" for method in METHODS))
 
 #: Called after each step with (done, total, what).
-Progress = Callable[[int, int, str], None]
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -106,11 +105,7 @@ class SweepConfig:
         if len(set(self.ratios)) != len(self.ratios):
             raise UsageError(f"--ratios lists a ratio twice: {','.join(f'{r:g}' for r in self.ratios)}")
         parse_methods(",".join(self.methods))
-        if not self.providers:
-            raise UsageError(f"give at least one provider ({', '.join(PROVIDERS)})")
-        for provider in self.providers:
-            if provider not in PROVIDERS:
-                raise UsageError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+        check_provider_names(self.providers)
         if self.iters < 1 or self.warmup < 0:
             raise UsageError(f"need --iters ≥ 1 and --warmup ≥ 0, got {self.iters} and {self.warmup}")
 
@@ -258,8 +253,6 @@ def sweep(
         OutputError: ``output_dir`` is a file or cannot be created.
         ModelError, DataError: as ``rewrite`` and ``validate``.
     """
-    from onnxsvd.rewrite import rewrite
-    from onnxsvd.sequential import rewrite_sequential
     from onnxsvd.validate import ValidateConfig, validate
 
     config = config or SweepConfig()
@@ -432,15 +425,6 @@ def _json_number(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _human_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"
-
-
 def _cell(value: float | None, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -468,14 +452,14 @@ def markdown_table(result: SweepResult) -> str:
         "speedup is the original's median latency over the rewritten one's, measured alternately, next to the "
         "bound 1/((1−s)+s·ρ) from the original's profile.",
         "",
-        f"Original: {result.params:,} parameters, {_human_bytes(result.file_size)}.",
+        f"Original: {result.params:,} parameters, {io.human_bytes(result.file_size)}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
     for entry in entries:
         by_name = {output["name"]: output for output in entry.outputs}
-        row = [entry.method, f"{entry.ratio:g}", f"{entry.kept_params:.1%}", _human_bytes(entry.file_size)]
+        row = [entry.method, f"{entry.ratio:g}", f"{entry.kept_params:.1%}", io.human_bytes(entry.file_size)]
         row += [_cell(by_name[name]["cosine"]) for name in outputs]
         row += [_cell(by_name[name]["top1_agreement"]) for name in scored]
         for item in entry.speed:

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxsvd.allocate import AllocationSite, allocate_budget, allocate_energy, loss_estimate, uniform_ranks
 from onnxsvd.config import RankPolicy, RewriteConfig
 from onnxsvd.errors import UsageError
-from onnxsvd.rewrite import rewrite
+from onnxsvd.pipeline import rewrite
+from onnxsvd.rank import AllocationSite, allocate_budget, allocate_energy, loss_estimate, uniform_ranks
 from tests.test_calibrate import _batches, _correlated, _mlp
 
 

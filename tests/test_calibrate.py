@@ -18,8 +18,8 @@ from onnxsvd.errors import StatsError, UsageError
 from onnxsvd.factorize import diagonal_metric, factorize, identity_metric, whitening_metric
 from onnxsvd.graph import find_sites
 from onnxsvd.io import fingerprint
-from onnxsvd.rewrite import rewrite
-from onnxsvd.sequential import rewrite_sequential, site_levels
+from onnxsvd.pipeline import rewrite
+from onnxsvd.pipeline.sequential import rewrite_sequential, site_levels
 from tests.models import assert_valid, run
 
 

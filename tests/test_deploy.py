@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsvd import RankPolicy, RewriteConfig, io, rewrite
+from onnxsvd.files import RewriteJob, rewrite_file
 from onnxsvd.graph import find_sites
-from onnxsvd.rewrite import rewrite_file
 from tests.conftest import MODELS
 from tests.models import assert_valid, make_model, relative_error, run
 
@@ -41,7 +41,7 @@ def test_fp16_factors_end_to_end(tmp_path: Path, rng: np.random.Generator) -> No
     feeds = {"x": rng.standard_normal((8, 128)).astype(np.float32)}
     for dtype in ("fp32", "fp16"):
         path = tmp_path / f"small_{dtype}.onnx"
-        report = rewrite_file(source, path, RewriteConfig(policy=RankPolicy("ratio", 0.5), dtype=dtype))
+        report = rewrite_file(RewriteJob(source, path, RewriteConfig(policy=RankPolicy("ratio", 0.5), dtype=dtype)))
         assert len(report.factorized) == 2
         model = onnx.load(str(path))
         assert_valid(model)

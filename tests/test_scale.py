@@ -16,7 +16,8 @@ from onnxsvd.cli import main
 from onnxsvd.config import RankPolicy, RewriteConfig
 from onnxsvd.errors import ModelError
 from onnxsvd.factorize import SvdOptions, decompose, factorize, truncate
-from onnxsvd.rewrite import rewrite, rewrite_file
+from onnxsvd.files import RewriteJob, rewrite_file
+from onnxsvd.pipeline import rewrite
 
 
 def _decaying(rng: np.random.Generator, k: int, n: int, decay: float = 20.0) -> np.ndarray:
@@ -68,7 +69,7 @@ def test_external_data_round_trip(tmp_path: Path, rng: np.random.Generator, lazy
     out_folder = tmp_path / "out"
     out_folder.mkdir()
     output = out_folder / "small.onnx"
-    report = rewrite_file(source, output, config, external_data=True)
+    report = rewrite_file(RewriteJob(source, output, config, external_data=True))
     assert sorted(p.name for p in out_folder.iterdir()) == ["small.onnx", "small.onnx.data"]
     written = onnx.load(str(output), load_external_data=False)
     locations = {e.value for t in io.external_tensors(written) for e in t.external_data if e.key == "location"}
@@ -92,14 +93,12 @@ def test_streamed_factors_equal_in_memory_ones_and_a_failure_leaves_nothing(
 ) -> None:
     """Factors written to the output's data file as they are made hold the bytes an in-memory rewrite
     gives; a rewrite that fails half way leaves the output folder empty."""
-    import importlib
-
-    rewrite_module = importlib.import_module("onnxsvd.rewrite")  # the package's `rewrite` is the function
+    from onnxsvd.pipeline import oneshot as rewrite_module
     source = _save_external(_two_layer(rng), tmp_path / "in")
     config = RewriteConfig(policy=RankPolicy("ratio", 0.5))
     output = tmp_path / "out" / "small.onnx"
     output.parent.mkdir()
-    rewrite_file(source, output, config)  # external data in, so external data out, streamed
+    rewrite_file(RewriteJob(source, output, config))  # external data in, so external data out, streamed
     streamed = {t.name: numpy_helper.to_array(t, str(output.parent)) for t in onnx.load(str(output)).graph.initializer}
     in_memory = rewrite(io.load_model(source, lazy=False), config).model
     expected = {t.name: numpy_helper.to_array(t) for t in in_memory.graph.initializer}
@@ -120,7 +119,7 @@ def test_streamed_factors_equal_in_memory_ones_and_a_failure_leaves_nothing(
     failed = tmp_path / "failed"
     failed.mkdir()
     with pytest.raises(RuntimeError, match="disk on fire"):
-        rewrite_file(source, failed / "small.onnx", config)
+        rewrite_file(RewriteJob(source, failed / "small.onnx", config))
     assert list(failed.iterdir()) == []
 
 

@@ -19,10 +19,10 @@ from onnxsvd import RankPolicy, RewriteConfig, rewrite
 from onnxsvd.cli import main
 from onnxsvd.errors import ProviderError, UsageError
 from onnxsvd.factorize import decompose, truncate
+from onnxsvd.files import RewriteJob, rewrite_file
 from onnxsvd.graph import GraphIndex, find_sites, load_weight
-from onnxsvd.rewrite import rewrite_file
-from onnxsvd.validate import site_speed
-from onnxsvd.validate.site_speed import (
+from onnxsvd.pipeline import speed as site_speed
+from onnxsvd.pipeline.speed import (
     SiteSpeedCheck,
     SiteTiming,
     SpeedCheckConfig,
@@ -249,10 +249,10 @@ def test_min_speedup_and_sequential_rewrite(
     data = tmp_path / "calib.npz"
     np.savez(data, x=rng.standard_normal((16, 6, 32)).astype(np.float32))
     calls = fake_timings(monkeypatch, {32: (0.30, 0.25), 48: (0.50, 0.25)})
-    report = rewrite_file(
+    report = rewrite_file(RewriteJob(
         path, tmp_path / "small.onnx", RewriteConfig(policy=RankPolicy("rank", 8, align=1), method="whiten"),
         data=data, sequential=True, speed_check=SpeedCheckConfig(min_speedup=1.5),
-    )
+    ))
     # Shapes from the first calibration batch (32 samples per batch by default: all 16 here).
     assert sorted(calls) == [(16, 6, 32), (16, 6, 48)]
     sites = {site.name: site for site in report.sites}
@@ -325,10 +325,10 @@ def test_rewrite_on_cuda_without_cuda(capsys: pytest.CaptureFixture[str], tmp_pa
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu with CUDAExecutionProvider")
 def test_keep_dense_on_cuda(tmp_path: Path) -> None:
-    report = rewrite_file(
+    report = rewrite_file(RewriteJob(
         MLP, tmp_path / "small.onnx", RewriteConfig(), speed_check=SpeedCheckConfig(
             providers=("cuda",), input_shapes={"input": (256, 64)}, iters=5
         ),
-    )
+    ))
     timed = [site for site in report.sites if site.speedup is not None]
     assert timed and all(site.speed_provider == "cuda" for site in timed)

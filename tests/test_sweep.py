@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
 import onnx
 import onnxruntime
 import pytest
@@ -12,7 +13,6 @@ import pytest
 from onnxsvd.cli import main
 from onnxsvd.errors import ProviderError, UsageError
 from onnxsvd.sweep import SweepConfig, parse_methods, sweep
-from onnxsvd.sweep_command import parse_ratios
 from tests.conftest import MODELS
 
 HAS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
@@ -29,10 +29,12 @@ def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, st
 
 
 def test_parsing() -> None:
-    assert parse_ratios("0.3, 0.5") == (0.3, 0.5)
+    from onnxsvd.cli.sweep import RATIOS
+
+    assert RATIOS.convert("0.3, 0.5", None, None) == (0.3, 0.5)
     assert parse_methods("svd,whiten+sequential") == ("svd", "whiten+sequential")
-    with pytest.raises(UsageError, match="--ratios takes comma-separated numbers"):
-        parse_ratios("half")
+    with pytest.raises(click.BadParameter, match="takes a comma-separated list such as 0.3,0.5,0.7,0.9"):
+        RATIOS.convert("half", None, None)
     with pytest.raises(UsageError, match="unknown method 'svd-llm'"):
         parse_methods("svd,svd-llm")
     with pytest.raises(UsageError, match="lists a method twice"):

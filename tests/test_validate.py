@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxsvd.cli.validate import validate_command
 from onnxsvd.config import RankPolicy, RewriteConfig
 from onnxsvd.errors import DataError, ModelError, ProviderError, UsageError, ValidationGateError
-from onnxsvd.rewrite import rewrite_file
+from onnxsvd.files import RewriteJob, rewrite_file
 from onnxsvd.validate import (
     MetricAccumulator,
     ValidateConfig,
@@ -36,7 +37,6 @@ from onnxsvd.validate import (
     time_models,
     validate,
 )
-from onnxsvd.validate.command import validate_command
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 HAS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
@@ -77,7 +77,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     onnx.save(tiny_model(), original)
     rewritten = folder / "tiny_small.onnx"
     config = RewriteConfig(policy=RankPolicy("rank", RANK, align=1))
-    report = rewrite_file(original, rewritten, config)
+    report = rewrite_file(RewriteJob(original, rewritten, config))
     report_path = folder / "rewrite.json"
     report_path.write_text(json.dumps(report.to_dict()))
     rng = np.random.default_rng(1)
@@ -91,7 +91,9 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The shipped digits MLP, its ratio-0.5 rewrite and the rewrite report."""
     folder = tmp_path_factory.mktemp("digits")
     rewritten = folder / "digits_small.onnx"
-    report = rewrite_file(MODELS / "digits_mlp.onnx", rewritten, RewriteConfig(policy=RankPolicy("ratio", 0.5)))
+    report = rewrite_file(
+        RewriteJob(MODELS / "digits_mlp.onnx", rewritten, RewriteConfig(policy=RankPolicy("ratio", 0.5)))
+    )
     report_path = folder / "rewrite.json"
     report_path.write_text(json.dumps(report.to_dict()))
     return {"original": MODELS / "digits_mlp.onnx", "rewritten": rewritten, "report": report_path,
@@ -462,9 +464,11 @@ def test_command_gate_exits_3_with_one_line(digits: dict[str, Path], monkeypatch
 
 
 def test_command_parses_options_into_the_config(digits: dict[str, Path]) -> None:
-    from onnxsvd.validate.command import parse_config
+    from onnxsvd.cli.options import PROVIDER_LIST
+    from onnxsvd.cli.validate import parse_config
 
-    config = parse_config("cpu, CUDA", 2, 7, 3, 16, 100, 0.9, 0.02, digits["report"], False)
+    providers = PROVIDER_LIST.convert("cpu, CUDA", None, None)
+    config = parse_config(providers, 2, 7, 3, 16, 100, 0.9, 0.02, digits["report"], False)
     assert config == ValidateConfig(
         providers=("cpu", "cuda"), warmup=2, iters=7, threads=3, batch_size=16, max_samples=100,
         min_cosine=0.9, max_top1_drop=0.02, profile=False,

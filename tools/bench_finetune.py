@@ -51,11 +51,11 @@ def rewritten_model(minilm: Path, work: Path, ratio: float, allocate: str = "uni
     report_path = work / f"{stem}.json"
     if not path.exists() or not report_path.exists():
         tick = time.perf_counter()
-        report = onnxsvd.rewrite_file(
+        report = onnxsvd.rewrite_file(onnxsvd.RewriteJob(
             minilm / "model.onnx", path,
             onnxsvd.RewriteConfig(policy=onnxsvd.RankPolicy("ratio", ratio), method="whiten", allocate=allocate),
             data=minilm / CALIBRATION,
-        )
+        ))
         before, after = linear_params(report)
         info = {"kept_linear_params": after / before, "rewrite_seconds": time.perf_counter() - tick}
         report_path.write_text(json.dumps(info, indent=2) + "\n")

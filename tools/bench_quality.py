@@ -36,7 +36,7 @@ import onnx
 from onnxsvd.calibrate import CalibrateConfig, batch_source, calibrate
 from onnxsvd.calibrate.collect import find_mask_input, session_for
 from onnxsvd.finetune import FinetuneConfig, finetune
-from onnxsvd.sequential import rewrite_sequential
+from onnxsvd.pipeline.sequential import rewrite_sequential
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = "sentence_embedding"

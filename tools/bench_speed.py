@@ -33,8 +33,8 @@ import numpy as np
 
 import onnxsvd
 from onnxsvd import io
+from onnxsvd.pipeline.speed import SiteSpeedCheck, SpeedCheckConfig
 from onnxsvd.validate import open_session, profile_time_share, site_flops, speedup_bound, time_models
-from onnxsvd.validate.site_speed import SiteSpeedCheck, SpeedCheckConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, SEQUENCE = 32, 64

@@ -19,6 +19,8 @@ import onnx
 
 from onnxsvd.calibrate.collect import collect, collect_groups, find_mask_input, specs_for_sites
 from onnxsvd.calibrate.stats import ActivationStats, Statistics, StatisticsWriter, StatsAccumulator, combine
+from onnxsvd.config import Progress, check_provider_names
+from onnxsvd.data import Batches
 from onnxsvd.errors import UsageError
 
 __all__ = [
@@ -36,7 +38,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, "int | None", str], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +70,7 @@ class CalibrateConfig:
             raise UsageError(f"segment_bytes must be at least 1, got {self.segment_bytes}")
         if self.max_samples is not None and self.max_samples < 1:
             raise UsageError(f"--max-samples must be at least 1, got {self.max_samples}")
-        for provider in self.providers:
-            if provider not in ("cpu", "cuda"):
-                raise UsageError(f"unknown provider {provider!r}; use cpu or cuda")
+        check_provider_names(self.providers)
 
 
 def resolve_mask(model: onnx.ModelProto, config: CalibrateConfig) -> str | None:
@@ -85,7 +84,7 @@ def resolve_mask(model: onnx.ModelProto, config: CalibrateConfig) -> str | None:
 
 def batch_source(
     data_path: str | os.PathLike[str], model: onnx.ModelProto, config: CalibrateConfig
-) -> tuple[Callable[[], Iterable[Mapping[str, np.ndarray]]], int]:
+) -> tuple[Batches, int]:
     """Check the data against the model (before any work) and return a re-iterable batch factory.
 
     Returns:
@@ -147,6 +146,7 @@ def calibrate_file(
 
     config = config or CalibrateConfig()
     if output is not None:
+        io.check_outputs({"-o": output}, {"model": model_path, "--data": data_path})
         io.check_output_path(output, model_path, force=False)
     model = io.load_model(model_path)
     batches, count = batch_source(data_path, model, config)

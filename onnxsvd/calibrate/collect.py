@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from onnxsvd.calibrate.stats import ActivationStats, StatsAccumulator, Workspace
+from onnxsvd.config import PROVIDERS, Progress
 from onnxsvd.graph.match import Site
 from onnxsvd.io import is_lazy, tensor_bytes
 
@@ -35,13 +36,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Called after each batch with (done, total or None, what).
-Progress = Callable[[int, int | None, str], None]
 
 #: Default cap on the activation bytes one run may hold (per batch).
 DEFAULT_GROUP_BYTES = 1 << 30
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 #: Input names taken as a token mask [B, S]: rows where it is 0 (padding) are left out of the statistics.
 MASK_NAMES = ("attention_mask", "input_mask", "mask")

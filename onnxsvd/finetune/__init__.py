@@ -4,7 +4,7 @@
 - :mod:`~onnxsvd.finetune.sites`: the factor pairs ``<site>/svd_a`` → ``<site>/svd_b`` of a rewritten model.
 - :mod:`~onnxsvd.finetune.forms`: their trainable forms (``core``, ``factors``) and the fold back.
 - :mod:`~onnxsvd.finetune.train`: the distillation loop, early stopping and the best checkpoint.
-- :mod:`~onnxsvd.finetune.command`: the ``onnxsvd finetune`` click command.
+- the ``onnxsvd finetune`` click command lives in :mod:`onnxsvd.cli.finetune`.
 
 torch is imported by the modules that run it, not here, so importing this package needs no torch.
 """

@@ -45,12 +45,12 @@ from onnxsvd.finetune.config import FinetuneConfig
 from onnxsvd.finetune.report import EvaluationPoint, FinetuneReport
 from onnxsvd.finetune.sites import FactorPair, find_factor_pairs
 
-__all__ = ["FinetuneResult", "Progress", "finetune", "finetune_file", "DataSource"]
+__all__ = ["FinetuneResult", "TrainingProgress", "finetune", "finetune_file", "DataSource"]
 
 log = logging.getLogger(__name__)
 
 #: Called after every step with (step, total steps, recent training loss, latest held-out loss).
-Progress = Callable[[int, int, float, float], None]
+TrainingProgress = Callable[[int, int, float, float], None]
 
 #: Data as a path (``.npz`` or folder), a checked source, one ``{input: array [S, ...]}`` mapping, or
 #: an iterable of such batches.
@@ -374,7 +374,7 @@ def finetune(
     teacher: onnx.ModelProto,
     data: DataSource,
     config: FinetuneConfig | None = None,
-    progress: Progress | None = None,
+    progress: TrainingProgress | None = None,
 ) -> FinetuneResult:
     """Distil ``teacher`` into the factor pairs of ``rewritten`` and fold the result back.
 
@@ -660,7 +660,7 @@ def finetune_file(
     output_path: str | os.PathLike[str],
     config: FinetuneConfig | None = None,
     force: bool = False,
-    progress: Progress | None = None,
+    progress: TrainingProgress | None = None,
 ) -> FinetuneReport:
     """Load both models, check the data and the output path before any work, fine-tune, check, save atomically.
 
@@ -670,6 +670,12 @@ def finetune_file(
     from onnxsvd import io
 
     config = config or FinetuneConfig()
+    io.check_outputs(
+        {"-o": output_path},
+        {"rewritten": rewritten_path, "--teacher": teacher_path, "--data": data_path},
+        forceable=("-o=rewritten", "-o=--teacher"),
+        force=force,
+    )
     io.check_output_path(output_path, rewritten_path, force)
     io.check_output_path(output_path, teacher_path, force)
     rewritten = io.load_model(rewritten_path)

@@ -6,14 +6,13 @@ Library use::
     report = validate("model.onnx", "small.onnx", "eval.npz", ValidateConfig(providers=("cpu",)))
     print(report.outputs[0].cosine, report.speed[0].timing.speedup, report.speed[0].bound)
 
-The ``onnxsvd validate`` command is :data:`onnxsvd.validate.command.validate_command` (imported
+The ``onnxsvd validate`` command is in :mod:`onnxsvd.cli.validate` (imported
 explicitly by the CLI, not here, so the library does not pull in click or rich).
 """
 
 from __future__ import annotations
 
 from onnxsvd.validate.latency import (
-    PROVIDERS,
     LatencyStats,
     ProviderTiming,
     execution_provider,
@@ -38,7 +37,6 @@ from onnxsvd.validate.profile import (
 from onnxsvd.validate.report import GateResult, ProviderSpeed, ValidateConfig, ValidationReport, check_gate
 
 __all__ = [
-    "PROVIDERS",
     "GateResult",
     "LatencyStats",
     "MetricAccumulator",

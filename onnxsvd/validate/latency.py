@@ -13,16 +13,17 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from onnxsvd.config import PROVIDERS
 from onnxsvd.errors import DataError, ModelError, ProviderError, UsageError
 
 __all__ = [
-    "PROVIDERS",
+    "check_providers",
     "LatencyStats",
     "ProviderTiming",
     "execution_provider",
@@ -33,8 +34,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Provider names the CLI accepts → ONNX Runtime execution providers.
-PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 _INSTALL_HINT = {
     "cuda": "pip install 'onnxsvd[gpu]' on a machine with an NVIDIA GPU",
@@ -65,6 +64,17 @@ def execution_provider(provider: str) -> str:
         hint = _INSTALL_HINT.get(provider, "install an onnxruntime build that has it")
         raise ProviderError(f"{provider.upper()} requested but this onnxruntime has no {name}; {hint}")
     return name
+
+
+def check_providers(providers: Sequence[str]) -> None:
+    """Raise now, before any work, when a provider is unknown or not installed.
+
+    Raises:
+        UsageError: an unknown provider name.
+        ProviderError: the provider is not available in this onnxruntime.
+    """
+    for provider in providers:
+        execution_provider(provider)
 
 
 def _first_line(error: BaseException) -> str:

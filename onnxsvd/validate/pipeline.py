@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import onnx
 
 from onnxsvd import io
+from onnxsvd.config import Progress
 from onnxsvd.data import LABELS_KEY, InputData, iter_batches, load_inputs, model_inputs
 from onnxsvd.errors import DataError, ModelError, UsageError
 from onnxsvd.validate.latency import execution_provider, open_session, time_models
@@ -34,12 +34,10 @@ from onnxsvd.validate.report import (
     check_gate,
 )
 
-__all__ = ["Progress", "validate", "compare_accuracy", "factorized_sites_from_report"]
+__all__ = ["validate", "compare_accuracy", "factorized_sites_from_report"]
 
 log = logging.getLogger(__name__)
 
-#: Called with (stage, done, total) as batches and providers complete; total is 0 when unknown.
-Progress = Callable[[str, int, int], None]
 
 
 def factorized_sites_from_report(path: str | os.PathLike[str]) -> tuple[str, ...]:
@@ -135,7 +133,7 @@ def compare_accuracy(
             except ValueError as error:
                 raise ModelError(f"{error}; validate a rewrite of this model") from error
         if progress is not None:
-            progress("accuracy", done, total)
+            progress(done, total, "accuracy")
     return [accumulators[name].result() for name in names], first, samples
 
 
@@ -158,7 +156,7 @@ def validate(
         rewritten_path: the rewritten model.
         data_path: an ``.npz`` or a folder of ``.npz`` files (see :func:`onnxsvd.data.load_inputs`).
         config: providers, timing, batching, gate (defaults: CPU, 5 warm-up and 20 timed runs).
-        progress: optional callback ``(stage, done, total)``.
+        progress: optional callback ``(done, total, stage)``.
         enforce_gate: raise when the gate fails (the CLI renders the report first, then raises).
 
     Returns:
@@ -229,7 +227,7 @@ def validate(
             bound = 1.0
         speed.append(ProviderSpeed(timing, share, bound))
         if progress is not None:
-            progress("latency", done, len(config.providers))
+            progress(done, len(config.providers), "latency")
     size = size_summary(original_path, rewritten_path, original, rewritten)
     if flops.flops_before is None and flops.sites:
         notes.append("FLOPs are per row of activation (no profile gave the rows)")

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from onnxsvd import io
+from onnxsvd.config import check_provider_names
 from onnxsvd.errors import OutputError, UsageError, ValidationGateError
-from onnxsvd.validate.latency import PROVIDERS, ProviderTiming
+from onnxsvd.validate.latency import ProviderTiming
 from onnxsvd.validate.metrics import OutputMetrics, finite_or_text
 from onnxsvd.validate.profile import SiteFlops, SizeSummary, TimeShare
 
@@ -59,13 +60,7 @@ class ValidateConfig:
     factorized_sites: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if not self.providers:
-            raise UsageError(f"give at least one provider ({', '.join(PROVIDERS)})")
-        for provider in self.providers:
-            if provider not in PROVIDERS:
-                raise UsageError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
-        if len(set(self.providers)) != len(self.providers):
-            raise UsageError(f"--providers lists a provider twice: {','.join(self.providers)}")
+        check_provider_names(self.providers)
         if self.warmup < 0:
             raise UsageError(f"--warmup must be 0 or more, got {self.warmup}")
         if self.iters < 1:

@@ -20,7 +20,7 @@ the report. Sites with the same shapes, ranks and attributes are timed once.
 
 Library use::
 
-    from onnxsvd.validate.site_speed import SiteSpeedCheck, SpeedCheckConfig
+    from onnxsvd.pipeline.speed import SiteSpeedCheck, SpeedCheckConfig
     check = SiteSpeedCheck(SpeedCheckConfig(providers=("cpu",), input_shapes={"x": (32, 64)}))
     result = onnxsvd.rewrite(model, config, speed_check=check)
 """
@@ -38,27 +38,27 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from onnxsvd import io
-from onnxsvd.errors import UsageError
+from onnxsvd.calibrate.collect import expose, session_for
+from onnxsvd.config import Progress, check_provider_names
+from onnxsvd.data import model_inputs
+from onnxsvd.errors import DataError, UsageError
+from onnxsvd.factorize import Factorization
 from onnxsvd.graph import EmitOptions, GraphIndex, Site, emit, find_sites, load_weight
-from onnxsvd.validate.latency import PROVIDERS, execution_provider, make_runner, open_session, time_runners
-
-if TYPE_CHECKING:  # rewrite imports this module lazily; the types only
-    from onnxsvd.factorize import Factorization
-    from onnxsvd.rewrite import GroupOutcome
+from onnxsvd.pipeline.group import GroupOutcome
+from onnxsvd.validate.latency import check_providers, make_runner, open_session, time_runners
 
 __all__ = [
     "SHAPE_HINT",
     "SpeedCheckConfig",
     "SiteTiming",
     "SiteSpeedCheck",
-    "check_providers",
     "parse_shape",
     "activation_shapes",
     "site_models",
@@ -72,9 +72,6 @@ SHAPE_HINT = (
     "--keep-dense-if-slower times each site on activations of the real shape: pass --data DATA (a calibration "
     "batch gives the shapes) or --shape NAME=d0,d1,... for every model input (e.g. --shape input_ids=32,64)"
 )
-
-#: Called after each distinct site configuration is timed with (done, total, site name).
-Progress = Callable[[int, int, str], None]
 
 #: Shortest timed sample: faster kernels are repeated within one sample so the clock's resolution and
 #: Python's call overhead do not decide the comparison.
@@ -106,11 +103,7 @@ class SpeedCheckConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.providers:
-            raise UsageError(f"give at least one provider ({', '.join(PROVIDERS)})")
-        for provider in self.providers:
-            if provider not in PROVIDERS:
-                raise UsageError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+        check_provider_names(self.providers)
         if self.warmup < 0:
             raise UsageError(f"the speed check's warm-up must be 0 or more, got {self.warmup}")
         if self.iters < 1:
@@ -160,17 +153,6 @@ class SiteTiming:
         return f"{slower:.2f}× slower than dense {numbers}"
 
 
-def check_providers(providers: Sequence[str]) -> None:
-    """Raise now, before any work, when a provider is unknown or not installed.
-
-    Raises:
-        UsageError: an unknown provider name.
-        ProviderError: the provider is not available in this onnxruntime.
-    """
-    for provider in providers:
-        execution_provider(provider)
-
-
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """``"input_ids=32,64"`` → ``("input_ids", (32, 64))``.
 
@@ -196,7 +178,6 @@ def _fixed_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]])
     Raises:
         UsageError: a name that is not an input, a missing input, a rank or a fixed dimension that differs.
     """
-    from onnxsvd.data import model_inputs
 
     specs = {spec.name: spec for spec in model_inputs(model)}
     unknown = sorted(set(shapes) - set(specs))
@@ -241,7 +222,6 @@ def _static(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
 
 def _feeds_for(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Zero inputs of the declared shapes (token ids 0, masks 0: only the shapes matter here)."""
-    from onnxsvd.data import model_inputs
 
     return {spec.name: np.zeros(shapes[spec.name], dtype=spec.dtype) for spec in model_inputs(model)}
 
@@ -264,8 +244,6 @@ def activation_shapes(
         UsageError: neither shapes nor a batch, or shapes that do not fit the model's inputs.
         DataError: ONNX Runtime cannot run the model on those inputs.
     """
-    from onnxsvd.calibrate.collect import expose, session_for
-    from onnxsvd.data import model_inputs
 
     if input_shapes:
         shapes = dict(input_shapes)
@@ -286,7 +264,6 @@ def activation_shapes(
         log.info("shape inference failed (%s); reading activation shapes from an onnxruntime run", error)
     unresolved = [name for name in wanted if name not in found]
     if unresolved:
-        from onnxsvd.errors import DataError
 
         elem_types = {site.activation: site.weight.compute_dtype for site in sites}
         exposed = expose(model, [(name, elem_types[name]) for name in unresolved])
@@ -499,7 +476,7 @@ class SiteSpeedCheck:
 
         Args:
             model: the model the outcomes' sites were matched in (not modified).
-            outcomes: the groups, as :func:`onnxsvd.rewrite.factor_group` left them (modified in place).
+            outcomes: the groups, as :func:`onnxsvd.pipeline.group.factor_group` left them (modified in place).
             base_dir: folder of the model file, for external data.
         """
         chosen = [outcome for outcome in outcomes if outcome.factorization is not None]

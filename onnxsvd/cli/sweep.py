@@ -1,12 +1,11 @@
 """``onnxsvd sweep``: parse → :class:`SweepConfig` → :func:`onnxsvd.sweep.sweep` → a rich table.
 
-Registered in the CLI group with ``cli.add_command(sweep_command)``; errors are raised as
+Errors are raised as
 :class:`onnxsvd.errors.OnnxSvdError` for ``onnxsvd.cli.main`` to print as one line.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,46 +13,14 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from onnxsvd.cli.options import PROVIDER_LIST, CommaList
+from onnxsvd.cli.render import progress_bar, stdout
 from onnxsvd.config import LAYOUTS, STORAGE_DTYPES, RankPolicy, RewriteConfig
-from onnxsvd.errors import UsageError
 
-__all__ = ["sweep_command", "parse_ratios", "render_sweep"]
+__all__ = ["sweep_command", "render_sweep"]
 
-
-def parse_ratios(text: str) -> tuple[float, ...]:
-    """``"0.3,0.5"`` → ``(0.3, 0.5)``.
-
-    Raises:
-        UsageError: not a comma-separated list of numbers.
-    """
-    try:
-        ratios = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise UsageError(f"--ratios takes comma-separated numbers such as 0.3,0.5,0.7,0.9, got {text!r}") from error
-    if not ratios:
-        raise UsageError(f"--ratios takes comma-separated numbers such as 0.3,0.5,0.7,0.9, got {text!r}")
-    return ratios
-
-
-def _progress(console: Console) -> tuple[Any, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn("[bold]sweep"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[item]}"),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
-    task = bar.add_task("sweep", total=None, item="")
-
-    def update(done: int, total: int, item: str) -> None:
-        bar.update(task, completed=done, total=total, item=item)
-
-    return bar, update
+#: ``--ratios 0.3,0.5,0.7,0.9``.
+RATIOS = CommaList(float, example="0.3,0.5,0.7,0.9")
 
 
 @click.command("sweep")
@@ -61,13 +28,13 @@ def _progress(console: Console) -> tuple[Any, Any]:
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
               help="Calibration data (.npz keyed by input name, axis 0 = samples, or a folder of them).")
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Evaluation data [default: --data].")
-@click.option("--ratios", default="0.3,0.5,0.7,0.9", show_default=True,
+@click.option("--ratios", type=RATIOS, default="0.3,0.5,0.7,0.9", show_default=True,
               help="Kept fractions of each layer's parameters.")
 @click.option("--methods", default="svd,whiten", show_default=True,
               help="Comma-separated: svd, asvd, whiten, each optionally +sequential (e.g. whiten+sequential).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Folder for sweep.json, sweep.md, fidelity.png, speedup.png and models/.")
-@click.option("--providers", default="cpu", show_default=True, metavar="cpu,cuda",
+@click.option("--providers", type=PROVIDER_LIST, default="cpu", show_default=True, metavar="cpu,cuda",
               help="Execution providers to time; accuracy runs on the first.")
 @click.option("--iters", type=int, default=20, show_default=True, help="Timed runs of each model.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs of each model.")
@@ -87,10 +54,10 @@ def sweep_command(
     model: Path,
     data_path: Path,
     eval_data: Path | None,
-    ratios: str,
+    ratios: tuple[float, ...],
     methods: str,
     output: Path,
-    providers: str,
+    providers: tuple[str, ...],
     iters: int,
     warmup: int,
     threads: int | None,
@@ -108,13 +75,12 @@ def sweep_command(
     trade-off: sweep.json, sweep.md (a table), fidelity.png and speedup.png (against kept parameters,
     with the speedup bound). Calibrates once; the rewritten models go to OUTPUT/models/."""
     from onnxsvd.calibrate import CalibrateConfig
+    from onnxsvd.pipeline.speed import SpeedCheckConfig
     from onnxsvd.sweep import SweepConfig, parse_methods, sweep
-    from onnxsvd.validate.command import parse_providers
-    from onnxsvd.validate.site_speed import SpeedCheckConfig
 
-    provider_names = parse_providers(providers)
+    provider_names = providers
     config = SweepConfig(
-        ratios=parse_ratios(ratios),
+        ratios=ratios,
         methods=parse_methods(methods),
         rewrite=RewriteConfig(policy=RankPolicy(align=align), layout=layout, dtype=dtype, damping=damping),
         calibration=CalibrateConfig(batch_size=batch_size, max_samples=max_samples, providers=provider_names[:1]),
@@ -126,9 +92,7 @@ def sweep_command(
         max_eval_samples=max_eval_samples,
         speed_check=SpeedCheckConfig(providers=provider_names, threads=threads) if keep_dense_if_slower else None,
     )
-    stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    bar, update = _progress(Console(stderr=True, highlight=False))
-    with bar:
+    with progress_bar("sweep") as update:
         result = sweep(model, data_path, output, config, eval_data=eval_data, progress=update)
     render_sweep(result, stdout)
 

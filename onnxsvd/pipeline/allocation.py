@@ -1,4 +1,8 @@
-"""Per-site sensitivity: how much the model's outputs move when one site alone is truncated (as ASVD does).
+"""Global rank allocation on a model: spectra of every group, measured sensitivities, one budget.
+
+The arithmetic (greedy steps by gain per parameter) is :mod:`onnxsvd.rank.allocate`; this module feeds it
+from the model. Sensitivity is how much the model's outputs move when one site alone is truncated (as
+ASVD does).
 
 Legend: s a site (weight group), E_s(r) its discarded energy in the method's metric at rank r, Δ_s(r) the
 model's normalised output error ``Σ_outputs ‖y − ŷ‖² / ‖y‖²`` on calibration batches with only s
@@ -10,24 +14,24 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from onnxsvd.calibrate.collect import session_for
-from onnxsvd.config import RankPolicy, RewriteConfig
-from onnxsvd.errors import FactorizationError
-from onnxsvd.factorize import Decomposition, truncate
-from onnxsvd.graph import EmitOptions, Site, emit, storage_dtype_for
-from onnxsvd.rank import choose_rank
+from onnxsvd.config import Progress, RankPolicy, RewriteConfig
+from onnxsvd.data import Batches
+from onnxsvd.errors import FactorizationError, UsageError
+from onnxsvd.factorize import Decomposition, decompose, spectrum, truncate
+from onnxsvd.graph import EmitOptions, GraphIndex, Site, emit, load_weight, storage_dtype_for
+from onnxsvd.pipeline.group import TargetFn
+from onnxsvd.rank import AllocationSite, allocate_budget, allocate_energy, choose_rank
 
-__all__ = ["measure_sensitivities"]
+__all__ = ["global_ranks", "measure_sensitivities"]
 
 log = logging.getLogger(__name__)
-
-Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
-
 
 def _outputs(
     model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], base_dir: str | None
@@ -111,3 +115,57 @@ def measure_sensitivities(
     known = [value for value in sensitivities.values() if np.isfinite(value) and value > 0]
     fallback = float(np.median(known)) if known else 1.0
     return {key: value if np.isfinite(value) and value > 0 else fallback for key, value in sensitivities.items()}
+
+
+def global_ranks(
+    model: onnx.ModelProto,
+    groups: OrderedDict[str, list[Site]],
+    index: GraphIndex,
+    config: RewriteConfig,
+    target: TargetFn,
+    base_dir: str | None,
+    batches: Batches | None,
+    progress: Progress | None,
+) -> tuple[dict[str, int], list[str]]:
+    """Ranks for every group from one budget over all sites (see :mod:`onnxsvd.rank.allocate`)."""
+    if config.policy.kind == "rank" or config.stage_ranks is not None:
+        raise UsageError("--allocate global takes --ratio (a budget over all sites) or --energy, not a fixed rank")
+
+    def decompose_group(key: str) -> Decomposition:
+        weight = load_weight(index, groups[key][0], base_dir)
+        goal, metric = target(groups[key], weight)
+        return decompose(goal, metric)  # the whole spectrum: [min(K, N)]
+
+    spectra: dict[str, np.ndarray] = {}
+    for key, sites in groups.items():
+        try:
+            weight = load_weight(index, sites[0], base_dir)
+            goal, metric = target(sites, weight)
+            spectra[key] = spectrum(goal, metric)  # only the singular values are kept: [min(K, N)]
+        except FactorizationError:
+            continue  # factor_group will keep it dense with the reason
+    sensitivities = dict.fromkeys(spectra, 1.0)
+    if batches is not None:
+        sensitivities = measure_sensitivities(
+            model, {k: groups[k] for k in spectra}, decompose_group, config, batches,
+            ratios=config.sensitivity_ratios, base_dir=base_dir, progress=progress,
+        )
+    candidates = [
+        AllocationSite(key, groups[key][0].k, groups[key][0].n, spectra[key], sensitivities[key]) for key in spectra
+    ]
+    if not candidates:
+        return {}, []
+    align = config.policy.align
+    if config.policy.kind == "ratio":
+        allocation = allocate_budget(candidates, config.policy.value, align)
+        note = (
+            f"global allocation: {allocation.params:,} of a {allocation.budget:,}-parameter budget "
+            f"(ratio {config.policy.value:g} of all sites together); loss estimate {allocation.loss:.4g} "
+            f"against {allocation.uniform_loss:.4g} for uniform ranks"
+        )
+    else:
+        allocation = allocate_energy(candidates, config.policy.value, align)
+        note = f"global allocation: energy {config.policy.value:g} over all sites with {allocation.params:,} parameters"
+    if batches is not None:
+        note += f"; sensitivities measured at ratios {list(config.sensitivity_ratios)}"
+    return dict(allocation.ranks), [note]

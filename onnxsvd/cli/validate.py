@@ -1,23 +1,20 @@
 """``onnxsvd validate``: parse → :class:`ValidateConfig` → :func:`validate` → rich tables (and JSON).
 
-Registered in the CLI group with ``cli.add_command(validate_command)``. Errors are raised as
+Errors are raised as
 :class:`onnxsvd.errors.OnnxSvdError` for ``onnxsvd.cli.main`` to print as one line; a failed gate
 renders the report (and writes the JSON) first, then raises :class:`ValidationGateError` (exit code 3).
 """
 
 from __future__ import annotations
 
-import math
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from onnxsvd.errors import UsageError
-from onnxsvd.validate.latency import PROVIDERS
+from onnxsvd.cli.options import PROVIDER_LIST
+from onnxsvd.cli.render import general, human_bytes, human_flops, number, progress_bar, stdout
 from onnxsvd.validate.report import DEFAULT_BATCH_SIZE, ValidateConfig, ValidationReport
 
 __all__ = ["validate_command", "parse_config", "render_report"]
@@ -25,20 +22,8 @@ __all__ = ["validate_command", "parse_config", "render_report"]
 _DEFAULTS = ValidateConfig()
 
 
-def parse_providers(text: str) -> tuple[str, ...]:
-    """``"cpu,cuda"`` → ``("cpu", "cuda")``.
-
-    Raises:
-        UsageError: empty or unknown names.
-    """
-    providers = tuple(part.strip().lower() for part in text.split(",") if part.strip())
-    if not providers:
-        raise UsageError(f"--providers takes a comma-separated list of {', '.join(PROVIDERS)}, got {text!r}")
-    return providers
-
-
 def parse_config(
-    providers: str,
+    providers: tuple[str, ...],
     warmup: int,
     iters: int,
     threads: int | None,
@@ -57,7 +42,7 @@ def parse_config(
     from onnxsvd.validate.pipeline import factorized_sites_from_report
 
     return ValidateConfig(
-        providers=parse_providers(providers),
+        providers=providers,
         warmup=warmup,
         iters=iters,
         threads=threads,
@@ -70,33 +55,13 @@ def parse_config(
     )
 
 
-def _progress(console: Console) -> tuple[Any, Any]:
-    """A transient progress bar on stderr (off when stderr is not a terminal); returns (bar, callback)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
-    task = bar.add_task("validating", total=None)
-
-    def update(stage: str, done: int, total: int) -> None:
-        bar.update(task, description=stage, completed=done, total=total or None)
-
-    return bar, update
-
-
 @click.command("validate")
 @click.argument("original", type=click.Path(path_type=Path))
 @click.argument("rewritten", type=click.Path(path_type=Path))
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
               help="Evaluation data: an .npz keyed by input name (axis 0 = samples), or a folder of them.")
-@click.option("--providers", default=",".join(_DEFAULTS.providers), show_default=True, metavar="cpu,cuda",
+@click.option("--providers", type=PROVIDER_LIST, default=",".join(_DEFAULTS.providers), show_default=True,
+              metavar="cpu,cuda",
               help="Execution providers to time; accuracy runs on the first.")
 @click.option("--warmup", type=int, default=_DEFAULTS.warmup, show_default=True, help="Untimed runs of each model.")
 @click.option("--iters", type=int, default=_DEFAULTS.iters, show_default=True,
@@ -120,7 +85,7 @@ def validate_command(
     original: Path,
     rewritten: Path,
     data_path: Path,
-    providers: str,
+    providers: tuple[str, ...],
     warmup: int,
     iters: int,
     threads: int | None,
@@ -147,11 +112,12 @@ def validate_command(
         profile,
     )
     if json_path is not None:
-        io.check_output_path(json_path, original, force=False)
-    stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    stderr = Console(stderr=True, highlight=False)
-    bar, update = _progress(stderr)
-    with bar:
+        io.check_outputs(
+            {"--json": json_path},
+            {"original": original, "rewritten": rewritten, "--data": data_path, "--rewrite-report": rewrite_report},
+        )
+        io.check_output_path(json_path, None, force=False)
+    with progress_bar("validating") as update:
         report = validate(original, rewritten, data_path, config, progress=update, enforce_gate=False)
     if json_path is not None:
         report.write_json(json_path)
@@ -159,44 +125,6 @@ def validate_command(
     if json_path is not None:
         stdout.print(f"report: {json_path}")
     report.raise_for_gate()
-
-
-def _number(value: float | None, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "∞" if value > 0 else "-∞"
-    return f"{value:.{digits}f}"
-
-
-def _general(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if not math.isfinite(value):
-        return _number(value)
-    return f"{value:.3g}"
-
-
-def _human_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KB", "MB"):
-        if value < 1024:
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"
-
-
-def _human_flops(count: int | None) -> str:
-    if count is None:
-        return "-"
-    value = float(count)
-    for unit in ("", "K", "M", "G", "T"):
-        if value < 1000 or unit == "T":
-            return f"{value:.3g} {unit}FLOP" if unit else f"{int(value)} FLOP"
-        value /= 1000
-    return f"{value:.3g} TFLOP"
 
 
 def render_report(report: ValidationReport, console: Console) -> None:
@@ -216,15 +144,15 @@ def render_report(report: ValidationReport, console: Console) -> None:
         row = [
             output.name,
             "×".join(str(dim) for dim in output.shape),
-            _number(output.cosine),
-            _number(output.cosine_min),
-            _number(output.cosine_global),
-            _number(output.sqnr_db, 2),
-            _general(output.relative),
-            _general(output.max_abs),
-            _general(output.mean_abs),
-            _number(output.top1_agreement),
-            _number(output.top5_agreement),
+            number(output.cosine),
+            number(output.cosine_min),
+            number(output.cosine_global),
+            number(output.sqnr_db, 2),
+            general(output.relative),
+            general(output.max_abs),
+            general(output.mean_abs),
+            number(output.top1_agreement),
+            number(output.top5_agreement),
         ]
         if report.has_labels:
             row.append(
@@ -270,15 +198,15 @@ def render_report(report: ValidationReport, console: Console) -> None:
         size.add_column(column, justify="left" if not column else "right")
     size.add_row("parameters", f"{report.size.params_original:,}", f"{report.size.params_rewritten:,}",
                  f"{report.size.params_kept:.1%}")
-    size.add_row("file size", _human_bytes(report.size.bytes_original), _human_bytes(report.size.bytes_rewritten),
+    size.add_row("file size", human_bytes(report.size.bytes_original), human_bytes(report.size.bytes_rewritten),
                  f"{report.size.bytes_kept:.1%}")
     flops = report.flops
     if flops.flops_before is not None:
-        size.add_row(f"FLOPs of {len(flops.sites)} rewritten sites (batch)", _human_flops(flops.flops_before),
-                     _human_flops(flops.flops_after), f"{flops.kept_fraction:.1%}")
+        size.add_row(f"FLOPs of {len(flops.sites)} rewritten sites (batch)", human_flops(flops.flops_before),
+                     human_flops(flops.flops_after), f"{flops.kept_fraction:.1%}")
     else:
-        size.add_row(f"FLOPs of {len(flops.sites)} rewritten sites (per row)", _human_flops(flops.per_row_before),
-                     _human_flops(flops.per_row_after), f"{flops.kept_fraction:.1%}")
+        size.add_row(f"FLOPs of {len(flops.sites)} rewritten sites (per row)", human_flops(flops.per_row_before),
+                     human_flops(flops.per_row_after), f"{flops.kept_fraction:.1%}")
     console.print(size)
     for note in report.notes:
         console.print(f"note: {note}")

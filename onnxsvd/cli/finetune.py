@@ -1,55 +1,25 @@
 """``onnxsvd finetune``: parse → :class:`FinetuneConfig` → :func:`finetune_file` → summary (and JSON).
 
-Registered in the CLI group with ``cli.add_command(finetune_command)``. torch is imported only when the
+torch is imported only when the
 command runs, so the rest of the CLI works without it. Errors are :class:`onnxsvd.errors.OnnxSvdError`
 for ``onnxsvd.cli.main`` to print as one line.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
 
+from onnxsvd.cli.options import CommaList
+from onnxsvd.cli.render import progress_bar, stdout
 from onnxsvd.finetune.config import DEVICES, SCHEDULES, TRAIN_FORMS, FinetuneConfig
 from onnxsvd.finetune.report import FinetuneReport
 
 __all__ = ["finetune_command", "render_report"]
 
 _DEFAULTS = FinetuneConfig()
-
-
-def _progress(console: Console, steps: int) -> tuple[Any, Any]:
-    """A transient progress bar on stderr with the training and held-out losses; returns (bar, callback)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(
-        TextColumn("[bold]fine-tuning"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("train {task.fields[train]}  held-out {task.fields[heldout]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
-    task = bar.add_task("fine-tuning", total=steps or None, train="-", heldout="-")
-
-    def update(step: int, total: int, train_loss: float, heldout_loss: float) -> None:
-        bar.update(task, completed=step, total=total, train=f"{train_loss:.4g}", heldout=f"{heldout_loss:.4g}")
-
-    return bar, update
 
 
 @click.command("finetune")
@@ -81,7 +51,7 @@ def _progress(console: Console, steps: int) -> tuple[Any, Any]:
 @click.option("--augment", type=float, default=_DEFAULTS.augment, show_default=True,
               help="Probability of replacing each real token by a random one of the data in a training batch "
                    "(token models with an attention mask); the teacher labels each such batch afresh.")
-@click.option("--outputs", "outputs_text", default="", metavar="NAMES",
+@click.option("--outputs", "outputs", type=CommaList(str, example="sentence_embedding,logits"), metavar="NAMES",
               help="Outputs to distil, comma-separated (for example the pooled embedding a deployment reads) "
                    "[default: every float output of both models].")
 @click.option("--match-activations/--no-match-activations", default=_DEFAULTS.match_activations,
@@ -117,7 +87,7 @@ def finetune_command(
     eval_every: int,
     patience: int,
     augment: float,
-    outputs_text: str,
+    outputs: tuple[str, ...] | None,
     match_activations: bool,
     activation_weight: float,
     relation_weight: float,
@@ -138,16 +108,23 @@ def finetune_command(
     config = FinetuneConfig(
         train=train, steps=steps, lr=lr, schedule=schedule, warmup_steps=warmup_steps, lora_rank=lora_rank,
         val_split=val_split, batch_size=batch_size, eval_every=eval_every, patience=patience, augment=augment,
-        outputs=tuple(name.strip() for name in outputs_text.split(",")) if outputs_text else (),
+        outputs=outputs or (),
         match_activations=match_activations, activation_weight=activation_weight,
         relation_weight=relation_weight, device=device, seed=seed, threads=threads,
     )
     if report_path is not None:
-        io.check_output_path(report_path, rewritten, force=False)
-    stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    stderr = Console(stderr=True, highlight=False)
-    bar, update = _progress(stderr, steps)
-    with bar:
+        io.check_outputs(
+            {"-o": output, "--report": report_path},
+            {"rewritten": rewritten, "--teacher": teacher, "--data": data_path},
+            forceable=("-o=rewritten", "-o=--teacher"),
+            force=force,
+        )
+        io.check_output_path(report_path, None, force=False)
+    with progress_bar("fine-tuning", total=steps or None, train="-", heldout="-") as bar:
+
+        def update(step: int, total: int, train_loss: float, heldout_loss: float) -> None:
+            bar(step, total, train=f"{train_loss:.4g}", heldout=f"{heldout_loss:.4g}")
+
         report = finetune_file(rewritten, teacher, data_path, output, config, force=force, progress=update)
     if report_path is not None:
         report.write_json(report_path)

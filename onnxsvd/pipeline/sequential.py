@@ -25,7 +25,7 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -33,27 +33,19 @@ import scipy.linalg
 
 from onnxsvd import io
 from onnxsvd.calibrate.collect import ActivationSpec, expose, rows_of, session_for, specs_for_sites
-from onnxsvd.calibrate.stats import ActivationStats
-from onnxsvd.config import RewriteConfig
+from onnxsvd.calibrate.stats import ActivationStats, combine
+from onnxsvd.config import Progress, RewriteConfig
+from onnxsvd.data import Batches
 from onnxsvd.errors import FactorizationError
 from onnxsvd.factorize import Factorization, Metric, diagonal_metric, identity_metric, whitening_metric
 from onnxsvd.graph import GraphIndex, Site, find_sites
-from onnxsvd.rewrite import (
-    GroupOutcome,
-    RewriteResult,
-    SpeedCheck,
-    assemble,
-    emit_outcomes,
-    factor_group,
-    weight_groups,
-)
+from onnxsvd.pipeline.assemble import RewriteResult, assemble, emit_outcomes
+from onnxsvd.pipeline.group import GroupOutcome, SpeedCheck, factor_group, weight_groups
 
 __all__ = ["CrossStats", "site_levels", "rewrite_sequential"]
 
 log = logging.getLogger(__name__)
 
-Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
-Progress = Callable[[int, int, str], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +123,6 @@ def _combined(sites: list[Site], stats: Mapping[str, CrossStats]) -> CrossStats:
     parts = [stats[site.statistics_key] for site in dict((s.statistics_key, s) for s in sites).values()]
     if len(parts) == 1:
         return parts[0]
-    from onnxsvd.calibrate.stats import combine
-
     return CrossStats(combine(p.compressed for p in parts), sum(p.cross for p in parts))
 
 

@@ -1,0 +1,216 @@
+"""``onnxsvd rewrite``: parse → :class:`~onnxsvd.files.RewriteJob` → :func:`~onnxsvd.files.rewrite_file`
+→ the site table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from onnxsvd.cli.options import PROVIDER_LIST, CommaList, rank_policy, selection_options
+from onnxsvd.cli.render import human_bytes, progress_bar, stdout
+from onnxsvd.config import ALLOCATIONS, DEVICES, LAYOUTS, METHODS, STORAGE_DTYPES, SVD_SOLVERS, RewriteConfig
+from onnxsvd.errors import UsageError
+
+__all__ = ["rewrite_command", "render_rewrite"]
+
+#: ``--stage-ranks 32,16``.
+STAGE_RANKS = CommaList(int, example="32,16")
+
+
+@click.command("rewrite")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the rewritten model.")
+@click.option("--rank", type=int, help="Fixed rank for every layer.")
+@click.option("--ratio", type=float, help="Kept fraction of each layer's parameters, 0 < ρ ≤ 1 [default: 0.5].")
+@click.option("--energy", type=float, help="Smallest rank keeping this share of Σσ², 0 < β ≤ 1.")
+@click.option("--align", type=int, default=8, show_default=True, help="Round ranks to a multiple of this.")
+@click.option("--allow-growth", is_flag=True, help="Factorize even at or above the break-even rank.")
+@click.option("--stages", type=int, default=1, show_default=True, help="Residual SVD stages.")
+@click.option("--stage-ranks", type=STAGE_RANKS, metavar="R1,R2,…",
+              help="Explicit rank of each stage (overrides the policy).")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="fused", show_default=True,
+              help="fused: two MatMuls; stages: one chain per stage, summed.")
+@click.option("--method", type=click.Choice(METHODS), default="svd", show_default=True,
+              help="svd: plain; asvd: activation scaling; whiten: SVD-LLM whitening (need --stats or --data).")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="ASVD exponent α.")
+@click.option("--damping", type=float, default=1e-2, show_default=True, help="Whitening damping (relative).")
+@click.option("--ridge", type=float, default=5e-2, show_default=True,
+              help="Sequential rewrite: pull the least-squares target towards the original weight (relative).")
+@click.option("--stats", type=click.Path(path_type=Path), help="Calibration statistics from 'onnxsvd calibrate'.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path),
+              help="Calibration data (.npz or folder): calibrate in the same command.")
+@click.option("--sequential", is_flag=True,
+              help="Fit each level to the partly compressed model's own inputs (needs --data).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration samples per run.")
+@click.option("--max-samples", type=int, help="Use at most this many calibration samples.")
+@click.option("--providers", type=PROVIDER_LIST, default="cpu", show_default=True,
+              help="ONNX Runtime providers for calibration and --keep-dense-if-slower: cpu or cuda.")
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="auto", show_default=True,
+              help="Storage dtype of the factors.")
+@click.option("--keep-dense-if-slower", is_flag=True,
+              help="Time each factorized site dense against factorized on --providers; keep dense the "
+              "sites whose chain is not faster.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1,…",
+              help="Input shape for --keep-dense-if-slower timing (repeat per input; default: a --data batch).")
+@click.option("--speed-iters", type=int, default=30, show_default=True,
+              help="Timed runs of each form per site for --keep-dense-if-slower.")
+@click.option("--threads", type=int, help="onnxruntime intra-op threads for --keep-dense-if-slower timing.")
+@selection_options
+@click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON here.")
+@click.option("--dry-run", is_flag=True, help="Plan and report, write no model.")
+@click.option("--force", is_flag=True, help="Allow overwriting the input model.")
+@click.option("--allocate", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
+              help="uniform: each layer by the policy; global: one --ratio/--energy budget over all sites "
+                   "(ranks by whitened discarded energy × measured sensitivity with --data).")
+@click.option("--svd", "svd_solver", type=click.Choice(SVD_SOLVERS), default="auto", show_default=True,
+              help="exact, randomized (range finder), or auto: randomized when the rank is well below min(K, N).")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+              help="Where the SVDs run (cuda through torch).")
+@click.option("--jobs", type=int, default=0, show_default=True,
+              help="Weights factorized in parallel (0: from the cores).")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Write weights to <output>.data [default: when the input does, or above 2 GB].")
+def rewrite_command(
+    model: Path,
+    output: Path | None,
+    rank: int | None,
+    ratio: float | None,
+    energy: float | None,
+    align: int,
+    allow_growth: bool,
+    stages: int,
+    stage_ranks: tuple[int, ...] | None,
+    layout: str,
+    method: str,
+    alpha: float,
+    damping: float,
+    ridge: float,
+    stats: Path | None,
+    data_path: Path | None,
+    sequential: bool,
+    batch_size: int,
+    max_samples: int | None,
+    providers: tuple[str, ...],
+    dtype: str,
+    keep_dense_if_slower: bool,
+    shapes: tuple[str, ...],
+    speed_iters: int,
+    threads: int | None,
+    include: str | None,
+    exclude: str | None,
+    min_params: int,
+    report: Path | None,
+    dry_run: bool,
+    force: bool,
+    external_data: bool | None,
+    svd_solver: str,
+    device: str,
+    jobs: int,
+    allocate: str,
+) -> None:
+    """Replace constant-weight MatMul/Gemm nodes by low-rank factor chains.
+
+    The ratio ρ is the kept fraction of each layer's parameters: rank r = ⌊ρ·K·N/(K+N)⌋. A layer whose
+    chain would not be smaller (r·(K+N) ≥ K·N) stays dense, with the reason in the report.
+    """
+    from onnxsvd.calibrate import CalibrateConfig
+    from onnxsvd.files import RewriteJob, rewrite_file
+
+    config = RewriteConfig(
+        policy=rank_policy(rank, ratio, energy, align, allow_growth),
+        stages=stages,
+        stage_ranks=stage_ranks,
+        layout=layout,
+        method=method,
+        alpha=alpha,
+        damping=damping,
+        ridge=ridge,
+        include=include,
+        exclude=exclude,
+        min_params=min_params,
+        dtype=dtype,
+        svd=svd_solver,
+        device=device,
+        jobs=jobs,
+        allocate=allocate,
+    )
+    if device == "cuda":
+        _require_torch_cuda()
+    if output is None and not dry_run:
+        raise UsageError("missing -o/--output: say where to write the rewritten model (or use --dry-run)")
+    calibration = CalibrateConfig(batch_size=batch_size, max_samples=max_samples, providers=providers)
+    job = RewriteJob(
+        model=model,
+        output=None if dry_run else output,
+        config=config,
+        stats=stats,
+        data=data_path,
+        calibration=calibration,
+        sequential=sequential,
+        external_data=external_data,
+        speed_check=_speed_check(keep_dense_if_slower, shapes, providers, speed_iters, threads),
+        report=report,
+        force=force,
+    )
+    with progress_bar("factorizing") as update:
+        outcome = rewrite_file(job, progress=update)
+    render_rewrite(outcome)
+    if report is not None:
+        stdout.print(f"report: {report}")
+
+
+def _speed_check(
+    enabled: bool, shapes: tuple[str, ...], providers: tuple[str, ...], iters: int, threads: int | None
+) -> Any:
+    """The ``--keep-dense-if-slower`` configuration, or None."""
+    if not enabled:
+        if shapes:
+            raise UsageError("--shape only sets the timing shapes of --keep-dense-if-slower; add that flag")
+        return None
+    from onnxsvd.pipeline.speed import SpeedCheckConfig, parse_shape
+
+    declared = dict(parse_shape(text) for text in shapes)
+    return SpeedCheckConfig(providers=providers, input_shapes=declared, iters=iters, threads=threads)
+
+
+def _require_torch_cuda() -> None:
+    from onnxsvd.errors import ProviderError
+
+    try:
+        import torch
+    except ImportError as error:
+        raise ProviderError("--device cuda needs torch: pip install 'onnxsvd[torch]'") from error
+    if not torch.cuda.is_available():
+        raise ProviderError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
+
+
+def render_rewrite(report: Any) -> None:
+    """The site table and the summary lines of a rewrite report."""
+    table = Table(title=f"{report.input} → {report.output or '(dry run, nothing written)'}")
+    for column in ("site", "op", "K×N", "action", "rank", "params", "kept energy", "reason"):
+        table.add_column(column, justify="right" if column in ("rank", "params", "kept energy") else "left")
+    for site in report.sites:
+        shape = f"{site.shape[0]}×{site.shape[1]}" if site.shape else "-"
+        energy = f"{site.kept_energy:.3f}" if site.kept_energy is not None else "-"
+        params = (
+            f"{site.params_before:,} → {site.params_after:,}"
+            if site.action == "factorized"
+            else f"{site.params_before:,}"
+        )
+        table.add_row(
+            site.name, site.op_type, shape, site.action, str(site.rank or "-"), params, energy, site.reason
+        )
+    stdout.print(table)
+    ratio = report.params_after / report.params_before if report.params_before else 1.0
+    stdout.print(
+        f"method {report.method}, policy {report.policy}, layout {report.layout}\n"
+        f"sites: {len(report.factorized)} factorized, {len(report.kept)} kept\n"
+        f"parameters: {report.params_before:,} → {report.params_after:,} ({ratio:.1%} kept)\n"
+        f"file size: {human_bytes(report.file_size_before)} → {human_bytes(report.file_size_after)}\n"
+        f"time: {report.seconds:.2f} s"
+    )
+    for note in report.notes:
+        stdout.print(f"note: {note}")

@@ -1,0 +1,155 @@
+"""From group outcomes to a rewritten model and its report: emit the factorized groups, list every site."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import onnx
+
+from onnxsvd import io
+from onnxsvd.config import RewriteConfig
+from onnxsvd.graph import EmitOptions, FactorTensors, Match, emit
+from onnxsvd.pipeline.group import GroupOutcome
+from onnxsvd.pipeline.report import RewriteReport, SiteReport
+
+__all__ = ["RewriteResult", "assemble", "emit_outcomes"]
+
+
+log = logging.getLogger(__name__)
+
+
+class RewriteResult:
+    """The rewritten model and its report."""
+
+    def __init__(self, model: onnx.ModelProto, report: RewriteReport) -> None:
+        self.model = model
+        self.report = report
+
+
+def _site_reports(outcome: GroupOutcome) -> list[SiteReport]:
+    names = [s.name for s in outcome.sites]
+    reports = []
+    for member in outcome.sites:
+        factorized = outcome.factorized
+        rank = outcome.rank if factorized else 0
+        reports.append(
+            SiteReport(
+                name=member.name,
+                op_type=member.op_type,
+                shape=[member.k, member.n],
+                action="factorized" if factorized else "kept",
+                reason=outcome.reason,
+                rank=rank,
+                stage_ranks=outcome.ranks,
+                params_before=member.params,
+                params_after=rank * (member.k + member.n) if factorized else member.params,
+                kept_energy=outcome.kept_energy,
+                weight_error=outcome.weight_error,
+                shared_with=[n for n in names if n != member.name],
+                seconds=outcome.seconds,
+                dense_ms=outcome.dense_ms,
+                factorized_ms=outcome.factorized_ms,
+                speedup=outcome.speedup,
+                speed_provider=outcome.speed_provider,
+            )
+        )
+    return reports
+
+
+def emit_outcomes(
+    model: onnx.ModelProto,
+    outcomes: list[GroupOutcome],
+    config: RewriteConfig,
+    tensors: FactorTensors | None = None,
+) -> onnx.ModelProto:
+    """Emit every factorized group into ``model`` (mutated; node indices must be those matched).
+
+    ``tensors`` holds the initializers of groups already prepared (their arrays dropped).
+    """
+    factorized = [o for o in outcomes if o.factorized]
+    if not factorized:
+        return model
+    emit(
+        model,
+        {o.sites[0].group: o.factorization for o in factorized if o.factorization is not None},
+        [site for o in factorized for site in o.sites],
+        {o.sites[0].group: o.storage for o in factorized},
+        EmitOptions(layout=config.layout),
+        tensors,
+    )
+    _stamp(model, config)
+    return model
+
+
+def assemble(
+    model: onnx.ModelProto,
+    match: Match,
+    outcomes: list[GroupOutcome],
+    config: RewriteConfig,
+    params_before: int,
+    started: float,
+    tensors: FactorTensors | None = None,
+) -> RewriteResult:
+    """Emit the factorized groups into ``model`` (a private copy) and build the report."""
+    reports: dict[int, SiteReport] = {}
+    for outcome in outcomes:
+        for site, report in zip(outcome.sites, _site_reports(outcome), strict=True):
+            reports[site.node_index] = report
+    for skip in match.skips:
+        params = int(np.prod(skip.shape)) if skip.shape else 0
+        reports[skip.node_index] = SiteReport(
+            name=skip.name,
+            op_type=skip.op_type,
+            shape=list(skip.shape) if skip.shape and len(skip.shape) == 2 else None,
+            action="kept",
+            reason=skip.reason,
+            params_before=params,
+            params_after=params,
+        )
+    emit_outcomes(model, outcomes, config, tensors)
+    notes = []
+    if config.stages > 1:
+        notes.append(
+            "residual stages: with exact float factors they equal one SVD of the summed rank (Eckart–Young); "
+            "they differ only through the rounding of earlier stages to the storage dtype"
+        )
+    report = RewriteReport(
+        input=None,
+        output=None,
+        method=config.method,
+        policy=config.policy.describe() if config.stage_ranks is None else f"stage ranks {list(config.stage_ranks)}",
+        layout=config.layout,
+        stages=config.stages,
+        params_before=params_before,
+        params_after=io.count_parameters(model),
+        sites=[reports[position] for position in sorted(reports)],
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
+    log.info(
+        "factorized %d of %d MatMul/Gemm nodes; parameters %d → %d",
+        len(report.factorized),
+        len(report.sites),
+        report.params_before,
+        report.params_after,
+    )
+    return RewriteResult(model, report)
+
+
+def _stamp(model: onnx.ModelProto, config: RewriteConfig) -> None:
+    """Record what produced the model in its metadata (existing entries are kept)."""
+    from onnxsvd import __version__
+
+    entries = {
+        "onnxsvd.version": __version__,
+        "onnxsvd.method": config.method,
+        "onnxsvd.policy": config.policy.describe(),
+    }
+    existing = {prop.key: prop for prop in model.metadata_props}
+    for key, value in entries.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)

@@ -1,0 +1,238 @@
+"""Per-weight-group work: load a weight, decompose it in its data metric, choose ranks, truncate, measure.
+
+A *group* is the sites that consume one normalised weight (factorized once, factors shared). Every pass
+(one-shot, sequential, global allocation) runs :func:`factor_group` on each group with its own target:
+the one-shot pass decomposes ``W`` itself, the sequential pass its least-squares target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from onnxsvd.calibrate.stats import ActivationStats, Statistics, combine
+from onnxsvd.config import RewriteConfig
+from onnxsvd.errors import FactorizationError, StatsError
+from onnxsvd.factorize import (
+    Decomposition,
+    Factorization,
+    Metric,
+    SvdOptions,
+    decompose,
+    diagonal_metric,
+    identity_metric,
+    split_rank,
+    truncate,
+    whitening_metric,
+)
+from onnxsvd.graph import GraphIndex, Site, load_weight, storage_dtype_for
+from onnxsvd.rank import choose_rank
+
+__all__ = [
+    "GroupOutcome",
+    "RefitFn",
+    "SpeedCheck",
+    "TargetFn",
+    "factor_group",
+    "group_statistics",
+    "metric_for",
+    "svd_options",
+    "weight_groups",
+]
+
+
+log = logging.getLogger(__name__)
+
+
+def metric_for(config: RewriteConfig, stats: ActivationStats | None) -> Metric:
+    """The data metric of a method: identity (svd), diagonal (asvd) or whitening (whiten).
+
+    Raises:
+        FactorizationError: the statistics are degenerate (the site stays dense).
+    """
+    if config.method == "svd":
+        return identity_metric()
+    if stats is None:
+        raise FactorizationError("no calibration statistics for this activation")
+    if stats.rows == 0:
+        raise FactorizationError("degenerate statistics: no calibration rows")
+    if config.method == "asvd":
+        return diagonal_metric(stats.mean_abs, alpha=config.alpha)
+    return whitening_metric(stats.gram, damping=config.damping)
+
+
+def group_statistics(sites: list[Site], statistics: Statistics | None) -> ActivationStats | None:
+    if statistics is None:
+        return None
+    parts = [statistics.activations.get(site.statistics_key) for site in sites]
+    if any(part is None for part in parts):
+        return None
+    parts = [p for p in parts if p is not None]
+    if any(p.channels != sites[0].k for p in parts):
+        raise StatsError(
+            f"statistics for {sites[0].activation!r} have {parts[0].channels} channels, the layer has "
+            f"{sites[0].k}; re-run 'onnxsvd calibrate' on this model"
+        )
+    return combine(parts)
+
+
+def _stage_ranks(config: RewriteConfig, total: int) -> list[int]:
+    stages = min(config.stages, total)
+    return split_rank(total, stages)
+
+
+#: Turns a group's dense weight ``[K, N]`` into ``(target [K, N], metric)`` to decompose; the default
+
+
+#: is ``(W, metric of the method)``. The sequential rewrite substitutes its least-squares target.
+
+
+TargetFn = Callable[[list[Site], np.ndarray], "tuple[np.ndarray, Metric]"]
+
+
+#: Optionally replaces the factors chosen for a group (the sequential rewrite refits ``B`` here).
+
+
+RefitFn = Callable[[list[Site], np.ndarray, Factorization], Factorization]
+
+
+@dataclasses.dataclass
+class GroupOutcome:
+    """What happened to one weight group (sites that share one normalised weight)."""
+
+    sites: list[Site]
+    factorization: Factorization | None
+    reason: str
+    ranks: list[int]
+    storage: int
+    kept_energy: float | None = None
+    weight_error: float | None = None
+    seconds: float = 0.0
+    dense_ms: float | None = None
+    factorized_ms: float | None = None
+    speedup: float | None = None
+    speed_provider: str | None = None
+    rank: int = 0
+    prepared: bool = False
+
+    @property
+    def factorized(self) -> bool:
+        """True when the group is replaced by factors (held here, or already made into initializers)."""
+        return self.factorization is not None or self.prepared
+
+
+#: Decides, after the factors are chosen and before they are emitted, which groups stay dense: called as
+
+
+#: ``check(model, outcomes, base_dir)`` with the model the sites were matched in, it drops the factors of
+
+
+#: the outcomes to keep dense (with their reason) and returns the list. See
+
+
+#: :class:`onnxsvd.pipeline.speed.SiteSpeedCheck` (``--keep-dense-if-slower``).
+
+
+SpeedCheck = Callable[[onnx.ModelProto, "list[GroupOutcome]", "str | None"], "list[GroupOutcome]"]
+
+
+def _choose_ranks(
+    site: Site, config: RewriteConfig, decomposition: Decomposition, rank_override: int | None = None
+) -> tuple[list[int] | None, str]:
+    """Stage ranks for a decomposed weight, or ``None`` and the reason it stays dense."""
+    if rank_override is not None:
+        return _stage_ranks(config, rank_override), f"global allocation: rank {rank_override}"
+    if config.stage_ranks is not None:
+        ranks = list(config.stage_ranks)
+        total = sum(ranks)
+        limit = min(site.k, site.n)
+        if total > limit:
+            return None, f"--stage-ranks sum {total} exceeds min(K, N) = {limit}"
+        if total * (site.k + site.n) >= site.params and not config.policy.allow_growth:
+            return None, f"--stage-ranks sum {total} ≥ break-even (r·(K+N) ≥ K·N); use --allow-growth to force"
+        return ranks, f"stage ranks {','.join(map(str, ranks))}"
+    decision = choose_rank(config.policy, site.k, site.n, decomposition.s)
+    if decision.dense:
+        return None, decision.reason
+    return _stage_ranks(config, decision.rank), decision.reason
+
+
+def svd_options(config: RewriteConfig) -> SvdOptions:
+    """How the SVDs of a rewrite are computed (solver, backend, device)."""
+    return SvdOptions(solver=config.svd, backend="torch" if config.device != "cpu" else "auto", device=config.device)
+
+
+def _planned_rank(site: Site, config: RewriteConfig, rank_override: int | None = None) -> tuple[int | None, str]:
+    """The total rank when the policy fixes it from the shape alone (rank, ratio, stage ranks), so a
+    randomized SVD can compute only what is kept; and the reason to stay dense if the shape decides it."""
+    if rank_override is not None:
+        return rank_override, ""
+    if config.stage_ranks is not None:
+        return min(sum(config.stage_ranks), min(site.k, site.n)), ""
+    if config.policy.kind == "energy":
+        return None, ""
+    decision = choose_rank(config.policy, site.k, site.n, None)
+    return (None, decision.reason) if decision.dense else (decision.rank, "")
+
+
+def factor_group(
+    index: GraphIndex,
+    sites: list[Site],
+    config: RewriteConfig,
+    target: TargetFn,
+    base_dir: str | None = None,
+    refit: RefitFn | None = None,
+    rank_override: int | None = None,
+) -> GroupOutcome:
+    """Load a group's weight, decompose ``target`` in its metric, choose ranks, truncate, measure.
+
+    A failure of any step keeps the group dense with the reason; nothing is swapped silently.
+    """
+    site = sites[0]
+    tick = time.perf_counter()
+    storage = storage_dtype_for(site, config.dtype)
+    outcome = GroupOutcome(sites=sites, factorization=None, reason="", ranks=[], storage=storage)
+    try:
+        planned, dense_reason = _planned_rank(site, config, rank_override)
+        if dense_reason:  # decided from the shape alone: no need to read or decompose the weight
+            outcome.reason = dense_reason
+            outcome.seconds = time.perf_counter() - tick
+            return outcome
+        weight = load_weight(index, site, base_dir)  # [K, N]
+        if not np.all(np.isfinite(weight)):
+            raise FactorizationError("weight contains NaN or Inf")
+        goal, metric = target(sites, weight)  # [K, N], Lᵀ
+        decomposition = decompose(goal, metric, rank=planned, options=svd_options(config))
+        ranks, reason = _choose_ranks(site, config, decomposition, rank_override)
+        outcome.reason = reason
+        if ranks is not None:
+            factorization = truncate(decomposition, ranks, onnx.helper.tensor_dtype_to_np_dtype(storage))
+            if refit is not None:
+                factorization = refit(sites, weight, factorization)
+            norm = float(np.linalg.norm(weight))
+            error = float(np.linalg.norm(weight - factorization.product())) / norm if norm > 0 else 0.0
+            if not np.isfinite(error):
+                outcome.reason = "factors overflow the storage dtype (NaN/Inf)"
+            else:
+                outcome.factorization, outcome.ranks = factorization, ranks
+                outcome.rank = factorization.rank
+                outcome.kept_energy, outcome.weight_error = factorization.kept_energy, error
+    except FactorizationError as error:
+        outcome.reason = str(error)
+    outcome.seconds = time.perf_counter() - tick
+    log.debug("%s: %s", site.name, outcome.reason)
+    return outcome
+
+
+def weight_groups(sites: Sequence[Site]) -> OrderedDict[str, list[Site]]:
+    """Sites grouped by the normalised weight they share, in graph order."""
+    groups: OrderedDict[str, list[Site]] = OrderedDict()
+    for site in sites:
+        groups.setdefault(site.group, []).append(site)
+    return groups

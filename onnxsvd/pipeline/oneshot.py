@@ -1,0 +1,125 @@
+"""The one-shot pass: match → plan ranks → factorize → keep-dense checks → emit, on a model in memory.
+
+``rewrite(model, config)`` never mutates its argument; :mod:`onnxsvd.files` adds loading, output checks,
+atomic saving and file sizes.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import copy
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxsvd import io
+from onnxsvd.calibrate.stats import Statistics
+from onnxsvd.config import Progress, RewriteConfig
+from onnxsvd.errors import StatsError, UsageError
+from onnxsvd.factorize import Metric
+from onnxsvd.graph import FactorTensors, GraphIndex, Site, find_sites
+from onnxsvd.pipeline.allocation import global_ranks
+from onnxsvd.pipeline.assemble import RewriteResult, assemble
+from onnxsvd.pipeline.group import GroupOutcome, SpeedCheck, factor_group, group_statistics, metric_for, weight_groups
+
+__all__ = ["rewrite"]
+
+
+def rewrite(
+    model: onnx.ModelProto,
+    config: RewriteConfig | None = None,
+    statistics: Statistics | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    speed_check: SpeedCheck | None = None,
+    batches: Callable[[], Any] | None = None,
+    data_file: io.DataFile | None = None,
+) -> RewriteResult:
+    """Replace every eligible MatMul/Gemm of ``model`` by a low-rank factor chain.
+
+    Args:
+        model: the model; not modified.
+        config: policy, method, layout (defaults: plain SVD, ratio 0.5, fused).
+        statistics: calibration statistics of this model (required by ``asvd`` and ``whiten``).
+        base_dir: folder of the model file, for external data.
+        progress: optional callback after each weight.
+        speed_check: applied to the factorized groups before they are emitted (keeps dense the groups
+            whose chain is not faster; see :class:`onnxsvd.pipeline.speed.SiteSpeedCheck`).
+        batches: calibration batches (a callable giving a fresh iterable), used by ``allocate="global"``
+            to measure each site's sensitivity; without them every site counts with sensitivity 1.
+        data_file: the output's :class:`onnxsvd.io.DataFile`: each factor is written there as soon as it is
+            made (the returned model's factor initializers point at it), so no factor stays in memory;
+            save the model with ``io.save_model(..., data_file=data_file)``. Not with ``speed_check``.
+
+    Returns:
+        The rewritten model and a report of every MatMul/Gemm.
+
+    Raises:
+        UsageError: an activation-aware method without statistics.
+        StatsError: statistics of another model.
+    """
+    config = config or RewriteConfig()
+    started = time.perf_counter()
+    if config.needs_statistics and statistics is None:
+        raise UsageError(f"--method {config.method} needs calibration data: pass --stats stats.npz or --data DATA")
+    if statistics is not None and statistics.fingerprint != io.fingerprint(model):
+        raise StatsError(
+            "the statistics were collected on another model (fingerprint mismatch); "
+            "re-run 'onnxsvd calibrate' on this model"
+        )
+    params_before = io.count_parameters(model)
+    model = copy.deepcopy(model)
+    match = find_sites(model, config)
+    index = GraphIndex(model.graph)
+    groups = weight_groups(match.sites)
+
+    def target(sites: list[Site], weight: np.ndarray) -> tuple[np.ndarray, Metric]:
+        return weight, metric_for(config, group_statistics(sites, statistics))
+
+    base = str(base_dir) if base_dir is not None else None
+    # Without a speed check nothing needs the arrays after a group is done: its factors become
+    # initializers at once and the arrays are dropped, so at most `jobs` weights are in memory.
+    if data_file is not None and speed_check is not None:
+        raise UsageError("a speed check needs the factors in memory: do not stream them to a data file")
+    tensors = FactorTensors(model, data_file) if speed_check is None else None
+
+    overrides: dict[str, int] = {}
+    notes: list[str] = []
+    if config.allocate == "global":
+        overrides, notes = global_ranks(model, groups, index, config, target, base, batches, progress)
+
+    def work(sites: list[Site]) -> GroupOutcome:
+        return factor_group(index, sites, config, target, base, rank_override=overrides.get(sites[0].group))
+
+    outcomes: list[GroupOutcome] = []
+    jobs = config.jobs or max(1, min(4, (os.cpu_count() or 1) // 2))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        # LAPACK/torch release the GIL; the map keeps graph order and at most `jobs` weights in flight.
+        for done, outcome in enumerate(_bounded_map(pool, work, list(groups.values()), jobs), start=1):
+            if tensors is not None and outcome.factorization is not None:
+                tensors.prepare(outcome.sites, outcome.factorization, outcome.storage, config.layout)
+                outcome.factorization, outcome.prepared = None, True
+            outcomes.append(outcome)
+            if progress is not None:
+                progress(done, len(groups), outcome.sites[0].name)
+    if speed_check is not None:
+        outcomes = speed_check(model, outcomes, base)
+    result = assemble(model, match, outcomes, config, params_before, started, tensors)
+    result.report.notes.extend(notes)
+    return result
+
+
+def _bounded_map(pool: concurrent.futures.Executor, function: Callable, items: list, window: int):
+    """``pool.map`` that submits at most ``window`` items ahead of the one being yielded."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

@@ -1,0 +1,29 @@
+"""Ranks: pure arithmetic on shapes and spectra. Per-layer policies and the break-even guard
+(:mod:`onnxsvd.rank.policy`), and one budget spread over many layers (:mod:`onnxsvd.rank.allocate`)."""
+
+from __future__ import annotations
+
+from onnxsvd.rank.allocate import (
+    Allocation,
+    AllocationSite,
+    allocate_budget,
+    allocate_energy,
+    loss_estimate,
+    uniform_ranks,
+)
+from onnxsvd.rank.policy import RankDecision, align_rank, break_even_rank, choose_rank, energy_rank, ratio_rank
+
+__all__ = [
+    "Allocation",
+    "AllocationSite",
+    "RankDecision",
+    "align_rank",
+    "allocate_budget",
+    "allocate_energy",
+    "break_even_rank",
+    "choose_rank",
+    "energy_rank",
+    "loss_estimate",
+    "ratio_rank",
+    "uniform_ranks",
+]
