@@ -246,7 +246,8 @@ def test_sequential_beats_one_shot_on_a_multi_layer_model(rng: np.random.Generat
     x = _correlated(rng, 64, 6, 24)
     batches = _batches({"x": x}, 16)
     statistics = calibrate(model, batches)
-    config = RewriteConfig(policy=RankPolicy("rank", 5, align=1), method="whiten", damping=1e-6)
+    # One λ: one-shot whitening damps with `damping`, the sequential closed form with `ridge`.
+    config = RewriteConfig(policy=RankPolicy("rank", 5, align=1), method="whiten", damping=1e-6, ridge=1e-6)
     (reference,) = run(model, {"x": x})
     one_shot = rewrite(model, config, statistics)
     sequential = rewrite_sequential(model, config, batches)

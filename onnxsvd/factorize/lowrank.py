@@ -142,7 +142,12 @@ def whitening_metric(gram: np.ndarray, damping: float = 1e-2) -> Metric:
     del damped
     symmetric = np.add(gram, gram.T)  # [K, K]
     symmetric *= 0.5
-    eigenvalues, eigenvectors = np.linalg.eigh(symmetric)  # [K], [K, K]
+    try:
+        eigenvalues, eigenvectors = np.linalg.eigh(symmetric)  # [K], [K, K]
+    except np.linalg.LinAlgError as error:
+        raise FactorizationError(
+            f"whitening failed: neither Cholesky nor eigh of the Gram converged ({error})"
+        ) from error
     eigenvalues = np.maximum(eigenvalues, 0.0) + floor  # [K], all ≥ floor > 0
     return Metric("eigen", lower=eigenvectors * np.sqrt(eigenvalues)[None, :])  # Q Λ^½: [K, K]
 

@@ -8,10 +8,12 @@ number of sites upstream of them), and for each level, with every earlier level 
 
     G̃ = X̃ᵀX̃ [K, K],   C = X̃ᵀX [K, K]                      (streamed over the calibration data)
 
-- ``whiten``: the exact closed form. For ``W' = argmin_{rank r} ‖X W − X̃ W'‖_F``, with the least-squares
+- ``whiten``: a closed form. For ``W' = argmin_{rank r} ‖X W − X̃ W'‖_F``, with the least-squares
   solution ``W_ls = G̃⁻¹ C W`` the error splits as ``‖X W − X̃ W_ls‖² + ‖L̃ᵀ (W_ls − W')‖²`` (``G̃ = L̃ L̃ᵀ``),
-  so ``W'`` is the whitened truncation of ``W_ls`` in the metric of ``G̃``: the same code path as one-shot
-  whitening, on another target.
+  so ``W'`` is the whitened truncation of ``W_ls`` in the metric of ``G̃``. In practice both need damping:
+  the target is solved with ``λ = ridge`` (pulling it towards the original weight) and the truncation
+  runs in the metric damped by ``damping``. With two different λ the result is *not* the exact minimiser
+  of either damped problem; it is exact only in the undamped limit.
 - ``svd``/``asvd``: ``A`` comes from the method as usual, and the second factor gets its least-squares
   optimum ``B = argmin ‖X W − X̃ A B‖ = (Aᵀ G̃ A)⁻¹ Aᵀ C W``.
 
@@ -126,16 +128,33 @@ def _combined(sites: list[Site], stats: Mapping[str, CrossStats]) -> CrossStats:
     return CrossStats(combine(p.compressed for p in parts), sum(p.cross for p in parts))
 
 
+def _require_finite(name: str, *arrays: np.ndarray) -> None:
+    if not all(np.all(np.isfinite(array)) for array in arrays):
+        raise FactorizationError(f"degenerate statistics: {name} holds NaN or Inf (the compressed model overflows)")
+
+
 def _damped_solve(gram: np.ndarray, rhs: np.ndarray, damping: float) -> np.ndarray:
-    """``(G + λ·mean(diag G)·I)⁻¹ · rhs`` by Cholesky (``G`` ``[K, K]``, ``rhs`` ``[K, M]``)."""
+    """``(G + λ·mean(diag G)·I)⁻¹ · rhs`` by Cholesky, by least squares if that fails (``G`` ``[K, K]``,
+    ``rhs`` ``[K, M]``).
+
+    Raises:
+        FactorizationError: non-finite input, an all-zero ``G``, or neither solve gives a finite answer.
+    """
+    _require_finite("the least-squares system", gram, rhs)
     scale = float(np.mean(np.diag(gram)))
-    if not np.isfinite(scale) or scale <= 0.0:
+    if scale <= 0.0:
         raise FactorizationError("degenerate statistics: compressed-model activations are all zero")
     damped = 0.5 * (gram + gram.T) + max(damping, 1e-10) * scale * np.eye(gram.shape[0])  # [K, K]
     try:
-        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(damped, lower=True), rhs)  # [K, M]
+        solution = scipy.linalg.cho_solve(scipy.linalg.cho_factor(damped, lower=True), rhs)  # [K, M]
     except np.linalg.LinAlgError:
-        return scipy.linalg.lstsq(damped, rhs)[0]  # [K, M]
+        try:
+            solution = scipy.linalg.lstsq(damped, rhs)[0]  # [K, M]
+        except (np.linalg.LinAlgError, ValueError) as error:
+            raise FactorizationError(f"least-squares solve failed ({error})") from error
+    if not np.all(np.isfinite(solution)):
+        raise FactorizationError("least-squares solve failed (NaN or Inf in the solution)")
+    return solution
 
 
 def rewrite_sequential(
@@ -190,7 +209,8 @@ def rewrite_sequential(
             target, refit = _level_fit(config, _combined(sites, stats))
             outcomes[key] = factor_group(index, sites, config, target, base_dir, refit)
         if speed_check is not None:  # before the next level is fitted to this one's inputs
-            speed_check(working, [outcomes[key] for key in level_groups], base_dir)
+            checked = speed_check(working, [outcomes[key] for key in level_groups], base_dir)
+            outcomes.update((outcome.sites[0].group, outcome) for outcome in checked)
         # The next level sees this one compressed: rebuild from the original with every outcome so far.
         compressed = emit_outcomes(copy.deepcopy(original), list(outcomes.values()), config)
         if progress is not None:
@@ -208,11 +228,16 @@ def _level_fit(config: RewriteConfig, stats: CrossStats):
     gram, cross = stats.compressed.gram, stats.cross  # G̃ [K, K], C = X̃ᵀX [K, K]
 
     def target(sites: list[Site], weight: np.ndarray) -> tuple[np.ndarray, Metric]:
+        _require_finite("the compressed model's Gram X̃ᵀX̃ or cross Gram X̃ᵀX", gram, cross)
         if config.method == "whiten":
-            # W_ls = (G̃ + λI)⁻¹ (C W + λ W): ridge towards the original weight, not towards zero, so
-            # directions the calibration data barely visits keep the layer's own behaviour.
+            # W_ls = (G̃ + λI)⁻¹ (C W + λ W), λ = ridge·mean(diag G̃): ridge towards the original weight, not
+            # towards zero, so directions the calibration data barely visits keep the layer's own behaviour.
+            # The truncation then runs in the metric of G̃ damped by `damping`, a different λ: so this is a
+            # closed form, not the exact minimiser of the ridge-damped problem (that would need one λ for
+            # both; measured, it scored below one-shot whitening on tests/test_calibrate's deep MLP).
             ridge = max(config.ridge, 1e-10) * float(np.mean(np.diag(gram)))
             least_squares = _damped_solve(gram, cross @ weight + ridge * weight, config.ridge)  # [K, N]
+            _require_finite("the least-squares target", least_squares)
             return least_squares, whitening_metric(gram, damping=config.damping)
         if config.method == "asvd":
             return weight, diagonal_metric(stats.compressed.mean_abs, alpha=config.alpha)
