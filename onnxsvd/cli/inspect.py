@@ -18,7 +18,7 @@ __all__ = ["inspect_command"]
 @click.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--plot", type=click.Path(path_type=Path), help="Draw the singular value spectra to this PNG.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Draw the singular value spectra to this file (.png, .pdf or .svg).")
 @selection_options
 def inspect_command(
     model: Path, as_json: bool, plot: Path | None, include: str | None, exclude: str | None, min_params: int
@@ -26,12 +26,13 @@ def inspect_command(
     """Show every MatMul/Gemm site: shape, parameters, break-even rank, the ranks keeping 80/90/99% of
     the energy Σσ², and every node that would be skipped, with its reason."""
     from onnxsvd import io
-    from onnxsvd.pipeline.inspect import inspect_model, plot_spectra
+    from onnxsvd.pipeline.inspect import inspect_model, plot_format, plot_spectra
 
     config = RewriteConfig(include=include, exclude=exclude, min_params=min_params)
     if plot is not None:
         io.check_outputs({"--plot": plot}, {"model": model})
         io.check_output_path(plot, model, force=False)
+        plot_format(plot)  # the suffix names the format: refuse others before any work
     loaded = io.load_model(model)
     inspection = inspect_model(loaded, config, base_dir=model.parent)
     if plot is not None:
