@@ -18,7 +18,8 @@ __all__ = ["inspect_command"]
 @click.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--plot", type=click.Path(path_type=Path), help="Draw the singular value spectra to this file (.png, .pdf or .svg).")
+@click.option("--plot", type=click.Path(path_type=Path),
+              help="Draw the singular value spectra to this file (.png, .pdf or .svg).")
 @selection_options
 def inspect_command(
     model: Path, as_json: bool, plot: Path | None, include: str | None, exclude: str | None, min_params: int
