@@ -38,7 +38,15 @@ from onnxsvd.pipeline import RewriteReport, rewrite, rewrite_sequential
 from onnxsvd.pipeline.speed import SiteSpeedCheck, SpeedCheckConfig
 from onnxsvd.validate.latency import check_providers
 
-__all__ = ["SWEEP_METHODS", "SweepConfig", "SweepEntry", "SweepResult", "parse_methods", "sweep"]
+__all__ = [
+    "SWEEP_METHODS",
+    "SweepConfig",
+    "SweepEntry",
+    "SweepResult",
+    "parse_methods",
+    "summary_table",
+    "sweep",
+]
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +160,13 @@ class SweepEntry:
         file_size: bytes on disk (external data included).
         sites_factorized: sites replaced by a chain.
         sites_kept: sites left dense (skips and the break-even guard included).
-        outputs: per output: ``name``, ``cosine``, ``sqnr_db``, ``relative``, ``top1_agreement``.
-        speed: per provider: ``provider``, ``speedup``, ``bound``, ``share``, ``original_ms``, ``rewritten_ms``.
+        outputs: per output: ``name``, ``cosine``, ``sqnr_db``, ``relative``, ``top1_agreement``, and
+            ``accuracy_original``/``accuracy_rewritten`` against labels (``None`` without labels).
+        speed: per provider: ``provider``, ``speedup`` (ratio of medians) and ``speedup_range`` (p10–p90
+            of the paired ratios), ``bound``, ``share`` and ``share_range`` (min–max over the profiled
+            runs; one profile of the original serves every entry), ``exceeds_bound``, ``original_ms``,
+            ``rewritten_ms`` (medians) and their ``…_range`` (p10–p90); ``bound_note`` says why a speedup
+            beat its bound (``None`` when it did not).
         rewrite_seconds: time to rewrite.
         validate_seconds: time to validate.
         notes: the validation's notes.
@@ -253,7 +266,7 @@ def sweep(
         OutputError: ``output_dir`` is a file or cannot be created.
         ModelError, DataError: as ``rewrite`` and ``validate``.
     """
-    from onnxsvd.validate import ValidateConfig, validate
+    from onnxsvd.validate import ProfileCache, ValidateConfig, validate
 
     config = config or SweepConfig()
     started = time.perf_counter()
@@ -293,6 +306,7 @@ def sweep(
         check = SiteSpeedCheck(config.speed_check, batch=batch, layout=config.rewrite.layout)
     mask_input = resolve_mask(model, config.calibration)
     entries: list[SweepEntry] = []
+    profiles = ProfileCache()  # the original is profiled once per provider: every entry's bound reads it
     done = 0
     for method in config.methods:
         base, _, variant = method.partition("+")
@@ -329,6 +343,7 @@ def sweep(
                     factorized_sites=tuple(site.name for site in report.factorized),
                 ),
                 enforce_gate=False,
+                profiles=profiles,
             )
             entries.append(_entry(method, ratio, path, report, validation, rewrite_seconds,
                                   time.perf_counter() - tick))
@@ -357,6 +372,8 @@ def _entry(
             "sqnr_db": output.sqnr_db,
             "relative": output.relative,
             "top1_agreement": output.top1_agreement,
+            "accuracy_original": output.accuracy_original,
+            "accuracy_rewritten": output.accuracy_rewritten,
         }
         for output in validation.outputs
     ]
@@ -366,8 +383,14 @@ def _entry(
             "speedup": item.timing.speedup,
             "bound": item.bound,
             "share": item.time_share.share if item.time_share is not None else None,
+            "share_range": list(item.time_share.share_range) if item.time_share is not None else None,
+            "exceeds_bound": item.exceeds_bound,
+            "bound_note": item.bound_note(),
+            "speedup_range": [item.timing.speedup_p10, item.timing.speedup_p90],
             "original_ms": item.timing.original.p50_ms,
+            "original_ms_range": [item.timing.original.p10_ms, item.timing.original.p90_ms],
             "rewritten_ms": item.timing.rewritten.p50_ms,
+            "rewritten_ms_range": [item.timing.rewritten.p10_ms, item.timing.rewritten.p90_ms],
             "batch_size": item.timing.batch_size,
         }
         for item in validation.speed
@@ -433,30 +456,35 @@ def _cell(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
-def markdown_table(result: SweepResult) -> str:
-    """The sweep as a markdown table: one row per method and ratio."""
+def _range(low: float, high: float, digits: int = 2, unit: str = "") -> str:
+    return f"{low:.{digits}f}–{high:.{digits}f}{unit}"
+
+
+def summary_table(result: SweepResult) -> tuple[list[str], list[list[str]], list[str]]:
+    """The sweep as one table for ``sweep.md`` and the terminal alike: header, rows, and notes.
+
+    Columns: method, ratio, kept parameters, file size, cosine per output, top-1 agreement per
+    class-score output, per provider the speedup (ratio of medians) with its bound, the paired speedups'
+    p10–p90 and the profiled share ``s`` (min–max over the profiled runs), and accuracy against labels
+    when the evaluation data has them. A speedup above its bound is marked ``*`` and explained in a note.
+    """
     entries = result.entries
     outputs = [output["name"] for output in entries[0].outputs] if entries else []
-    scored = [name for name in outputs if any(
-        output["name"] == name and output["top1_agreement"] is not None for entry in entries for output in entry.outputs
-    )]
+
+    def having(key: str) -> list[str]:
+        return [name for name in outputs if any(
+            output["name"] == name and output.get(key) is not None for entry in entries for output in entry.outputs
+        )]
+
+    scored, labelled = having("top1_agreement"), having("accuracy_original")
     providers = [item["provider"] for item in entries[0].speed] if entries else []
     header = ["method", "ratio", "kept params", "file size"]
     header += [f"cos {name}" for name in outputs] + [f"top-1 agree {name}" for name in scored]
-    header += [f"{provider} speedup (bound)" for provider in providers]
-    lines = [
-        f"# Sweep of {result.model}",
-        "",
-        f"Calibration data {result.data}; evaluation data {result.eval_data}. \"kept params\" is the kept fraction of "
-        "the MatMul/Gemm layers' parameters; cosine is the mean per-sample cosine to the original's output; "
-        "speedup is the original's median latency over the rewritten one's, measured alternately, next to the "
-        "bound 1/((1−s)+s·ρ) from the original's profile.",
-        "",
-        f"Original: {result.params:,} parameters, {io.human_bytes(result.file_size)}.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
+    for provider in providers:
+        header += [f"{provider} speedup (bound)", f"{provider} p10–p90", f"{provider} share s"]
+    header += [f"accuracy {name}" for name in labelled]
+    rows: list[list[str]] = []
+    notes: list[str] = []
     for entry in entries:
         by_name = {output["name"]: output for output in entry.outputs}
         row = [entry.method, f"{entry.ratio:g}", f"{entry.kept_params:.1%}", io.human_bytes(entry.file_size)]
@@ -464,8 +492,41 @@ def markdown_table(result: SweepResult) -> str:
         row += [_cell(by_name[name]["top1_agreement"]) for name in scored]
         for item in entry.speed:
             bound = f" (≤ {item['bound']:.2f}×)" if item["bound"] is not None else ""
-            row.append(f"{item['speedup']:.2f}×{bound}")
-        lines.append("| " + " | ".join(row) + " |")
+            mark = " *" if item.get("exceeds_bound") else ""
+            row.append(f"{item['speedup']:.2f}×{bound}{mark}")
+            row.append(_range(*item["speedup_range"], unit="×") if item.get("speedup_range") else "-")
+            share = item.get("share_range")
+            row.append(f"{item['share']:.2f} ({_range(*share)})" if item["share"] is not None and share else "-")
+        for name in labelled:
+            before, after = by_name[name]["accuracy_original"], by_name[name]["accuracy_rewritten"]
+            row.append(f"{before:.4f} → {after:.4f}" if before is not None and after is not None else "-")
+        rows.append(row)
+        notes += [f"* {entry.method} {entry.ratio:g}: {item['bound_note']}" for item in entry.speed
+                  if item.get("bound_note")]
+    return header, rows, notes
+
+
+def markdown_table(result: SweepResult) -> str:
+    """The sweep as a markdown table: one row per method and ratio (see :func:`summary_table`)."""
+    header, rows, notes = summary_table(result)
+    lines = [
+        f"# Sweep of {result.model}",
+        "",
+        f"Calibration data {result.data}; evaluation data {result.eval_data}. \"kept params\" is the kept fraction of "
+        "the MatMul/Gemm layers' parameters; cosine is the mean per-sample cosine to the original's output; "
+        "speedup is the original's median latency over the rewritten one's, measured alternately, next to the "
+        "bound 1/((1−s)+s·ρ) from one profile of the original; p10–p90 is the spread of the paired speedups of "
+        "the alternating runs, and s is the rewritten sites' share of the original's node time (min–max over "
+        "the profiled runs).",
+        "",
+        f"Original: {result.params:,} parameters, {io.human_bytes(result.file_size)}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if notes:
+        lines += ["", *notes]
     machine = _machine()
     lines += ["", f"Machine: {machine['processor']}, {machine['cpus']} CPUs ({machine['platform']})."]
     return "\n".join(lines) + "\n"

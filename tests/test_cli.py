@@ -462,3 +462,114 @@ def test_python_m_onnxsvd(workdir: Path) -> None:
     assert debug.returncode == 1
     assert "Traceback" in debug.stderr and "ModelError" in debug.stderr
     assert sorted(os.listdir(workdir)) == ["model.onnx", "small.onnx"]
+
+
+# ----------------------------------------------------------------------------------------- narrow consoles
+
+VIT_LIKE = [
+    f"/blocks/blocks.{block}/{part}/MatMul"
+    for block in range(2)
+    for part in ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2")
+]
+
+
+def _first_column(text: str) -> list[str]:
+    """The text of the first column of every body line of a rich table."""
+    cells = []
+    for line in text.splitlines():
+        if line.startswith("│"):
+            cells.append(line.split("│")[1].strip())
+    return cells
+
+
+def _vit_like_report() -> object:
+    from onnxsvd.pipeline.report import RewriteReport, SiteReport
+
+    sites = [
+        SiteReport(name, "MatMul", [64, 192], "factorized", "ratio 0.5", rank=16, stage_ranks=[8, 8],
+                   params_before=64 * 192, params_after=16 * 256, kept_energy=0.73)
+        for name in VIT_LIKE
+    ]
+    sites.append(SiteReport("/blocks/blocks.0/attn/MatMul", "MatMul", None, "kept",
+                            "both operands are dynamic (no constant weight)"))
+    return RewriteReport("vit.onnx", "small.onnx", "svd", "ratio 0.5", "fused", 2, 100_000, 60_000, sites)
+
+
+def test_rewrite_table_keeps_site_names_distinct_on_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io as text_io
+
+    from rich.console import Console
+
+    from onnxsvd.cli import rewrite as rewrite_cli
+
+    report = _vit_like_report()
+    console = Console(width=80, file=text_io.StringIO())
+    monkeypatch.setattr(rewrite_cli, "stdout", console)
+    rewrite_cli.render_rewrite(report)
+    text = console.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    # Folded, not cut: the first column, read top to bottom, spells every name in full, in order.
+    assert "".join(_first_column(text)) == "".join(site.name for site in report.sites)
+    assert "…" not in "".join(_first_column(text))
+
+
+def test_inspect_table_keeps_site_names_distinct_on_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io as text_io
+
+    from rich.console import Console
+
+    from onnxsvd.cli import inspect as inspect_cli
+
+    console = Console(width=80, file=text_io.StringIO())
+    monkeypatch.setattr(inspect_cli, "stdout", console)
+    assert main(["inspect", str(VIT)]) == 0
+    text = console.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    names = [site["name"] for site in json.loads(_inspect_json(VIT))["sites"]]
+    column = "".join(_first_column(text))
+    assert column.startswith("".join(names)) and "…" not in column
+
+
+def _inspect_json(model: Path) -> str:
+    from click.testing import CliRunner
+
+    from onnxsvd.cli.inspect import inspect_command
+
+    return CliRunner().invoke(inspect_command, [str(model), "--json"]).output
+
+
+def test_rewrite_summary_tells_kept_sites_from_nodes_that_are_not_sites(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io as text_io
+
+    from rich.console import Console
+
+    from onnxsvd.cli import rewrite as rewrite_cli
+    from onnxsvd.pipeline.report import SiteReport
+
+    report = _vit_like_report()
+    report.sites.append(SiteReport("/head/MatMul", "MatMul", [64, 10], "kept", "name matches --exclude 'head'",
+                                   params_before=640, params_after=640))
+    console = Console(width=160, file=text_io.StringIO())
+    monkeypatch.setattr(rewrite_cli, "stdout", console)
+    rewrite_cli.render_rewrite(report)
+    text = console.file.getvalue()
+    assert ("sites: 8 factorized, 1 kept dense; 1 other MatMul/Gemm node is not a site: "
+            "both operands are dynamic (no constant weight)") in text
+    rows = {cells[0]: cells for cells in (
+        [cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")
+    )}
+    assert rows[VIT_LIKE[0]][4] == "8+8"  # stage ranks, not their sum
+    assert rows["/head/MatMul"][4] == "-"
+
+
+@pytest.mark.xfail(strict=True, reason="needs the one-line change in graph/match.py _filter_reason (not repr)")
+def test_selection_reasons_show_the_regex_as_typed(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    code, out, err = cli(capsys, "rewrite", MLP, "--dry-run", "--exclude", r"layers\.4", "--report", report_path)
+    assert code == 0, err
+    reasons = {site["name"]: site["reason"] for site in json.loads(report_path.read_text())["sites"]}
+    assert reasons["/layers/layers.4/Gemm"] == r"name matches --exclude 'layers\.4'"
+    assert r"'layers\.4'" in out
+    code, out, _ = cli(capsys, "inspect", MLP, "--json", "--include", r"layers\.[02]")
+    skips = {skip["name"]: skip["reason"] for skip in json.loads(out)["skips"]}
+    assert skips["/layers/layers.4/Gemm"] == r"name does not match --include 'layers\.[02]'"

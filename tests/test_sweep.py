@@ -129,3 +129,51 @@ def test_sweep_on_cuda(tmp_path: Path) -> None:
     result = sweep(MLP, CALIB, tmp_path, SweepConfig(ratios=(0.5,), methods=("svd",), providers=("cuda", "cpu"),
                                                      warmup=1, iters=3))
     assert [item["provider"] for item in result.entries[0].speed] == ["cuda", "cpu"]
+
+
+def test_sweep_profiles_the_original_once_per_provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every entry's bound comes from one profile of the original (same provider, same shapes)."""
+    from onnxsvd.validate import profile
+
+    profiled: list[str] = []
+    open_session = profile.open_session
+
+    def counting(path: object, provider: str = "cpu", *args: object, **kwargs: object) -> object:
+        if kwargs.get("profile_prefix") is not None:
+            profiled.append(str(path))
+        return open_session(path, provider, *args, **kwargs)
+
+    monkeypatch.setattr(profile, "open_session", counting)
+    config = SweepConfig(ratios=(0.3, 0.7), methods=("svd",), warmup=0, iters=2, max_eval_samples=64)
+    result = sweep(MLP, CALIB, tmp_path / "out", config, eval_data=EVAL)
+    assert profiled == [str(MLP)]
+    first, second = (entry.speed[0] for entry in result.entries)
+    assert first["share"] == second["share"] and 0 < first["share"] <= 1
+    low, high = first["share_range"]
+    assert low <= first["share"] <= high
+    for item in (first, second):
+        assert item["speedup_range"][0] <= item["speedup_range"][1]
+        assert item["original_ms_range"][0] <= item["original_ms"] <= item["original_ms_range"][1]
+
+
+def test_sweep_terminal_table_has_the_columns_of_sweep_md(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = cli(
+        capsys, "sweep", MLP, "--data", CALIB, "--eval-data", EVAL, "--ratios", "0.5", "--methods", "svd", "-o", out,
+        "--iters", "3", "--warmup", "0",
+    )
+    assert code == 0, err
+    (entry,) = json.loads((out / "sweep.json").read_text())["entries"]
+    (output,) = entry["outputs"]
+    assert output["accuracy_original"] == pytest.approx(0.976, abs=1e-3)  # digits_eval.npz has labels
+    for column in ("file size", "top-1 agree logits", "accuracy logits", "cpu p10–p90", "cpu share s"):
+        assert column in stdout, column
+    row = next(line for line in stdout.splitlines() if line.startswith("│ svd "))
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    from onnxsvd.io import human_bytes
+
+    assert human_bytes(entry["file_size"]) in cells
+    assert f"{output['top1_agreement']:.4f}" in cells
+    assert f"{output['accuracy_original']:.4f} → {output['accuracy_rewritten']:.4f}" in cells
+    table = (out / "sweep.md").read_text()
+    assert "| accuracy logits |" in table and "| cpu p10–p90 |" in table

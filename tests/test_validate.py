@@ -20,7 +20,10 @@ from onnxsvd.config import RankPolicy, RewriteConfig
 from onnxsvd.errors import DataError, ModelError, ProviderError, UsageError, ValidationGateError
 from onnxsvd.files import RewriteJob, rewrite_file
 from onnxsvd.validate import (
+    LatencyStats,
     MetricAccumulator,
+    ProviderSpeed,
+    ProviderTiming,
     ValidateConfig,
     check_gate,
     compare_outputs,
@@ -32,6 +35,7 @@ from onnxsvd.validate import (
     open_session,
     parse_trace,
     profile_time_share,
+    run_shares,
     site_flops,
     speedup_bound,
     time_models,
@@ -486,3 +490,85 @@ def test_command_data_errors_are_one_line(digits: dict[str, Path], tmp_path: Pat
     result = CliRunner().invoke(validate_command, _args({**digits, "data": bad}))
     assert isinstance(result.exception, DataError)
     assert str(result.exception).startswith("input 'input' missing from ") and "\n" not in str(result.exception)
+
+
+# ---------------------------------------------------------------- spreads, the bound's note, the gate once
+
+
+def test_profile_share_is_reported_run_by_run() -> None:
+    events = [
+        _event("model_run", 0, 100, cat="Session"),  # warm-up: left out
+        _event("fc1_kernel_time", 10, 50, "MatMul"),
+        _event("model_run", 200, 100, cat="Session"),
+        _event("fc1_kernel_time", 210, 30, "MatMul"),
+        _event("relu_kernel_time", 250, 10, "Relu"),
+        _event("model_run", 400, 100, cat="Session"),
+        _event("fc1_kernel_time", 410, 10, "MatMul"),
+        _event("relu_kernel_time", 430, 30, "Relu"),
+    ]
+    from onnxsvd.validate import OriginalProfile, SiteCost
+
+    assert run_shares(events, ["fc1"], skip_runs=1) == [0.75, 0.25]
+    share = OriginalProfile("cpu", 2, 1, tuple(events)).time_share([SiteCost("fc1", "MatMul", 4, 4, 32, 16)])
+    assert share.share == pytest.approx(0.5) and share.share_range == (0.25, 0.75)
+    assert share.to_dict()["share_range"] == [0.25, 0.75]
+
+
+def _timing(speedup: float) -> ProviderTiming:
+    def stats(p50: float) -> LatencyStats:
+        return LatencyStats(p50, p50 * 1.2, p50, p50 * 0.9, 64 / p50, p10_ms=p50 * 0.95, max_ms=p50 * 1.5)
+
+    return ProviderTiming("cpu", 64, 5, 20, None, stats(1.6), stats(1.6 / speedup), 0.01, 0.01,
+                          speedup_p10=speedup * 0.8, speedup_p90=speedup * 1.1)
+
+
+def test_a_speedup_above_its_bound_is_explained() -> None:
+    from onnxsvd.validate import TimeShare
+
+    share = TimeShare("cpu", 10, 30.0, 100.0, run_shares=(0.18, 0.3, 0.56))
+    speed = ProviderSpeed(_timing(1.6), share, bound=1.3)
+    assert speed.exceeds_bound and speed.to_dict()["exceeds_bound"] is True
+    note = speed.bound_note()
+    assert note is not None and note.startswith("cpu: measured 1.60× exceeds the profile bound 1.30×")
+    assert "s 0.18–0.56 over 10 profiled runs" in note and "p10–p90 1.28–1.76×" in note
+    assert ProviderSpeed(_timing(1.2), share, bound=1.3).bound_note() is None
+
+
+def test_validate_table_shows_spreads_and_the_bound_note(
+    tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io as text_io
+
+    from rich.console import Console
+
+    from onnxsvd.cli.validate import render_report
+    from onnxsvd.validate import pipeline
+
+    monkeypatch.setattr(pipeline, "speedup_bound", lambda share, kept: 0.5)  # any measurement beats it
+    config = ValidateConfig(warmup=1, iters=5, threads=1, profile_runs=4,
+                            factorized_sites=factorized_sites_from_report(tiny["report"]))
+    report = validate(tiny["original"], tiny["rewritten"], tiny["data"], config)
+    (speed,) = report.speed
+    assert speed.time_share is not None and speed.time_share.runs == 4 and len(speed.time_share.run_shares) == 4
+    assert speed.timing.original.p10_ms <= speed.timing.original.p50_ms <= speed.timing.original.p90_ms
+    assert speed.timing.speedup_p10 <= speed.timing.speedup_p90
+    assert any(note.startswith("cpu: measured ") and "exceeds the profile bound 0.50×" in note for note in report.notes)
+    console = Console(width=200, file=text_io.StringIO())
+    render_report(report, console)
+    text = console.file.getvalue()
+    low, high = speed.time_share.share_range
+    assert "p10–p90" in text and f"{speed.timing.original.p10_ms:.3f}–{speed.timing.original.p90_ms:.3f}" in text
+    assert f"{low:.2f}–{high:.2f}" in text and "≤ 0.50× *" in text
+
+
+def test_a_failed_gate_is_printed_once(digits: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from onnxsvd.cli import cli, main
+
+    monkeypatch.setitem(cli.commands, "validate", validate_command)
+    code = main(["validate", *_args(digits, "--min-cosine", "0.99", "--no-profile")])
+    captured = capsys.readouterr()
+    assert code == 3
+    assert (captured.out + captured.err).count("< --min-cosine 0.99") == 1
+    assert "gate: FAILED" in captured.out
+    assert captured.err.startswith("onnxsvd: error: validation gate failed: output 'logits' cosine ")

@@ -9,10 +9,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from onnxsvd.io import human_bytes
 
 __all__ = [
+    "NARROW",
+    "add_name_column",
     "human_bytes",
     "human_flops",
     "number",
@@ -24,6 +27,8 @@ __all__ = [
 
 #: Tables go to stdout; a pipe or a file gets a fixed width so rows are not cut to the terminal's.
 stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+#: Below this console width, tables leave out or merge low-value columns (and say so) to keep rows whole.
+NARROW = 100
 #: Progress bars and notes go to stderr; bars are off when stderr is not a terminal.
 stderr = Console(stderr=True, highlight=False)
 
@@ -80,3 +85,13 @@ def human_flops(count: int | None) -> str:
             return f"{value:.3g} {unit}FLOP" if unit else f"{int(value)} FLOP"
         value /= 1000
     return f"{value:.3g} TFLOP"
+
+
+def add_name_column(table: Table, header: str, names: list[str], console: Console) -> None:
+    """A column of node names that folds long names onto more lines instead of cutting them to ``/blocks…``.
+
+    Its width is fixed (the longest name, at most a quarter of the console and at least 16), so that the
+    other columns shrink first and rows stay distinct on a narrow terminal.
+    """
+    longest = max((len(name) for name in names), default=len(header))
+    table.add_column(header, overflow="fold", width=max(len(header), min(longest, max(16, console.width // 4))))

@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 
 from onnxsvd.cli.options import PROVIDER_LIST, CommaList, rank_policy, selection_options
-from onnxsvd.cli.render import human_bytes, progress_bar, stdout
+from onnxsvd.cli.render import NARROW, add_name_column, human_bytes, progress_bar, stdout
 from onnxsvd.config import ALLOCATIONS, DEVICES, LAYOUTS, METHODS, STORAGE_DTYPES, SVD_SOLVERS, RewriteConfig
 from onnxsvd.errors import UsageError
 
@@ -187,30 +187,77 @@ def _require_torch_cuda() -> None:
         raise ProviderError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
 
 
-def render_rewrite(report: Any) -> None:
-    """The site table and the summary lines of a rewrite report."""
+#: Columns of the site table, and those a narrow console (below ``NARROW``) leaves out.
+SITE_COLUMNS = ("site", "op", "K×N", "action", "rank", "params", "kept energy", "reason")
+NARROW_DROPS = ("op", "kept energy")
+
+
+def _rank_cell(site: Any) -> str:
+    """``16``, or ``8+8`` for residual stages; ``-`` when kept dense."""
+    if not site.rank:
+        return "-"
+    return "+".join(str(rank) for rank in site.stage_ranks) if len(site.stage_ranks) > 1 else str(site.rank)
+
+
+def _site_counts(report: Any) -> str:
+    """Sites factorized and kept dense, apart from the MatMul/Gemm nodes that are not sites at all."""
+    kept = [site for site in report.kept if site.shape]
+    others = [site for site in report.kept if not site.shape]  # no usable constant weight: not a site
+    text = f"sites: {len(report.factorized)} factorized, {len(kept)} kept dense"
+    if others:
+        reasons: dict[str, int] = {}
+        for site in others:
+            reasons[site.reason] = reasons.get(site.reason, 0) + 1
+        why = "; ".join(reason if len(reasons) == 1 else f"{count}× {reason}" for reason, count in reasons.items())
+        nodes = "node is not a site" if len(others) == 1 else "nodes are not sites"
+        text += f"; {len(others)} other MatMul/Gemm {nodes}: {why}"
+    return text
+
+
+def render_rewrite(report: Any, console: Any = None) -> None:
+    """The site table and the summary lines of a rewrite report (on ``console``, default stdout).
+
+    Site names fold onto more lines rather than being cut, so rows stay distinct on a narrow terminal.
+    """
+    console = console if console is not None else stdout
+    narrow = console.width < NARROW
+    shown = [column for column in SITE_COLUMNS if not (narrow and column in NARROW_DROPS)]
     table = Table(title=f"{report.input} → {report.output or '(dry run, nothing written)'}")
-    for column in ("site", "op", "K×N", "action", "rank", "params", "kept energy", "reason"):
-        table.add_column(column, justify="right" if column in ("rank", "params", "kept energy") else "left")
+    for column in shown:
+        if column == "site":  # folded, never cut: rows stay distinct on a narrow console
+            add_name_column(table, column, [site.name for site in report.sites], console)
+        elif column == "reason":
+            table.add_column(column, overflow="fold")  # so the table can always shrink to the console
+        else:
+            table.add_column(column, justify="right" if column in ("rank", "params", "kept energy") else "left")
     for site in report.sites:
-        shape = f"{site.shape[0]}×{site.shape[1]}" if site.shape else "-"
-        energy = f"{site.kept_energy:.3f}" if site.kept_energy is not None else "-"
         params = (
             f"{site.params_before:,} → {site.params_after:,}"
             if site.action == "factorized"
             else f"{site.params_before:,}"
         )
-        table.add_row(
-            site.name, site.op_type, shape, site.action, str(site.rank or "-"), params, energy, site.reason
-        )
-    stdout.print(table)
+        cells = {
+            "site": site.name,
+            "op": site.op_type,
+            "K×N": f"{site.shape[0]}×{site.shape[1]}" if site.shape else "-",
+            "action": site.action,
+            "rank": _rank_cell(site),
+            "params": params,
+            "kept energy": f"{site.kept_energy:.3f}" if site.kept_energy is not None else "-",
+            "reason": site.reason,
+        }
+        table.add_row(*(cells[column] for column in shown))
+    console.print(table)
+    if narrow:
+        console.print(f"(columns {' and '.join(NARROW_DROPS)} left out to fit {console.width} columns; "
+                      "--report has every field)")
     ratio = report.params_after / report.params_before if report.params_before else 1.0
-    stdout.print(
+    console.print(
         f"method {report.method}, policy {report.policy}, layout {report.layout}\n"
-        f"sites: {len(report.factorized)} factorized, {len(report.kept)} kept\n"
+        f"{_site_counts(report)}\n"
         f"parameters: {report.params_before:,} → {report.params_after:,} ({ratio:.1%} kept)\n"
         f"file size: {human_bytes(report.file_size_before)} → {human_bytes(report.file_size_after)}\n"
         f"time: {report.seconds:.2f} s"
     )
     for note in report.notes:
-        stdout.print(f"note: {note}")
+        console.print(f"note: {note}")

@@ -98,24 +98,17 @@ def sweep_command(
 
 
 def render_sweep(result: Any, console: Console) -> None:
-    """Print the sweep as a table and say where the files are."""
-    entries = result.entries
-    table = Table(title=f"sweep of {result.model} ({len(entries)} rewrites, {result.seconds:.0f} s)")
-    outputs = [output["name"] for output in entries[0].outputs] if entries else []
-    providers = [item["provider"] for item in entries[0].speed] if entries else []
-    columns = ["method", "ratio", "kept params", *[f"cos {n}" for n in outputs], *[f"{p} speedup" for p in providers]]
-    for column in columns:
+    """Print the sweep as a table (the columns of ``sweep.md``) and say where the files are."""
+    from onnxsvd.sweep import summary_table
+
+    header, rows, notes = summary_table(result)
+    table = Table(title=f"sweep of {result.model} ({len(result.entries)} rewrites, {result.seconds:.0f} s)")
+    for column in header:
         table.add_column(column, justify="left" if column == "method" else "right")
-    for entry in entries:
-        by_name = {output["name"]: output for output in entry.outputs}
-        speeds = [
-            f"{item['speedup']:.2f}×" + (f" (≤ {item['bound']:.2f}×)" if item["bound"] is not None else "")
-            for item in entry.speed
-        ]
-        table.add_row(
-            entry.method, f"{entry.ratio:g}", f"{entry.kept_params:.1%}",
-            *[f"{by_name[name]['cosine']:.4f}" for name in outputs], *speeds,
-        )
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
+    for note in notes:
+        console.print(note)
     for name, path in result.files.items():
         console.print(f"{name}: {path}")

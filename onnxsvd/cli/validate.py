@@ -121,14 +121,18 @@ def validate_command(
         report = validate(original, rewritten, data_path, config, progress=update, enforce_gate=False)
     if json_path is not None:
         report.write_json(json_path)
-    render_report(report, stdout)
+    render_report(report, stdout, gate_details=False)
     if json_path is not None:
         stdout.print(f"report: {json_path}")
-    report.raise_for_gate()
+    report.raise_for_gate()  # the failures, once: main prints them as the error line
 
 
-def render_report(report: ValidationReport, console: Console) -> None:
-    """Print the accuracy, latency and size tables of ``report``."""
+def render_report(report: ValidationReport, console: Console, gate_details: bool = True) -> None:
+    """Print the accuracy, latency and size tables of ``report``.
+
+    With ``gate_details=False`` a failed gate is one word here, for a caller that raises
+    :class:`ValidationGateError` next and so prints the failures once, in its error line.
+    """
     batching = f"batches of {report.batch_size}" if report.batch_size else "one batch per file"
     accuracy = Table(
         title=f"accuracy: {report.rewritten} vs {report.original} — {report.samples} samples "
@@ -170,26 +174,33 @@ def render_report(report: ValidationReport, console: Console) -> None:
             title=f"latency (ms) on one batch of {first.batch_size}: {first.iters} runs each after {first.warmup} "
             f"warm-up, alternating; threads {threads}"
         )
-        for column in ("provider", "model", "p50", "p90", "mean", "samples/s", "session s", "speedup", "bound"):
+        for column in ("provider", "model", "p50", "p10–p90", "mean", "samples/s", "session s", "speedup",
+                       "speedup p10–p90", "bound"):
             latency.add_column(column, justify="left" if column in ("provider", "model") else "right")
         for speed in report.speed:
             timing = speed.timing
-            share = f" (s={speed.time_share.share:.0%})" if speed.time_share is not None else ""
-            for model, stats, seconds, speedup, bound in (
-                ("original", timing.original, timing.session_seconds_original, "", ""),
+            bound = "-"
+            if speed.bound is not None:
+                bound = f"≤ {speed.bound:.2f}×" + (" *" if speed.exceeds_bound else "")
+                if speed.time_share is not None:
+                    low, high = speed.time_share.share_range
+                    bound += f" (s={speed.time_share.share:.2f}, {low:.2f}–{high:.2f})"
+            for model, stats, seconds, speedup, spread, bound_cell in (
+                ("original", timing.original, timing.session_seconds_original, "", "", ""),
                 ("rewritten", timing.rewritten, timing.session_seconds_rewritten, f"{timing.speedup:.2f}×",
-                 f"≤ {speed.bound:.2f}×{share}" if speed.bound is not None else "-"),
+                 f"{timing.speedup_p10:.2f}–{timing.speedup_p90:.2f}×", bound),
             ):
                 latency.add_row(
                     speed.provider if model == "original" else "",
                     model,
                     f"{stats.p50_ms:.3f}",
-                    f"{stats.p90_ms:.3f}",
+                    f"{stats.p10_ms:.3f}–{stats.p90_ms:.3f}",
                     f"{stats.mean_ms:.3f}",
                     f"{stats.throughput:,.0f}",
                     f"{seconds:.3f}",
                     speedup,
-                    bound,
+                    spread,
+                    bound_cell,
                 )
         console.print(latency)
 
@@ -211,4 +222,9 @@ def render_report(report: ValidationReport, console: Console) -> None:
     for note in report.notes:
         console.print(f"note: {note}")
     if report.gate.checked:
-        console.print("gate: passed" if report.gate.passed else "gate: FAILED — " + "; ".join(report.gate.failures))
+        if report.gate.passed:
+            console.print("gate: passed")
+        elif gate_details:
+            console.print("gate: FAILED — " + "; ".join(report.gate.failures))
+        else:
+            console.print("gate: FAILED (exit code 3; the failure is the error line on stderr)")

@@ -17,7 +17,16 @@ from onnxsvd.factorize import spectrum as singular_values
 from onnxsvd.graph import GraphIndex, find_sites, load_weight
 from onnxsvd.rank import break_even_rank, energy_rank
 
-__all__ = ["SiteSummary", "SkipSummary", "Inspection", "inspect_model", "plot_spectra"]
+__all__ = [
+    "PLOT_FORMATS",
+    "SiteSummary",
+    "SkipSummary",
+    "Inspection",
+    "inspect_model",
+    "plot_format",
+    "plot_spectra",
+    "spectra_figure",
+]
 
 DEFAULT_ENERGIES = (0.8, 0.9, 0.99)
 
@@ -119,8 +128,31 @@ def inspect_model(
     return Inspection(summaries, skips, count_parameters(model), in_sites)
 
 
-def plot_spectra(inspection: Inspection, path: str | os.PathLike[str]) -> Path:
-    """Draw normalised singular value spectra (σ_i/σ_1 against i/min(K, N)), one line per site."""
+#: What ``--plot`` writes, by the file's suffix.
+PLOT_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+#: Line styles cycled with the colours, so that lines stay apart when colours come close.
+_LINESTYLES = ("-", "--", "-.", ":")
+#: Legend entries per column.
+_LEGEND_ROWS = 25
+
+
+def plot_format(path: str | os.PathLike[str]) -> str:
+    """The format the suffix of ``path`` names (``png``, ``pdf``, ``svg``).
+
+    Raises:
+        UsageError: any other suffix (checked before any work).
+    """
+    from onnxsvd.errors import UsageError
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in PLOT_FORMATS:
+        raise UsageError(
+            f"--plot {path}: unknown suffix {suffix or '(none)'!r}; name the file .png, .pdf or .svg"
+        )
+    return PLOT_FORMATS[suffix]
+
+
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -130,20 +162,27 @@ def plot_spectra(inspection: Inspection, path: str | os.PathLike[str]) -> Path:
         from onnxsvd.errors import UsageError
 
         raise UsageError("--plot needs matplotlib: pip install 'onnxsvd[plot]'") from error
-    from onnxsvd.io import atomic_path
+    return plt
 
+
+def spectra_figure(inspection: Inspection) -> Any:
+    """The spectra (σ_i/σ_1 against i/min(K, N)) and cumulative energies, one line per site.
+
+    Each site gets its own colour (sampled evenly from a colormap over the sites) and line style, the same
+    in both panels, and one legend entry, beside the panels.
+    """
+    plt = _pyplot()
     figure, (axis_spectrum, axis_energy) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for site in inspection.sites:
-        if not site.singular_values:
-            continue
-        values = np.asarray(site.singular_values)
-        if values[0] <= 0:
-            continue
-        position = np.arange(1, values.size + 1) / values.size
-        label = site.name if len(inspection.sites) <= 12 else None
-        axis_spectrum.semilogy(position, values / values[0], linewidth=1, label=label)
-        energy = np.cumsum(values**2) / np.sum(values**2)
-        axis_energy.plot(position, energy, linewidth=1)
+    plotted = [site for site in inspection.sites if site.singular_values and site.singular_values[0] > 0]
+    colormap = plt.get_cmap("tab10" if len(plotted) <= 10 else "tab20" if len(plotted) <= 20 else "turbo")
+    for position, site in enumerate(plotted):
+        values = np.asarray(site.singular_values)  # [min(K, N)]
+        colour = colormap(position % 20 if len(plotted) <= 20 else position / max(1, len(plotted) - 1))
+        style = {"color": colour, "linestyle": _LINESTYLES[position % len(_LINESTYLES)], "linewidth": 1}
+        rank_share = np.arange(1, values.size + 1) / values.size  # [min(K, N)]
+        axis_spectrum.semilogy(rank_share, values / values[0], label=site.name, **style)
+        energy = np.cumsum(values**2) / np.sum(values**2)  # [min(K, N)]
+        axis_energy.plot(rank_share, energy, **style)
     axis_spectrum.set_xlabel("rank / min(K, N)")
     axis_spectrum.set_ylabel("σ_i / σ_1")
     axis_spectrum.set_title("singular value spectra")
@@ -152,11 +191,28 @@ def plot_spectra(inspection: Inspection, path: str | os.PathLike[str]) -> Path:
     axis_energy.set_title("cumulative energy")
     for level in (0.8, 0.9, 0.99):
         axis_energy.axhline(level, color="grey", linestyle=":", linewidth=0.8)
-    if len(inspection.sites) <= 12:
-        axis_spectrum.legend(fontsize=7)
     figure.tight_layout()
+    if plotted:
+        columns = -(-len(plotted) // _LEGEND_ROWS)
+        figure.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, ncol=columns, frameon=False)
+    return figure
+
+
+def plot_spectra(inspection: Inspection, path: str | os.PathLike[str]) -> Path:
+    """Draw :func:`spectra_figure` to ``path`` in the format its suffix names (``.png``, ``.pdf``, ``.svg``).
+
+    Raises:
+        UsageError: another suffix, or no matplotlib.
+    """
+    from onnxsvd.io import atomic_path
+
     path = Path(path)
-    with atomic_path(path, suffix=".png") as temporary:
-        figure.savefig(temporary, dpi=120, format="png")
-    plt.close(figure)
+    fmt = plot_format(path)
+    plt = _pyplot()
+    figure = spectra_figure(inspection)
+    try:
+        with atomic_path(path, suffix=path.suffix) as temporary:
+            figure.savefig(temporary, dpi=120, format=fmt, bbox_inches="tight")
+    finally:
+        plt.close(figure)
     return path

@@ -23,13 +23,18 @@ from onnxsvd.validate.latency import (
 from onnxsvd.validate.metrics import MetricAccumulator, OutputMetrics, compare_outputs, looks_like_class_scores
 from onnxsvd.validate.pipeline import compare_accuracy, factorized_sites_from_report, validate
 from onnxsvd.validate.profile import (
+    PROFILE_RUNS,
+    OriginalProfile,
+    ProfileCache,
     SiteCost,
     SiteFlops,
     SizeSummary,
     TimeShare,
     factorized_sites,
     parse_trace,
+    profile_original,
     profile_time_share,
+    run_shares,
     site_flops,
     size_summary,
     speedup_bound,
@@ -37,10 +42,13 @@ from onnxsvd.validate.profile import (
 from onnxsvd.validate.report import GateResult, ProviderSpeed, ValidateConfig, ValidationReport, check_gate
 
 __all__ = [
+    "PROFILE_RUNS",
     "GateResult",
     "LatencyStats",
     "MetricAccumulator",
+    "OriginalProfile",
     "OutputMetrics",
+    "ProfileCache",
     "ProviderSpeed",
     "ProviderTiming",
     "SiteCost",
@@ -59,7 +67,9 @@ __all__ = [
     "make_runner",
     "open_session",
     "parse_trace",
+    "profile_original",
     "profile_time_share",
+    "run_shares",
     "site_flops",
     "size_summary",
     "speedup_bound",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -179,6 +180,8 @@ class LatencyStats:
         mean_ms: mean.
         min_ms: fastest run.
         throughput: samples per second at the median latency (``batch_size / p50``).
+        p10_ms: 10th percentile (with ``p90_ms``, the spread beside the median).
+        max_ms: slowest run.
     """
 
     p50_ms: float
@@ -186,6 +189,8 @@ class LatencyStats:
     mean_ms: float
     min_ms: float
     throughput: float
+    p10_ms: float = math.nan
+    max_ms: float = math.nan
 
     @classmethod
     def from_seconds(cls, seconds: list[float], batch_size: int) -> LatencyStats:
@@ -197,6 +202,8 @@ class LatencyStats:
             mean_ms=float(times.mean()),
             min_ms=float(times.min()),
             throughput=batch_size / (p50 / 1e3) if p50 > 0 else float("inf"),
+            p10_ms=float(np.percentile(times, 10)),
+            max_ms=float(times.max()),
         )
 
 
@@ -214,6 +221,9 @@ class ProviderTiming:
         rewritten: latency of the rewritten model.
         session_seconds_original: time to create the original's session.
         session_seconds_rewritten: time to create the rewritten model's session.
+        speedup_p10: 10th percentile of the paired ratios ``original_i / rewritten_i`` of the
+            alternating rounds (each pair ran back to back, so a slow moment of the machine hits both).
+        speedup_p90: their 90th percentile.
     """
 
     provider: str
@@ -225,6 +235,8 @@ class ProviderTiming:
     rewritten: LatencyStats
     session_seconds_original: float
     session_seconds_rewritten: float
+    speedup_p10: float = math.nan
+    speedup_p90: float = math.nan
 
     @property
     def speedup(self) -> float:
@@ -297,6 +309,7 @@ def time_models(
     run_a = make_runner(session_a, feeds, provider)
     run_b = make_runner(session_b, feeds, provider)
     times_a, times_b = time_runners(run_a, run_b, warmup, iters)
+    ratios = np.asarray(times_a) / np.maximum(np.asarray(times_b), 1e-12)  # [iters] paired speedups
     timing = ProviderTiming(
         provider=provider,
         batch_size=batch_size,
@@ -307,6 +320,8 @@ def time_models(
         rewritten=LatencyStats.from_seconds(times_b, batch_size),
         session_seconds_original=seconds_a,
         session_seconds_rewritten=seconds_b,
+        speedup_p10=float(np.percentile(ratios, 10)),
+        speedup_p90=float(np.percentile(ratios, 90)),
     )
     log.info(
         "%s: p50 %.3f ms → %.3f ms (speedup %.2f×) on a batch of %d",

@@ -25,7 +25,7 @@ from onnxsvd.data import LABELS_KEY, InputData, iter_batches, load_inputs, model
 from onnxsvd.errors import DataError, ModelError, UsageError
 from onnxsvd.validate.latency import execution_provider, open_session, time_models
 from onnxsvd.validate.metrics import MetricAccumulator, OutputMetrics
-from onnxsvd.validate.profile import profile_time_share, site_flops, size_summary, speedup_bound
+from onnxsvd.validate.profile import ProfileCache, site_flops, size_summary, speedup_bound
 from onnxsvd.validate.report import (
     DEFAULT_BATCH_SIZE,
     ProviderSpeed,
@@ -37,7 +37,6 @@ from onnxsvd.validate.report import (
 __all__ = ["validate", "compare_accuracy", "factorized_sites_from_report"]
 
 log = logging.getLogger(__name__)
-
 
 
 def factorized_sites_from_report(path: str | os.PathLike[str]) -> tuple[str, ...]:
@@ -145,6 +144,7 @@ def validate(
     *,
     progress: Progress | None = None,
     enforce_gate: bool = True,
+    profiles: ProfileCache | None = None,
 ) -> ValidationReport:
     """Compare ``rewritten_path`` with ``original_path`` on the data at ``data_path``.
 
@@ -158,6 +158,8 @@ def validate(
         config: providers, timing, batching, gate (defaults: CPU, 5 warm-up and 20 timed runs).
         progress: optional callback ``(done, total, stage)``.
         enforce_gate: raise when the gate fails (the CLI renders the report first, then raises).
+        profiles: profiles of originals already measured, reused when the model file, provider, threads
+            and batch shapes match (a sweep passes one cache to every validation); new ones are added.
 
     Returns:
         The report.
@@ -207,6 +209,7 @@ def validate(
             "pass the rewrite report to name them"
         )
     speed: list[ProviderSpeed] = []
+    profiles = profiles if profiles is not None else ProfileCache()
     for done, provider in enumerate(config.providers, start=1):
         timing = time_models(
             original_path, rewritten_path, first_batch, provider, config.warmup, config.iters, config.threads,
@@ -214,7 +217,10 @@ def validate(
         )
         share = bound = None
         if config.profile and flops.sites:
-            share = profile_time_share(original_path, first_batch, flops.sites, provider, config.threads)
+            profile = profiles.get(
+                original_path, first_batch, provider, config.threads, config.profile_runs, config.warmup
+            )
+            share = profile.time_share(flops.sites)
             if share.rows and flops.flops_before is None:
                 flops = flops.with_rows(share.rows)
             bound = speedup_bound(share.share, flops.kept_fraction)
@@ -226,6 +232,9 @@ def validate(
         elif config.profile:
             bound = 1.0
         speed.append(ProviderSpeed(timing, share, bound))
+        note = speed[-1].bound_note()
+        if note is not None:
+            notes.append(note)
         if progress is not None:
             progress(done, len(config.providers), "latency")
     size = size_summary(original_path, rewritten_path, original, rewritten)

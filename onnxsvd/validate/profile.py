@@ -13,10 +13,15 @@ sites, nothing else changes)
 FLOPs of a site: ``2·M·K·N`` dense, ``2·M·r·(K + N)`` as a chain ``X·A [K, r]·B [r, N]``. The share
 ``s`` comes from an onnxruntime profile of the original (its JSON trace); ``M`` comes from the same trace
 (output shape of each site). Without a profile, FLOPs are counted per row (``M = 1``).
+
+The original is profiled once per provider and input shapes (:class:`ProfileCache`): every rewrite of one
+model compared on one batch reads its share from the same trace, so the bounds of a sweep's entries differ
+only by their ρ. The share of each profiled run is kept, and its min–max says how stable ``s`` is.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import json
@@ -41,12 +46,17 @@ __all__ = [
     "SiteCost",
     "SiteFlops",
     "TimeShare",
+    "OriginalProfile",
+    "ProfileCache",
+    "PROFILE_RUNS",
     "SizeSummary",
     "speedup_bound",
     "factorized_sites",
     "site_flops",
     "parse_trace",
+    "profile_original",
     "profile_time_share",
+    "run_shares",
     "size_summary",
 ]
 
@@ -55,6 +65,8 @@ log = logging.getLogger(__name__)
 _KERNEL_SUFFIX = "_kernel_time"
 #: onnxruntime renames nodes it fuses: ``fused <name>`` (FusedGemm) or ``<name>/<Fusion>/`` (FusedMatMul).
 _FUSED_PREFIX = "fused "
+#: Profiled runs of the original: enough that the share of a run varies little from run to run.
+PROFILE_RUNS = 10
 
 
 def speedup_bound(share: float, kept_fraction: float) -> float:
@@ -142,6 +154,7 @@ class TimeShare:
         total_us: kernel time of every node.
         missing: sites with no kernel in the trace (onnxruntime fused them into another kernel).
         rows: ``M`` of each site found, from its output shape in the trace.
+        run_shares: the share of each profiled run alone (their spread says how stable ``s`` is).
     """
 
     provider: str
@@ -150,16 +163,26 @@ class TimeShare:
     total_us: float
     missing: tuple[str, ...] = ()
     rows: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    run_shares: tuple[float, ...] = ()
 
     @property
     def share(self) -> float:
         """``s``: the rewritten sites' share of all node time."""
         return self.site_us / self.total_us if self.total_us > 0 else 0.0
 
+    @property
+    def share_range(self) -> tuple[float, float]:
+        """(min, max) of the per-run shares; ``(s, s)`` when the runs could not be told apart."""
+        if not self.run_shares:
+            return self.share, self.share
+        return min(self.run_shares), max(self.run_shares)
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["rows"] = dict(self.rows)
+        data["run_shares"] = list(self.run_shares)
         data["share"] = self.share
+        data["share_range"] = list(self.share_range)
         return data
 
 
@@ -264,6 +287,32 @@ def _matches(kernel: str, sites: Iterable[str]) -> str | None:
     return None
 
 
+def _run_bounds(events: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
+    """(start, end) of every ``model_run`` event, in time order."""
+    return sorted(
+        (event["ts"], event["ts"] + event.get("dur", 0))
+        for event in events
+        if event.get("cat") == "Session" and event.get("name") == "model_run"
+    )
+
+
+def _kernels(events: Sequence[Mapping[str, Any]], start: float) -> Iterable[tuple[Mapping[str, Any], str]]:
+    """Every node kernel event from ``start`` on, with its node name (``_kernel_time`` cut off)."""
+    for event in events:
+        name = str(event.get("name", ""))
+        if event.get("cat") != "Node" or not name.endswith(_KERNEL_SUFFIX) or event.get("ts", 0) < start:
+            continue
+        yield event, name[: -len(_KERNEL_SUFFIX)]
+
+
+def _site_of(event: Mapping[str, Any], kernel: str, sites: Sequence[str]) -> str | None:
+    """The rewritten site a MatMul/Gemm kernel event belongs to, if any."""
+    operator = str(event.get("args", {}).get("op_name", ""))
+    if "MatMul" not in operator and "Gemm" not in operator:
+        return None
+    return _matches(kernel, sites)
+
+
 def parse_trace(
     events: Sequence[Mapping[str, Any]], site_names: Iterable[str], outputs: Mapping[str, int] | None = None,
     skip_runs: int = 1,
@@ -280,37 +329,113 @@ def parse_trace(
         (site µs, all-node µs, µs per site found, M per site found).
     """
     names = list(site_names)
-    runs = sorted(
-        (event["ts"], event["ts"] + event.get("dur", 0))
-        for event in events
-        if event.get("cat") == "Session" and event.get("name") == "model_run"
-    )
+    runs = _run_bounds(events)
     # Node events of run i+1 start after run i ends; keep all events when there is nothing to skip.
     start = runs[skip_runs - 1][1] if 0 < skip_runs < len(runs) else -math.inf
     site_us = total_us = 0.0
     per_site: dict[str, float] = {}
     rows: dict[str, int] = {}
-    for event in events:
-        name = str(event.get("name", ""))
-        if event.get("cat") != "Node" or not name.endswith(_KERNEL_SUFFIX) or event.get("ts", 0) < start:
-            continue
+    for event, kernel in _kernels(events, start):
         duration = float(event.get("dur", 0))
         total_us += duration
-        args = event.get("args", {})
-        operator = str(args.get("op_name", ""))
-        if "MatMul" not in operator and "Gemm" not in operator:
-            continue
-        site = _matches(name[: -len(_KERNEL_SUFFIX)], names)
+        site = _site_of(event, kernel, names)
         if site is None:
             continue
         site_us += duration
         per_site[site] = per_site.get(site, 0.0) + duration
-        shapes = args.get("output_type_shape") or []
+        shapes = event.get("args", {}).get("output_type_shape") or []
         if outputs and site in outputs and shapes and site not in rows:
             dims = next(iter(shapes[0].values()), [])
             if dims and outputs[site]:
                 rows[site] = int(np.prod(dims)) // outputs[site]
     return site_us, total_us, per_site, rows
+
+
+def run_shares(events: Sequence[Mapping[str, Any]], site_names: Iterable[str], skip_runs: int = 1) -> list[float]:
+    """The sites' share of node time in each ``model_run`` after the first ``skip_runs``, in time order.
+
+    A node event belongs to the last run that started at or before it. Empty without ``model_run`` events.
+    """
+    names = list(site_names)
+    runs = _run_bounds(events)
+    if not 0 <= skip_runs < len(runs):
+        return []
+    starts = [begin for begin, _ in runs]
+    site_us = [0.0] * len(runs)
+    total_us = [0.0] * len(runs)
+    start = runs[skip_runs - 1][1] if skip_runs > 0 else -math.inf
+    for event, kernel in _kernels(events, start):
+        run = max(0, bisect.bisect_right(starts, event.get("ts", 0)) - 1)
+        duration = float(event.get("dur", 0))
+        total_us[run] += duration
+        if _site_of(event, kernel, names) is not None:
+            site_us[run] += duration
+    return [site / total for site, total in zip(site_us[skip_runs:], total_us[skip_runs:], strict=True) if total > 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginalProfile:
+    """One onnxruntime profile of the original: ``runs`` profiled runs after ``warmup`` left out.
+
+    The share of any set of rewritten sites is read from it (:meth:`time_share`), so every rewrite of
+    one model compared on one batch shape gets its bound from the same measurement.
+    """
+
+    provider: str
+    runs: int
+    warmup: int
+    events: tuple[Mapping[str, Any], ...]
+
+    def time_share(self, sites: Sequence[SiteCost]) -> TimeShare:
+        """The sites' share of the original's node time, over all runs and run by run."""
+        names = [site.name for site in sites]
+        site_us, total_us, per_site, rows = parse_trace(
+            self.events, names, {site.name: site.n for site in sites}, skip_runs=self.warmup
+        )
+        missing = tuple(name for name in names if name not in per_site)
+        if missing:
+            log.info("%d rewritten sites have no kernel of their own in the profile: %s", len(missing), missing)
+        shares = tuple(run_shares(self.events, names, skip_runs=self.warmup))
+        share = TimeShare(self.provider, self.runs, site_us, total_us, missing, rows, shares)
+        low, high = share.share_range
+        log.info(
+            "%s: rewritten sites take %.1f%% of the original's node time (%.1f–%.1f%% over %d runs)",
+            self.provider, 100 * share.share, 100 * low, 100 * high, self.runs,
+        )
+        return share
+
+
+def profile_original(
+    path: str | os.PathLike[str],
+    feeds: Mapping[str, np.ndarray],
+    provider: str = "cpu",
+    threads: int | None = None,
+    runs: int = PROFILE_RUNS,
+    warmup: int = 1,
+) -> OriginalProfile:
+    """Profile ``path`` on ``feeds``: ``warmup`` runs (at least one) left out, then ``runs`` profiled.
+
+    Raises:
+        UsageError: ``runs < 1``.
+        ProviderError, ModelError, DataError: as :func:`open_session` and :func:`make_runner`.
+    """
+    if runs < 1:
+        raise UsageError(f"profile runs must be at least 1, got {runs}")
+    warmup = max(1, warmup)
+    folder = tempfile.mkdtemp(prefix="onnxsvd-profile-")
+    try:
+        session, _ = open_session(path, provider, threads, profile_prefix=str(Path(folder) / "profile"))
+        run = make_runner(session, feeds, provider)  # the first warm-up run
+        for _ in range(warmup - 1 + runs):
+            run()
+        trace = session.end_profiling()
+        with open(trace, encoding="utf-8") as handle:
+            events = json.load(handle)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(folder)
+    kept = tuple(event for event in events if event.get("cat") in ("Node", "Session"))
+    return OriginalProfile(provider, runs, warmup, kept)
 
 
 def profile_time_share(
@@ -319,30 +444,38 @@ def profile_time_share(
     sites: Sequence[SiteCost],
     provider: str = "cpu",
     threads: int | None = None,
-    runs: int = 3,
+    runs: int = PROFILE_RUNS,
 ) -> TimeShare:
     """Profile ``path`` on ``feeds`` (one warm-up run, then ``runs`` profiled) and measure the sites' share.
 
     Raises:
         ProviderError, ModelError, DataError: as :func:`open_session` and :func:`make_runner`.
     """
-    folder = tempfile.mkdtemp(prefix="onnxsvd-profile-")
-    try:
-        session, _ = open_session(path, provider, threads, profile_prefix=str(Path(folder) / "profile"))
-        run = make_runner(session, feeds, provider)  # the warm-up run
-        for _ in range(runs):
-            run()
-        trace = session.end_profiling()
-        with open(trace, encoding="utf-8") as handle:
-            events = json.load(handle)
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(folder)
-    names = [site.name for site in sites]
-    site_us, total_us, per_site, rows = parse_trace(events, names, {site.name: site.n for site in sites})
-    missing = tuple(name for name in names if name not in per_site)
-    if missing:
-        log.info("%d rewritten sites have no kernel of their own in the profile: %s", len(missing), missing)
-    share = TimeShare(provider, runs, site_us, total_us, missing, rows)
-    log.info("%s: rewritten sites take %.1f%% of the original's node time", provider, 100 * share.share)
-    return share
+    return profile_original(path, feeds, provider, threads, runs).time_share(sites)
+
+
+class ProfileCache:
+    """Profiles of originals, one per model file, provider, threads, runs and input shapes.
+
+    A sweep validates many rewrites against one original on one batch: with one cache they all read
+    their share from one profile, instead of each measuring its own (noise made those disagree).
+    """
+
+    def __init__(self) -> None:
+        self._profiles: dict[tuple[Any, ...], OriginalProfile] = {}
+
+    def get(self, path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray], provider: str = "cpu",
+            threads: int | None = None, runs: int = PROFILE_RUNS, warmup: int = 1) -> OriginalProfile:
+        """The profile :func:`profile_original` takes with these arguments, measured on the first call."""
+        resolved = Path(path).resolve()
+        stat = resolved.stat()  # the file's identity: a rewritten file at the same path is another model
+        shapes = tuple(sorted((name, tuple(array.shape), str(array.dtype)) for name, array in feeds.items()))
+        key = (str(resolved), stat.st_size, stat.st_mtime_ns, provider, threads, runs, max(1, warmup), shapes)
+        if key not in self._profiles:
+            self._profiles[key] = profile_original(path, feeds, provider, threads, runs, warmup)
+        else:
+            log.debug("%s: reusing the profile of %s on %s", provider, path, shapes)
+        return self._profiles[key]
+
+    def __len__(self) -> int:
+        return len(self._profiles)

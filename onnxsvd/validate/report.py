@@ -15,7 +15,7 @@ from onnxsvd.config import check_provider_names
 from onnxsvd.errors import OutputError, UsageError, ValidationGateError
 from onnxsvd.validate.latency import ProviderTiming
 from onnxsvd.validate.metrics import OutputMetrics, finite_or_text
-from onnxsvd.validate.profile import SiteFlops, SizeSummary, TimeShare
+from onnxsvd.validate.profile import PROFILE_RUNS, SiteFlops, SizeSummary, TimeShare
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -46,6 +46,8 @@ class ValidateConfig:
         max_samples: use at most this many samples of the data.
         profile: profile the original to compute the speedup bound.
         factorized_sites: names of the rewritten sites (from the rewrite report); ``None``: inferred.
+        profile_runs: profiled runs of the original (after ``warmup`` left out); the share's min–max
+            over them is reported.
     """
 
     providers: tuple[str, ...] = ("cpu",)
@@ -58,9 +60,12 @@ class ValidateConfig:
     max_samples: int | None = None
     profile: bool = True
     factorized_sites: tuple[str, ...] | None = None
+    profile_runs: int = PROFILE_RUNS
 
     def __post_init__(self) -> None:
         check_provider_names(self.providers)
+        if self.profile_runs < 1:
+            raise UsageError(f"profile runs must be at least 1, got {self.profile_runs}")
         if self.warmup < 0:
             raise UsageError(f"--warmup must be 0 or more, got {self.warmup}")
         if self.iters < 1:
@@ -102,12 +107,35 @@ class ProviderSpeed:
     def provider(self) -> str:
         return self.timing.provider
 
+    @property
+    def exceeds_bound(self) -> bool:
+        """The measured speedup is above the bound: the profile or the timing is off, and a note says so."""
+        return self.bound is not None and self.timing.speedup > self.bound
+
+    def bound_note(self) -> str | None:
+        """Why a measurement can beat its bound, with the spreads that say which; ``None`` when it does not."""
+        if not self.exceeds_bound:
+            return None
+        timing = self.timing
+        text = f"{self.provider}: measured {timing.speedup:.2f}× exceeds the profile bound {self.bound:.2f}×: "
+        if self.time_share is not None:
+            low, high = self.time_share.share_range
+            text += (
+                f"the share s = {self.time_share.share:.2f} of the sites was underestimated "
+                f"(s {low:.2f}–{high:.2f} over {self.time_share.runs} profiled runs) or "
+            )
+        return text + (
+            f"timing noise (paired speedups p10–p90 {timing.speedup_p10:.2f}–{timing.speedup_p90:.2f}× over "
+            f"{timing.iters} runs); more --iters narrow it"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "provider": self.provider,
             **self.timing.to_dict(),
             "time_share": self.time_share.to_dict() if self.time_share is not None else None,
             "bound": self.bound,
+            "exceeds_bound": self.exceeds_bound,
         }
 
 
