@@ -562,7 +562,6 @@ def test_rewrite_summary_tells_kept_sites_from_nodes_that_are_not_sites(monkeypa
     assert rows["/head/MatMul"][4] == "-"
 
 
-@pytest.mark.xfail(strict=True, reason="needs the one-line change in graph/match.py _filter_reason (not repr)")
 def test_selection_reasons_show_the_regex_as_typed(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     code, out, err = cli(capsys, "rewrite", MLP, "--dry-run", "--exclude", r"layers\.4", "--report", report_path)

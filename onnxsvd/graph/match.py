@@ -350,9 +350,9 @@ def find_sites(model: onnx.ModelProto, config: RewriteConfig | None = None) -> M
 
 def _filter_reason(site: Site, config: RewriteConfig) -> str:
     if config.include is not None and not re.search(config.include, site.name):
-        return f"name does not match --include {config.include!r}"
+        return f"name does not match --include '{config.include}'"
     if config.exclude is not None and re.search(config.exclude, site.name):
-        return f"name matches --exclude {config.exclude!r}"
+        return f"name matches --exclude '{config.exclude}'"
     if site.params < config.min_params:
         return f"{site.params} parameters < --min-params {config.min_params}"
     return ""
