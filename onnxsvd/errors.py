@@ -8,6 +8,7 @@ a traceback is shown only with ``--debug``.
 from __future__ import annotations
 
 __all__ = [
+    "TORCH_INSTALL_HINT",
     "OnnxSvdError",
     "UsageError",
     "ModelError",
@@ -19,6 +20,11 @@ __all__ = [
     "ProviderError",
     "UnsupportedOpError",
 ]
+
+
+#: How to install torch without pulling several GB of CUDA packages: always pinned, from a checkout the
+#: constraints file (torch==2.13.0, the CPU wheel), elsewhere the same pin by hand.
+TORCH_INSTALL_HINT = "pip install -c constraints.txt 'onnxsvd[torch]' (or pip install 'torch==2.13.0')"
 
 
 class OnnxSvdError(Exception):

@@ -572,3 +572,17 @@ def test_selection_reasons_show_the_regex_as_typed(capsys: pytest.CaptureFixture
     code, out, _ = cli(capsys, "inspect", MLP, "--json", "--include", r"layers\.[02]")
     skips = {skip["name"]: skip["reason"] for skip in json.loads(out)["skips"]}
     assert skips["/layers/layers.4/Gemm"] == r"name does not match --include 'layers\.[02]'"
+
+
+def test_every_torch_install_hint_carries_the_constraints_pin() -> None:
+    """An unpinned torch pulls several GB of CUDA packages: the hint names the pin constraints.txt holds."""
+    import re
+
+    from onnxsvd.errors import TORCH_INSTALL_HINT
+
+    root = Path(__file__).resolve().parents[1]
+    pin = re.search(r"^torch==\S+", (root / "constraints.txt").read_text(), re.M)
+    assert pin is not None and pin.group(0) in TORCH_INSTALL_HINT and "-c constraints.txt" in TORCH_INSTALL_HINT
+    for source in (root / "onnxsvd").rglob("*.py"):
+        for line in source.read_text().splitlines():
+            assert "pip install 'onnxsvd[torch]'" not in line or "constraints" in line, f"{source}: {line}"

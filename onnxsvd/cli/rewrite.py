@@ -177,12 +177,12 @@ def _speed_check(
 
 
 def _require_torch_cuda() -> None:
-    from onnxsvd.errors import ProviderError
+    from onnxsvd.errors import TORCH_INSTALL_HINT, ProviderError
 
     try:
         import torch
     except ImportError as error:
-        raise ProviderError("--device cuda needs torch: pip install 'onnxsvd[torch]'") from error
+        raise ProviderError(f"--device cuda needs a CUDA build of torch: {TORCH_INSTALL_HINT}") from error
     if not torch.cuda.is_available():
         raise ProviderError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.linalg
 
-from onnxsvd.errors import FactorizationError
+from onnxsvd.errors import TORCH_INSTALL_HINT, FactorizationError
 
 __all__ = [
     "Metric",
@@ -179,7 +179,7 @@ class SvdOptions:
             resolved = "torch" if importlib.util.find_spec("torch") is not None else "numpy"
             object.__setattr__(self, "backend", resolved)
         if self.device != "cpu" and self.backend != "torch":
-            raise FactorizationError(f"--device {self.device} needs torch: pip install 'onnxsvd[torch]'")
+            raise FactorizationError(f"--device {self.device} needs torch: {TORCH_INSTALL_HINT}")
     oversample: int = 16
     power_iterations: int = 2
     seed: int = 0

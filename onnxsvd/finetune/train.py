@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 
 from onnxsvd.data import InputData, load_inputs, model_inputs
-from onnxsvd.errors import DataError, ModelError, ProviderError, UsageError
+from onnxsvd.errors import TORCH_INSTALL_HINT, DataError, ModelError, ProviderError, UsageError
 from onnxsvd.finetune.config import FinetuneConfig
 from onnxsvd.finetune.report import EvaluationPoint, FinetuneReport
 from onnxsvd.finetune.sites import FactorPair, find_factor_pairs
@@ -361,7 +361,7 @@ def _import_torch() -> Any:
     try:
         import torch
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise UsageError("finetune needs torch: pip install 'onnxsvd[torch]'") from error
+        raise UsageError(f"finetune needs torch: {TORCH_INSTALL_HINT}") from error
     return torch
 
 
