@@ -196,3 +196,14 @@ def test_cli_prints_and_reports_bytes(capsys: pytest.CaptureFixture[str], tmp_pa
     assert site["action"] == "kept" and site["dense_bytes"] == QDQ_DENSE_BYTES and site["factor_bytes"] == 0
     assert report["bytes_before"] == report["bytes_after"] == QDQ_DENSE_BYTES
     assert f"weight bytes: {QDQ_DENSE_BYTES:,} → {QDQ_DENSE_BYTES:,}" in out
+
+
+def test_inspect_gives_the_break_even_rank_in_bytes(rng: np.random.Generator) -> None:
+    from onnxsvd.pipeline import inspect_model
+
+    model, _ = qdq_case(rng)
+    (site,) = inspect_model(model).sites
+    # fp32 factors of the int8 weight: ⌈65,541 / (512·4)⌉ = 33, not ⌈65,536 / 512⌉ = 128.
+    assert site.break_even_rank == 33 and site.dense_bytes == QDQ_DENSE_BYTES and site.dtype == "INT8"
+    (fp16,) = inspect_model(model, RewriteConfig(dtype="fp16")).sites
+    assert fp16.break_even_rank == 65
