@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsvd import RankPolicy, RewriteConfig, rewrite
 from onnxsvd.cli import main
+from onnxsvd.rank import ByteCost, break_even_rank, guard_rank
 from tests.models import assert_valid, make_model, matmul_case, relative_error, run
 
 #: Bytes of the 256×256 int8 weight as stored: payload, fp32 scale, int8 zero point.
@@ -207,3 +210,20 @@ def test_inspect_gives_the_break_even_rank_in_bytes(rng: np.random.Generator) ->
     assert site.break_even_rank == 33 and site.dense_bytes == QDQ_DENSE_BYTES and site.dtype == "INT8"
     (fp16,) = inspect_model(model, RewriteConfig(dtype="fp16")).sites
     assert fp16.break_even_rank == 65
+
+
+@given(k=st.integers(1, 300), n=st.integers(1, 300), extra=st.integers(0, 64),
+       weight_itemsize=st.sampled_from([1, 2, 4]), factor_itemsize=st.sampled_from([2, 4]))
+def test_byte_break_even_is_the_smallest_rank_that_does_not_shrink(
+    k: int, n: int, extra: int, weight_itemsize: int, factor_itemsize: int
+) -> None:
+    cost = ByteCost(k * n * weight_itemsize + extra, factor_itemsize)
+    even = break_even_rank(k, n, cost)
+    assert cost.chain_bytes(k, n, even) >= cost.dense_bytes
+    assert even == 1 or cost.chain_bytes(k, n, even - 1) < cost.dense_bytes
+    for rank in (max(1, even - 1), even):
+        decision = guard_rank("rank", rank, k, n, cost, allow_growth=False)
+        assert decision.dense == (cost.chain_bytes(k, n, rank) >= cost.dense_bytes)
+        assert not guard_rank("rank", rank, k, n, cost, allow_growth=True).dense
+    if weight_itemsize == factor_itemsize and extra == 0:  # the parameter rule, unchanged
+        assert even == break_even_rank(k, n)
