@@ -68,7 +68,9 @@ class RankPolicy:
             ``"rank"`` (a fixed rank) or ``"energy"`` (smallest rank keeping β of ``Σσ²``).
         value: ρ in (0, 1], the rank (≥ 1), or β in (0, 1].
         align: round ranks to a multiple of this (GEMM kernels like multiples of 8); 1 disables it.
-        allow_growth: factorize even at or above the break-even rank ``r·(K+N) ≥ K·N``.
+        allow_growth: factorize even when the chain is no smaller in bytes than the weight as stored
+            (``r·(K+N)`` factor values against the stored weight; ``r·(K+N) ≥ K·N`` for a float weight
+            whose factors keep its dtype).
     """
 
     kind: str = "ratio"

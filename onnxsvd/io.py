@@ -42,7 +42,9 @@ __all__ = [
     "DataFile",
     "atomic_path",
     "fingerprint",
+    "count_bytes",
     "count_parameters",
+    "dtype_bytes",
     "file_size",
     "human_bytes",
 ]
@@ -508,9 +510,36 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return total
 
 
+#: Bits per value of the dtypes ONNX packs below one byte (``raw_data`` holds them packed).
+_PACKED_BITS = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2),
+                       ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def dtype_bytes(data_type: int, elements: int) -> int:
+    """Bytes that ``elements`` values of ONNX dtype ``data_type`` take as stored (sub-byte dtypes packed)."""
+    bits = _PACKED_BITS.get(data_type)
+    if bits is not None:
+        return -(-elements * bits // 8)
+    return elements * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+
+
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
     """Bytes of the tensor's values from its shape and dtype (no data is read)."""
-    return _elements(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return dtype_bytes(tensor.data_type, _elements(tensor.dims))
+
+
+def count_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the values of all initializers and ``Constant`` node tensors of the main graph, each in
+    its own dtype (no data is read): what :func:`count_parameters` counts, in bytes."""
+    total = sum(tensor_bytes(tensor) for tensor in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            total += sum(tensor_bytes(attribute.t) for attribute in node.attribute if attribute.name == "value")
+    return total
 
 
 def _elements(dims: object) -> int:

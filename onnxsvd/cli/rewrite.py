@@ -214,6 +214,15 @@ def _site_counts(report: Any) -> str:
     return text
 
 
+def _bytes_line(report: Any) -> str:
+    """``weight bytes: 65,541 → 49,152 (75.0% kept)\n``: the weights' bytes in their stored dtypes (what the
+    break-even guard weighs); empty for a report without them."""
+    before, after = getattr(report, "bytes_before", None), getattr(report, "bytes_after", None)
+    if before is None or after is None:
+        return ""
+    return f"weight bytes: {before:,} → {after:,} ({after / before if before else 1.0:.1%} kept)\n"
+
+
 def render_rewrite(report: Any, console: Any = None) -> None:
     """The site table and the summary lines of a rewrite report (on ``console``, default stdout).
 
@@ -256,6 +265,7 @@ def render_rewrite(report: Any, console: Any = None) -> None:
         f"method {report.method}, policy {report.policy}, layout {report.layout}\n"
         f"{_site_counts(report)}\n"
         f"parameters: {report.params_before:,} → {report.params_after:,} ({ratio:.1%} kept)\n"
+        f"{_bytes_line(report)}"
         f"file size: {human_bytes(report.file_size_before)} → {human_bytes(report.file_size_after)}\n"
         f"time: {report.seconds:.2f} s"
     )

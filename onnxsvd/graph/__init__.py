@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from onnxsvd.graph.emit import EmitOptions, FactorTensors, emit, remove_dead_weights, storage_dtype_for
-from onnxsvd.graph.match import GraphIndex, Match, Site, Skip, WeightSource, find_sites, load_weight
+from onnxsvd.graph.match import GraphIndex, Match, Site, Skip, WeightSource, dtype_name, find_sites, load_weight
 
 __all__ = [
     "EmitOptions",
@@ -14,6 +14,7 @@ __all__ = [
     "Site",
     "Skip",
     "WeightSource",
+    "dtype_name",
     "emit",
     "find_sites",
     "load_weight",

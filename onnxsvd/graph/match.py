@@ -24,6 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxsvd.config import RewriteConfig
+from onnxsvd.io import tensor_bytes
 
 __all__ = [
     "SITE_OPS",
@@ -36,6 +37,7 @@ __all__ = [
     "find_sites",
     "load_weight",
     "node_name",
+    "dtype_name",
 ]
 
 #: Ops that can be sites, and ops allowed between a stored constant and the site.
@@ -47,6 +49,22 @@ FLOAT_TYPES = (
     onnx.TensorProto.BFLOAT16,
     onnx.TensorProto.DOUBLE,
 )
+
+
+#: Short names of the float dtypes, as the CLI spells them (``--dtype fp16``).
+_FLOAT_NAMES = {
+    onnx.TensorProto.FLOAT: "fp32",
+    onnx.TensorProto.FLOAT16: "fp16",
+    onnx.TensorProto.BFLOAT16: "bf16",
+    onnx.TensorProto.DOUBLE: "fp64",
+}
+
+
+def dtype_name(data_type: int) -> str:
+    """``fp32``, ``fp16``, ``bf16``, ``fp64``, or the ONNX name in lower case (``int8``, ``uint4``)."""
+    if data_type in _FLOAT_NAMES:
+        return _FLOAT_NAMES[data_type]
+    return onnx.helper.tensor_dtype_to_string(data_type).removeprefix("TensorProto.").lower()
 
 
 def node_name(node: onnx.NodeProto, index: int) -> str:
@@ -65,6 +83,8 @@ class WeightSource:
         storage_dtype: ONNX dtype of the stored tensor.
         compute_dtype: ONNX dtype the site consumes.
         shape: the weight's shape as the site consumes it (2-D).
+        stored_bytes: bytes of the weight as stored: the stored tensor in its own dtype (one byte per
+            int8 value, two per fp16), plus the scale and zero point of each ``DequantizeLinear``.
     """
 
     tensor: str
@@ -72,6 +92,7 @@ class WeightSource:
     storage_dtype: int
     compute_dtype: int
     shape: tuple[int, ...]
+    stored_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +139,11 @@ class Site:
         return self.k * self.n
 
     @property
+    def dense_bytes(self) -> int:
+        """Bytes of the dense weight as stored (see :attr:`WeightSource.stored_bytes`)."""
+        return self.weight.stored_bytes
+
+    @property
     def shape(self) -> tuple[int, int]:
         """``(K, N)``."""
         return (self.k, self.n)
@@ -141,13 +167,18 @@ class Site:
 
 @dataclasses.dataclass(frozen=True)
 class Skip:
-    """A MatMul/Gemm that is not a site, with the reason (shown by ``inspect``, listed in reports)."""
+    """A MatMul/Gemm that is not a site, with the reason (shown by ``inspect``, listed in reports).
+
+    ``dense_bytes`` is the weight's bytes as stored when it was a site left out by a filter or a shared
+    weight, else 0.
+    """
 
     name: str
     op_type: str
     node_index: int
     reason: str
     shape: tuple[int, ...] | None = None
+    dense_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +291,17 @@ def _dtype_of(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...
     return dtype
 
 
+def _stored_bytes(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...]) -> int:
+    """The stored tensor's bytes plus those of every ``DequantizeLinear`` scale and zero point on the way."""
+    total = tensor_bytes(stored)
+    for position in chain:
+        node = index.graph.node[position]
+        if node.op_type == "DequantizeLinear":
+            extras = (index.constant_tensor(name) for name in node.input[1:] if name)
+            total += sum(tensor_bytes(extra) for extra in extras if extra is not None)
+    return total
+
+
 def _shape_of(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...]) -> tuple[int, ...]:
     shape = tuple(int(d) for d in stored.dims)
     for position in chain:
@@ -339,7 +381,7 @@ def find_sites(model: onnx.ModelProto, config: RewriteConfig | None = None) -> M
             continue
         reason = _filter_reason(result, config)
         if reason:
-            skips.append(Skip(result.name, result.op_type, position, reason, result.shape))
+            skips.append(Skip(result.name, result.op_type, position, reason, result.shape, result.dense_bytes))
         else:
             sites.append(result)
     kept_sites, shared_skips = _drop_shared_with_dense(index, sites)
@@ -405,7 +447,9 @@ def _match_node(index: GraphIndex, node: onnx.NodeProto, position: int) -> Site 
     else:
         transpose_weight = True  # W [P, Q] on the left: W_kn = Wᵀ, K = Q, N = P.
         k, n = shape[1], shape[0]
-    source = WeightSource(stored_name, chain, stored.data_type, compute_dtype, shape)
+    source = WeightSource(
+        stored_name, chain, stored.data_type, compute_dtype, shape, _stored_bytes(index, stored, chain)
+    )
     chain_key = ",".join(index.graph.node[p].output[0] for p in chain)
     group = f"{stored_name}|{chain_key}|{int(transpose_weight)}|{alpha!r}"
     return Site(
@@ -456,7 +500,7 @@ def _drop_shared_with_dense(index: GraphIndex, sites: Iterable[Site]) -> tuple[l
             if blocker:
                 break
         if blocker:
-            skips.append(Skip(site.name, site.op_type, site.node_index, blocker, site.shape))
+            skips.append(Skip(site.name, site.op_type, site.node_index, blocker, site.shape, site.dense_bytes))
         else:
             kept.append(site)
     if len(kept) != len(sites):

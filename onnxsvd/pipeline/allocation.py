@@ -26,8 +26,8 @@ from onnxsvd.data import Batches
 from onnxsvd.errors import FactorizationError, UsageError
 from onnxsvd.factorize import Decomposition, decompose, spectrum, truncate
 from onnxsvd.graph import EmitOptions, GraphIndex, Site, emit, load_weight, storage_dtype_for
-from onnxsvd.pipeline.group import TargetFn
-from onnxsvd.rank import AllocationSite, allocate_budget, allocate_energy, choose_rank
+from onnxsvd.pipeline.group import TargetFn, byte_cost
+from onnxsvd.rank import AllocationSite, allocate_budget, allocate_energy, choose_rank, guard_rank
 
 __all__ = ["global_ranks", "measure_sensitivities"]
 
@@ -158,14 +158,32 @@ def global_ranks(
     align = config.policy.align
     if config.policy.kind == "ratio":
         allocation = allocate_budget(candidates, config.policy.value, align)
+    else:
+        allocation = allocate_energy(candidates, config.policy.value, align)
+    # The byte guard after allocation: a chain no smaller in bytes than its weight as stored (rank 1 of a
+    # K = 1 or N = 1 layer, an int8 weight with fp32 factors) stays dense in factor_group, with the reason;
+    # its parameters are not spent.
+    dense = [
+        key for key, rank in allocation.ranks.items()
+        if guard_rank("", rank, groups[key][0].k, groups[key][0].n, byte_cost(groups[key][0], config),
+                      config.policy.allow_growth).dense
+    ]
+    unspent = sum(allocation.ranks[key] * (groups[key][0].k + groups[key][0].n) for key in dense)
+    spent = allocation.params - unspent
+    if config.policy.kind == "ratio":
         note = (
-            f"global allocation: {allocation.params:,} of a {allocation.budget:,}-parameter budget "
+            f"global allocation: {spent:,} of a {allocation.budget:,}-parameter budget "
             f"(ratio {config.policy.value:g} of all sites together); loss estimate {allocation.loss:.4g} "
             f"against {allocation.uniform_loss:.4g} for uniform ranks"
         )
     else:
-        allocation = allocate_energy(candidates, config.policy.value, align)
-        note = f"global allocation: energy {config.policy.value:g} over all sites with {allocation.params:,} parameters"
+        note = f"global allocation: energy {config.policy.value:g} over all sites with {spent:,} parameters"
+    if dense:
+        sites = f"{len(dense)} sites stay dense: their chains" if len(dense) > 1 else "1 site stays dense: its chain"
+        note += (
+            f"; {sites} at the allocated rank would not be smaller in bytes "
+            f"({unspent:,} parameters not counted as spent)"
+        )
     if batches is not None:
         note += f"; sensitivities measured at ratios {list(config.sensitivity_ratios)}"
     return dict(allocation.ranks), [note]

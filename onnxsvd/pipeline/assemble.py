@@ -45,6 +45,8 @@ def _site_reports(outcome: GroupOutcome) -> list[SiteReport]:
                 stage_ranks=outcome.ranks,
                 params_before=member.params,
                 params_after=rank * (member.k + member.n) if factorized else member.params,
+                dense_bytes=member.dense_bytes,
+                factor_bytes=io.dtype_bytes(outcome.storage, rank * (member.k + member.n)) if factorized else 0,
                 kept_energy=outcome.kept_energy,
                 weight_error=outcome.weight_error,
                 shared_with=[n for n in names if n != member.name],
@@ -91,8 +93,13 @@ def assemble(
     params_before: int,
     started: float,
     tensors: FactorTensors | None = None,
+    bytes_before: int | None = None,
 ) -> RewriteResult:
-    """Emit the factorized groups into ``model`` (a private copy) and build the report."""
+    """Emit the factorized groups into ``model`` (a private copy) and build the report.
+
+    ``params_before`` and ``bytes_before`` are :func:`onnxsvd.io.count_parameters` and
+    :func:`onnxsvd.io.count_bytes` of the model before any factor was added to it.
+    """
     reports: dict[int, SiteReport] = {}
     for outcome in outcomes:
         for site, report in zip(outcome.sites, _site_reports(outcome), strict=True):
@@ -107,6 +114,7 @@ def assemble(
             reason=skip.reason,
             params_before=params,
             params_after=params,
+            dense_bytes=skip.dense_bytes,
         )
     emit_outcomes(model, outcomes, config, tensors)
     notes = []
@@ -124,16 +132,20 @@ def assemble(
         stages=config.stages,
         params_before=params_before,
         params_after=io.count_parameters(model),
+        bytes_before=bytes_before,
+        bytes_after=io.count_bytes(model),
         sites=[reports[position] for position in sorted(reports)],
         seconds=time.perf_counter() - started,
         notes=notes,
     )
     log.info(
-        "factorized %d of %d MatMul/Gemm nodes; parameters %d → %d",
+        "factorized %d of %d MatMul/Gemm nodes; parameters %d → %d; bytes %s → %d",
         len(report.factorized),
         len(report.sites),
         report.params_before,
         report.params_after,
+        report.bytes_before,
+        report.bytes_after,
     )
     return RewriteResult(model, report)
 

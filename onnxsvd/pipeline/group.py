@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx
 
+from onnxsvd import io
 from onnxsvd.calibrate.stats import ActivationStats, Statistics, combine
 from onnxsvd.config import RewriteConfig
 from onnxsvd.errors import FactorizationError, StatsError
@@ -31,14 +32,15 @@ from onnxsvd.factorize import (
     truncate,
     whitening_metric,
 )
-from onnxsvd.graph import GraphIndex, Site, load_weight, storage_dtype_for
-from onnxsvd.rank import choose_rank
+from onnxsvd.graph import GraphIndex, Site, dtype_name, load_weight, storage_dtype_for
+from onnxsvd.rank import ByteCost, choose_rank, guard_rank
 
 __all__ = [
     "GroupOutcome",
     "RefitFn",
     "SpeedCheck",
     "TargetFn",
+    "byte_cost",
     "factor_group",
     "group_statistics",
     "metric_for",
@@ -142,22 +144,48 @@ class GroupOutcome:
 SpeedCheck = Callable[[onnx.ModelProto, "list[GroupOutcome]", "str | None"], "list[GroupOutcome]"]
 
 
-def _choose_ranks(
-    site: Site, config: RewriteConfig, decomposition: Decomposition, rank_override: int | None = None
-) -> tuple[list[int] | None, str]:
-    """Stage ranks for a decomposed weight, or ``None`` and the reason it stays dense."""
+def byte_cost(site: Site, config: RewriteConfig) -> ByteCost:
+    """The site's weight in bytes as stored, and the bytes of one of its factor values in the factor
+    dtype (``--dtype``): what the break-even guard compares."""
+    storage = storage_dtype_for(site, config.dtype)
+    label = f"{dtype_name(site.weight.storage_dtype)} weight, {dtype_name(storage)} factors"
+    return ByteCost(site.dense_bytes, io.dtype_bytes(storage, 1), label)
+
+
+def _fixed_ranks(
+    site: Site, config: RewriteConfig, rank_override: int | None
+) -> tuple[list[int] | None, str] | None:
+    """Stage ranks fixed before any SVD (a global allocation, ``--stage-ranks``), or ``None`` and the
+    reason the weight stays dense; ``None`` alone when the policy needs the spectrum or the shape."""
+    cost = byte_cost(site, config)
     if rank_override is not None:
-        return _stage_ranks(config, rank_override), f"global allocation: rank {rank_override}"
+        decision = guard_rank(
+            f"global allocation: rank {rank_override}", rank_override, site.k, site.n, cost,
+            config.policy.allow_growth,
+        )
+        return (None if decision.dense else _stage_ranks(config, rank_override)), decision.reason
     if config.stage_ranks is not None:
         ranks = list(config.stage_ranks)
         total = sum(ranks)
         limit = min(site.k, site.n)
         if total > limit:
             return None, f"--stage-ranks sum {total} exceeds min(K, N) = {limit}"
-        if total * (site.k + site.n) >= site.params and not config.policy.allow_growth:
-            return None, f"--stage-ranks sum {total} ≥ break-even (r·(K+N) ≥ K·N); use --allow-growth to force"
+        how = f"--stage-ranks {','.join(map(str, ranks))}"
+        decision = guard_rank(how, total, site.k, site.n, cost, config.policy.allow_growth)
+        if decision.dense:
+            return None, decision.reason
         return ranks, f"stage ranks {','.join(map(str, ranks))}"
-    decision = choose_rank(config.policy, site.k, site.n, decomposition.s)
+    return None
+
+
+def _choose_ranks(
+    site: Site, config: RewriteConfig, decomposition: Decomposition, rank_override: int | None = None
+) -> tuple[list[int] | None, str]:
+    """Stage ranks for a decomposed weight, or ``None`` and the reason it stays dense."""
+    fixed = _fixed_ranks(site, config, rank_override)
+    if fixed is not None:
+        return fixed
+    decision = choose_rank(config.policy, site.k, site.n, decomposition.s, byte_cost(site, config))
     if decision.dense:
         return None, decision.reason
     return _stage_ranks(config, decision.rank), decision.reason
@@ -171,13 +199,13 @@ def svd_options(config: RewriteConfig) -> SvdOptions:
 def _planned_rank(site: Site, config: RewriteConfig, rank_override: int | None = None) -> tuple[int | None, str]:
     """The total rank when the policy fixes it from the shape alone (rank, ratio, stage ranks), so a
     randomized SVD can compute only what is kept; and the reason to stay dense if the shape decides it."""
-    if rank_override is not None:
-        return rank_override, ""
-    if config.stage_ranks is not None:
-        return min(sum(config.stage_ranks), min(site.k, site.n)), ""
+    fixed = _fixed_ranks(site, config, rank_override)
+    if fixed is not None:
+        ranks, reason = fixed
+        return (None, reason) if ranks is None else (sum(ranks), "")
     if config.policy.kind == "energy":
         return None, ""
-    decision = choose_rank(config.policy, site.k, site.n, None)
+    decision = choose_rank(config.policy, site.k, site.n, None, byte_cost(site, config))
     return (None, decision.reason) if decision.dense else (decision.rank, "")
 
 

@@ -15,6 +15,7 @@ from onnxsvd.config import RewriteConfig
 from onnxsvd.errors import FactorizationError
 from onnxsvd.factorize import spectrum as singular_values
 from onnxsvd.graph import GraphIndex, find_sites, load_weight
+from onnxsvd.pipeline.group import byte_cost
 from onnxsvd.rank import break_even_rank, energy_rank
 
 __all__ = [
@@ -33,7 +34,11 @@ DEFAULT_ENERGIES = (0.8, 0.9, 0.99)
 
 @dataclasses.dataclass
 class SiteSummary:
-    """One site: its normal-form shape, parameters, break-even rank and the ranks keeping each energy."""
+    """One site: its normal-form shape, parameters, break-even rank and the ranks keeping each energy.
+
+    ``break_even_rank`` is in bytes: the first rank whose chain, in the factor dtype of ``config.dtype``,
+    is no smaller than the weight as stored (``dense_bytes``), as the rewrite's guard counts it.
+    """
 
     name: str
     op_type: str
@@ -46,6 +51,7 @@ class SiteSummary:
     shared_with: list[str]
     singular_values: list[float] | None = None
     note: str = ""
+    dense_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -107,7 +113,8 @@ def inspect_model(
                 op_type=site.op_type,
                 shape=[site.k, site.n],
                 params=site.params,
-                break_even_rank=break_even_rank(site.k, site.n),
+                break_even_rank=break_even_rank(site.k, site.n, byte_cost(site, config)),
+                dense_bytes=site.dense_bytes,
                 energy_ranks=ranks,
                 weight_side=site.weight_side,
                 dtype=onnx.helper.tensor_dtype_to_string(site.weight.storage_dtype).replace("TensorProto.", ""),

@@ -80,7 +80,7 @@ def rewrite(
             "the statistics were collected on another model (fingerprint mismatch); "
             "re-run 'onnxsvd calibrate' on this model"
         )
-    params_before = io.count_parameters(model)
+    params_before, bytes_before = io.count_parameters(model), io.count_bytes(model)
     model = copy.deepcopy(model)
     match = find_sites(model, config)
     index = GraphIndex(model.graph)
@@ -117,7 +117,7 @@ def rewrite(
                 progress(done, len(groups), outcome.sites[0].name)
     if speed_check is not None:
         outcomes = speed_check(model, outcomes, base)
-    result = assemble(model, match, outcomes, config, params_before, started, tensors)
+    result = assemble(model, match, outcomes, config, params_before, started, tensors, bytes_before=bytes_before)
     result.report.notes.extend(notes)
     return result
 

@@ -26,6 +26,10 @@ class SiteReport:
         params_before: ``K·N``.
         params_after: ``r·(K+N)`` when factorized (shared factors are counted at every site reading
             them; the model totals count them once), else ``K·N``.
+        dense_bytes: bytes of the weight as stored (int8 payload with its scale and zero point, two bytes a
+            value in fp16, four in fp32); 0 when the node has no usable constant weight.
+        factor_bytes: bytes of the factor chain in the factor dtype when factorized (shared factors counted
+            at every site, as for ``params_after``), else 0.
         kept_energy: share of ``Σσ²`` kept, in the method's metric.
         weight_error: ``‖W − Σ A_i B_i‖_F / ‖W‖_F`` with the stored factors.
         shared_with: other sites that read the same factors.
@@ -45,6 +49,8 @@ class SiteReport:
     stage_ranks: list[int] = dataclasses.field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
+    dense_bytes: int = 0
+    factor_bytes: int = 0
     kept_energy: float | None = None
     weight_error: float | None = None
     shared_with: list[str] = dataclasses.field(default_factory=list)
@@ -57,7 +63,8 @@ class SiteReport:
 
 @dataclasses.dataclass
 class RewriteReport:
-    """The whole rewrite. ``params_*`` count every initializer and Constant of the model."""
+    """The whole rewrite. ``params_*`` count every initializer and Constant of the model, ``bytes_*``
+    their values' bytes in each tensor's own dtype (what the guard weighs; the file adds its framing)."""
 
     input: str | None
     output: str | None
@@ -70,6 +77,8 @@ class RewriteReport:
     sites: list[SiteReport]
     file_size_before: int | None = None
     file_size_after: int | None = None
+    bytes_before: int | None = None
+    bytes_after: int | None = None
     seconds: float = 0.0
     dry_run: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)

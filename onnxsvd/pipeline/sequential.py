@@ -185,7 +185,7 @@ def rewrite_sequential(
         The rewritten model and its report; the report's notes give the levels and their cost.
     """
     started = time.perf_counter()
-    params_before = io.count_parameters(model)
+    params_before, bytes_before = io.count_parameters(model), io.count_bytes(model)
     original = model
     working = copy.deepcopy(model)
     match = find_sites(working, config)
@@ -215,7 +215,9 @@ def rewrite_sequential(
         compressed = emit_outcomes(copy.deepcopy(original), list(outcomes.values()), config)
         if progress is not None:
             progress(step, len(order), f"level {level}")
-    result = assemble(working, match, [outcomes[key] for key in groups], config, params_before, started)
+    result = assemble(
+        working, match, [outcomes[key] for key in groups], config, params_before, started, bytes_before=bytes_before
+    )
     result.report.notes.append(
         f"sequential: {len(order)} levels, {2 * len(order)} pruned model runs over the calibration data; "
         f"{collect_seconds:.1f} s collecting, {result.report.seconds:.1f} s in all"

@@ -11,11 +11,21 @@ from onnxsvd.rank.allocate import (
     loss_estimate,
     uniform_ranks,
 )
-from onnxsvd.rank.policy import RankDecision, align_rank, break_even_rank, choose_rank, energy_rank, ratio_rank
+from onnxsvd.rank.policy import (
+    ByteCost,
+    RankDecision,
+    align_rank,
+    break_even_rank,
+    choose_rank,
+    energy_rank,
+    guard_rank,
+    ratio_rank,
+)
 
 __all__ = [
     "Allocation",
     "AllocationSite",
+    "ByteCost",
     "RankDecision",
     "align_rank",
     "allocate_budget",
@@ -23,6 +33,7 @@ __all__ = [
     "break_even_rank",
     "choose_rank",
     "energy_rank",
+    "guard_rank",
     "loss_estimate",
     "ratio_rank",
     "uniform_ranks",

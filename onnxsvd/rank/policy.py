@@ -2,8 +2,14 @@
 
 Legend: K input channels, N output channels, r rank, σ singular values (descending).
 
-A rank-r chain stores ``r·(K+N)`` parameters in place of ``K·N``; it is smaller and cheaper only while
-``r·(K+N) < K·N``. The ratio ρ is the kept fraction of the layer's parameters: ``r = ⌊ρ·K·N/(K+N)⌋``.
+A rank-r chain stores ``r·(K+N)`` parameters in place of ``K·N``. The ratio ρ is the kept fraction of
+the layer's parameters: ``r = ⌊ρ·K·N/(K+N)⌋``.
+
+The break-even guard counts bytes, not parameters (:class:`ByteCost`): the chain stays only while
+``r·(K+N)·b_f < D``, with ``b_f`` the bytes of one factor value in the factors' dtype and ``D`` the bytes
+of the weight as stored. For a float weight whose factors keep its dtype this is ``r·(K+N) < K·N``; an
+int8 weight behind ``DequantizeLinear`` (``D = K·N`` plus its scale and zero point) breaks even four
+times earlier with fp32 factors, and fp16 factors of an fp32 weight twice as late.
 """
 
 from __future__ import annotations
@@ -15,7 +21,16 @@ import numpy as np
 
 from onnxsvd.config import RankPolicy
 
-__all__ = ["RankDecision", "break_even_rank", "energy_rank", "ratio_rank", "choose_rank", "align_rank"]
+__all__ = [
+    "ByteCost",
+    "RankDecision",
+    "break_even_rank",
+    "guard_rank",
+    "energy_rank",
+    "ratio_rank",
+    "choose_rank",
+    "align_rank",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +48,53 @@ class RankDecision:
     reason: str
 
 
-def break_even_rank(k: int, n: int) -> int:
-    """Smallest ``r`` with ``r·(K+N) ≥ K·N``: from this rank on, the chain is no smaller than ``W``."""
-    return math.ceil(k * n / (k + n))
+@dataclasses.dataclass(frozen=True)
+class ByteCost:
+    """What one weight costs in bytes: dense as stored, and per value of its factor chain.
+
+    Attributes:
+        dense_bytes: ``D``, the weight as stored (an int8 payload with its scale and zero point; two
+            bytes a value for fp16 or bf16, four for fp32).
+        factor_itemsize: ``b_f``, the bytes of one factor value in the factors' dtype.
+        label: what is compared, for the reasons (``"int8 weight, fp32 factors"``).
+    """
+
+    dense_bytes: int
+    factor_itemsize: int
+    label: str = ""
+
+    @classmethod
+    def float32(cls, k: int, n: int) -> ByteCost:
+        """An fp32 ``[K, N]`` weight with fp32 factors: the bytes guard is then the parameter guard."""
+        return cls(4 * k * n, 4, "fp32 weight, fp32 factors")
+
+    def chain_bytes(self, k: int, n: int, rank: int) -> int:
+        """``r·(K+N)·b_f``: the bytes of a rank-``r`` factor chain."""
+        return rank * (k + n) * self.factor_itemsize
+
+
+def break_even_rank(k: int, n: int, cost: ByteCost | None = None) -> int:
+    """Smallest ``r`` with ``r·(K+N)·b_f ≥ D``: from this rank on, the chain is no smaller than ``W`` in
+    bytes. Without ``cost``, factors in the weight's own dtype: ``r·(K+N) ≥ K·N``."""
+    if cost is None:
+        return math.ceil(k * n / (k + n))
+    return max(1, math.ceil(cost.dense_bytes / ((k + n) * cost.factor_itemsize)))
+
+
+def guard_rank(how: str, rank: int, k: int, n: int, cost: ByteCost | None, allow_growth: bool) -> RankDecision:
+    """``rank`` when its chain is smaller in bytes than the dense weight (or growth is allowed); else
+    dense, with the reason in bytes. ``how`` says where the rank came from (``"ratio 0.5"``)."""
+    cost = cost or ByteCost.float32(k, n)
+    chain, dense = cost.chain_bytes(k, n, rank), cost.dense_bytes
+    if chain >= dense and not allow_growth:
+        label = f" ({cost.label})" if cost.label else ""
+        return RankDecision(
+            0,
+            True,
+            f"{how} gives rank {rank} ≥ break-even {break_even_rank(k, n, cost)}: factor chain {chain:,} B ≥ "
+            f"dense {dense:,} B{label}; use --allow-growth to force",
+        )
+    return RankDecision(rank, False, how)
 
 
 def ratio_rank(k: int, n: int, ratio: float) -> int:
@@ -68,17 +127,21 @@ def align_rank(rank: int, align: int, limit: int, round_up: bool) -> int:
     return (rank // align) * align
 
 
-def choose_rank(policy: RankPolicy, k: int, n: int, singular_values: np.ndarray | None) -> RankDecision:
-    """Apply a rank policy and the break-even guard to one ``[K, N]`` weight.
+def choose_rank(
+    policy: RankPolicy, k: int, n: int, singular_values: np.ndarray | None, cost: ByteCost | None = None
+) -> RankDecision:
+    """Apply a rank policy and the break-even guard (in bytes) to one ``[K, N]`` weight.
 
     Args:
         policy: the policy (fixed rank, ratio or energy, with alignment and growth settings).
         k: input channels.
         n: output channels.
         singular_values: the weight's spectrum in the chosen metric (needed for ``energy``).
+        cost: the weight's bytes as stored and its factors' bytes a value; ``None``: an fp32 weight
+            with fp32 factors (the guard is then ``r·(K+N) < K·N``).
     """
     full = min(k, n)
-    even = break_even_rank(k, n)
+    even = break_even_rank(k, n, cost)
     if policy.kind == "rank":
         rank = int(policy.value)
         how = f"fixed rank {rank}"
@@ -94,11 +157,4 @@ def choose_rank(policy: RankPolicy, k: int, n: int, singular_values: np.ndarray 
         how = f"energy {policy.value:g}"
     else:  # pragma: no cover - RankPolicy validates kind
         raise ValueError(f"unknown rank policy {policy.kind!r}")
-    rank = min(rank, full)
-    if rank * (k + n) >= k * n and not policy.allow_growth:
-        return RankDecision(
-            0,
-            True,
-            f"{how} gives rank {rank} ≥ break-even {even} (r·(K+N) ≥ K·N); use --allow-growth to force",
-        )
-    return RankDecision(rank, False, how)
+    return guard_rank(how, min(rank, full), k, n, cost, policy.allow_growth)
