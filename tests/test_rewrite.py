@@ -235,6 +235,27 @@ def test_old_opset_gemm(opset: int, rng: np.random.Generator) -> None:
     assert len(gemms) == 1 and gemms[0].input[2] == "C"
 
 
+@pytest.mark.parametrize("layout", ["fused", "stages"])
+@pytest.mark.parametrize("bias", ["n", "1n", "scalar"])
+def test_opset6_gemm_keeps_broadcast(bias: str, layout: str, rng: np.random.Generator) -> None:
+    # Gemm-6 broadcasts C only with broadcast=1: the node that carries C must keep it. ONNX Runtime has
+    # no Gemm-6 kernel, so the numbers come from onnx's reference evaluator.
+    from onnx.reference import ReferenceEvaluator
+
+    case = gemm_case(rng, 5, 12, 10, trans_a=1, trans_b=1, alpha=0.5, beta=2.0, bias=bias, opset=6)
+    (gemm,) = case.model.graph.node
+    gemm.attribute.append(helper.make_attribute("broadcast", 1))
+    onnx.checker.check_model(case.model, full_check=True)
+    result = rewrite(case.model, full_rank(stages=2, layout=layout))
+    onnx.checker.check_model(result.model, full_check=True)
+    (carrier,) = [node for node in result.model.graph.node if node.op_type == "Gemm"]
+    assert carrier.input[2] == "C"
+    assert {a.name: helper.get_attribute_value(a) for a in carrier.attribute}.get("broadcast") == 1
+    expected = ReferenceEvaluator(case.model).run(None, case.feeds)[0]
+    actual = ReferenceEvaluator(result.model).run(None, case.feeds)[0]
+    assert relative_error(expected, actual) < FULL_RANK_TOLERANCE
+
+
 # ------------------------------------------------------------------------------------- shared weights
 
 

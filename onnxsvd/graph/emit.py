@@ -168,16 +168,27 @@ def _opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+def _broadcast(node: onnx.NodeProto) -> int:
+    """Gemm's ``broadcast`` attribute (opsets 1–6; removed in 7, where C always broadcasts)."""
+    for attribute in node.attribute:
+        if attribute.name == "broadcast":
+            return int(helper.get_attribute_value(attribute))
+    return 0
+
+
 def _chain_nodes(
     site: Site,
     factors: Sequence[tuple[str, str]],
     names: _Names,
     opset: int,
+    broadcast: int = 0,
 ) -> list[onnx.NodeProto]:
     """The nodes that compute ``site.output`` from ``site.activation`` through the factor tensors.
 
     ``factors`` holds, per chain (one fused chain or one per stage), the names of the first and second
     constant the nodes read (``A``/``B`` for the right form, ``Aᵀ``/``Bᵀ`` for the mirror).
+    ``broadcast`` is the site's own Gemm ``broadcast`` attribute (opset ≤ 6 only), kept on the node
+    that carries ``C``: Gemm-6 broadcasts ``C`` only when it is set.
     """
     nodes: list[onnx.NodeProto] = []
     gemm = site.op_type == "Gemm"
@@ -209,7 +220,9 @@ def _chain_nodes(
         else:
             nodes.append(helper.make_node("MatMul", first_inputs, [hidden], name=first_name))
         if gemm and carries_bias:
-            attrs = {"beta": site.beta} if site.beta != 1.0 else {}
+            attrs: dict[str, float | int] = {"beta": site.beta} if site.beta != 1.0 else {}
+            if broadcast:
+                attrs["broadcast"] = broadcast
             nodes.append(helper.make_node("Gemm", second_inputs + [site.bias], [out], name=second_name, **attrs))
         elif gemm and opset >= 11:
             nodes.append(helper.make_node("Gemm", second_inputs, [out], name=second_name))
@@ -254,7 +267,10 @@ def emit(
         factor_names = tensors.names_for(
             site, factorizations.get(site.group), storage_dtypes[site.group], options.layout
         )
-        chains_for[site.node_index] = tensors.pending_casts + _chain_nodes(site, factor_names, names, opset)
+        broadcast = _broadcast(graph.node[site.node_index]) if opset < 7 else 0
+        chains_for[site.node_index] = tensors.pending_casts + _chain_nodes(
+            site, factor_names, names, opset, broadcast
+        )
         tensors.pending_casts = []
     rebuilt: list[onnx.NodeProto] = []
     for position, node in enumerate(graph.node):
