@@ -60,17 +60,33 @@ def storage_dtype_for(site: Site, requested: str) -> int:
 
 
 class _Names:
-    """Hands out tensor and node names that do not collide with anything in the graph."""
+    """Hands out tensor and node names that do not collide with any name already in the model.
+
+    Every name is reserved: node names, inputs and outputs, initializers, graph inputs and outputs and
+    ``value_info`` of the main graph and of every subgraph (If/Loop/Scan bodies, at any depth). A fresh
+    name equal to a body's local name would break single static assignment, and one equal to a stale
+    ``value_info`` entry would inherit its type.
+    """
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.used: set[str] = set()
-        for node in graph.node:
-            self.used.update(node.output)
-            self.used.update(node.input)
-            self.used.add(node.name)
+        self._reserve(graph)
+
+    def _reserve(self, graph: onnx.GraphProto) -> None:
         self.used.update(t.name for t in graph.initializer)
-        self.used.update(v.name for v in graph.input)
-        self.used.update(v.name for v in graph.output)
+        self.used.update(t.values.name for t in graph.sparse_initializer)
+        for values in (graph.input, graph.output, graph.value_info):
+            self.used.update(v.name for v in values)
+        for node in graph.node:
+            self.used.add(node.name)
+            self.used.update(node.input)
+            self.used.update(node.output)
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    self._reserve(attribute.g)
+                for body in attribute.graphs:
+                    self._reserve(body)
+        self.used.discard("")
 
     def fresh(self, wanted: str) -> str:
         name, counter = wanted, 1
