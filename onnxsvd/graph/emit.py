@@ -25,12 +25,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxsvd.factorize import Factorization
-from onnxsvd.graph.match import CHAIN_OPS, GraphIndex, Site
+from onnxsvd.graph.cleanup import remove_dead_weights
+from onnxsvd.graph.match import Site
 
 if TYPE_CHECKING:
     from onnxsvd.io import DataFile
 
-__all__ = ["EmitOptions", "FactorTensors", "emit", "storage_dtype_for", "remove_dead_weights"]
+__all__ = ["EmitOptions", "FactorTensors", "emit", "storage_dtype_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,42 +295,4 @@ def emit(
     del graph.node[:]
     graph.node.extend(rebuilt)
     remove_dead_weights(model)
-    return model
-
-
-def remove_dead_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Remove weight-chain nodes (Constant, Transpose, Cast, Identity, DequantizeLinear) whose outputs
-    nobody reads any more, then initializers nobody reads, then stale ``value_info`` entries."""
-    graph = model.graph
-    removable = {"Constant", *CHAIN_OPS}
-    changed = True
-    while changed:
-        changed = False
-        index = GraphIndex(graph)
-        keep: list[onnx.NodeProto] = []
-        for node in graph.node:
-            dead = node.op_type in removable and all(
-                not index.consumers.get(out) and out not in index.graph_outputs for out in node.output if out
-            )
-            if dead:
-                changed = True
-            else:
-                keep.append(node)
-        if changed:
-            del graph.node[:]
-            graph.node.extend(keep)
-    index = GraphIndex(graph)
-    graph_inputs = {value.name for value in graph.input}
-    used = [
-        tensor
-        for tensor in graph.initializer
-        if index.consumers.get(tensor.name) or tensor.name in index.graph_outputs or tensor.name in graph_inputs
-    ]
-    if len(used) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(used)
-    alive = set(index.producer) | {t.name for t in graph.initializer} | graph_inputs
-    stale = [value for value in graph.value_info if value.name not in alive]
-    for value in stale:
-        graph.value_info.remove(value)
     return model
