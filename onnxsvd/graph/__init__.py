@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from onnxsvd.graph.cleanup import RemoveDeadWeightsPass, remove_dead_weights
-from onnxsvd.graph.emit import EmitOptions, FactorTensors, emit, storage_dtype_for
+from onnxsvd.graph.cleanup import RemoveDeadWeightsPass
+from onnxsvd.graph.emit import EmitOptions, FactorTensors, emit, remove_dead_weights, storage_dtype_for
 from onnxsvd.graph.match import GraphIndex, Match, Site, Skip, WeightSource, find_sites, load_weight
 
 __all__ = [

@@ -31,7 +31,7 @@ from onnxsvd.graph.match import Site
 if TYPE_CHECKING:
     from onnxsvd.io import DataFile
 
-__all__ = ["EmitOptions", "FactorTensors", "emit", "storage_dtype_for"]
+__all__ = ["EmitOptions", "FactorTensors", "emit", "storage_dtype_for", "remove_dead_weights"]  # the last from cleanup
 
 
 @dataclasses.dataclass(frozen=True)
