@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsvd import RewriteConfig
-from onnxsvd.graph import GraphIndex, find_sites, load_weight
+from onnxsvd.graph import GraphIndex, find_sites, load_weight, remove_dead_weights
 from tests.models import (
     BIAS_KINDS,
     WEIGHT_SOURCES,
@@ -240,6 +240,59 @@ def test_weight_read_inside_a_subgraph_is_skipped(rng: np.random.Generator) -> N
         [_tensor(rng, "W", (4, 5))],
     )
     assert "If node 'branch'" in only_skip(model).reason
+
+
+def test_weight_read_two_bodies_deep_is_skipped(rng: np.random.Generator) -> None:
+    inner = helper.make_graph([helper.make_node("Neg", ["W"], ["deep"])], "inner", [], [_value("deep", [4, 5])])
+    keep = helper.make_graph([helper.make_node("Identity", ["W"], ["kept"])], "keep", [], [_value("kept", [4, 5])])
+    then_branch = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["nested"], then_branch=inner, else_branch=keep)],
+        "then",
+        [],
+        [_value("nested", [4, 5])],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["plain"])], "else", [], [_value("plain", [3, 4])]
+    )
+    model = _model(
+        [
+            helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm"),
+            helper.make_node("If", ["flag"], ["Z"], name="outer", then_branch=then_branch, else_branch=else_branch),
+        ],
+        [_value("X", [3, 4]), _value("flag", [], TensorProto.BOOL)],
+        [_value("Y", [3, 5]), _value("Z", [4, 5])],
+        [_tensor(rng, "W", (4, 5))],
+    )
+    index = GraphIndex(model.graph)
+    assert index.consumers["W"] == [0, 1] and index.consumers["flag"] == [1] and index.producer["Z"] == 1
+    assert "If node 'outer'" in only_skip(model).reason
+
+
+def test_cleanup_removes_only_what_nobody_reads(rng: np.random.Generator) -> None:
+    # A dead weight chain Constant → Transpose → Cast and a dead initializer go; an initializer read only
+    # inside an If body, a dead node of the model's own (Relu) and value_info of live tensors stay.
+    weight = numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "stored")
+    body = helper.make_graph([helper.make_node("Neg", ["B"], ["neg"])], "then", [], [_value("neg", [4])])
+    other = helper.make_graph([helper.make_node("Identity", ["B"], ["same"])], "else", [], [_value("same", [4])])
+    model = _model(
+        [
+            helper.make_node("Constant", [], ["W0"], name="constant", value=weight),
+            helper.make_node("Transpose", ["W0"], ["W1"], name="transpose"),
+            helper.make_node("Cast", ["W1"], ["W2"], name="cast", to=TensorProto.FLOAT),
+            helper.make_node("Relu", ["X"], ["unused_relu"], name="relu"),
+            helper.make_node("Neg", ["X"], ["Y"], name="negate"),
+            helper.make_node("If", ["flag"], ["Z"], name="branch", then_branch=body, else_branch=other),
+        ],
+        [_value("X", [3, 4]), _value("flag", [], TensorProto.BOOL)],
+        [_value("Y", [3, 4]), _value("Z", [4])],
+        [_tensor(rng, "B", (4,)), _tensor(rng, "dead", (2, 2))],
+    )
+    model.graph.value_info.extend([_value("W2", [4, 5]), _value("unused_relu", [3, 4]), _value("gone", [1])])
+    remove_dead_weights(model)
+    assert [node.name for node in model.graph.node] == ["relu", "negate", "branch"]
+    assert [tensor.name for tensor in model.graph.initializer] == ["B"]
+    assert [value.name for value in model.graph.value_info] == ["unused_relu"]
+    onnx.checker.check_model(model, full_check=True)
 
 
 def test_weight_that_is_a_graph_output_is_skipped(rng: np.random.Generator) -> None:

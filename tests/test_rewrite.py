@@ -235,6 +235,27 @@ def test_old_opset_gemm(opset: int, rng: np.random.Generator) -> None:
     assert len(gemms) == 1 and gemms[0].input[2] == "C"
 
 
+@pytest.mark.parametrize("layout", ["fused", "stages"])
+@pytest.mark.parametrize("bias", ["n", "1n", "scalar"])
+def test_opset6_gemm_keeps_broadcast(bias: str, layout: str, rng: np.random.Generator) -> None:
+    # Gemm-6 broadcasts C only with broadcast=1: the node that carries C must keep it. ONNX Runtime has
+    # no Gemm-6 kernel, so the numbers come from onnx's reference evaluator.
+    from onnx.reference import ReferenceEvaluator
+
+    case = gemm_case(rng, 5, 12, 10, trans_a=1, trans_b=1, alpha=0.5, beta=2.0, bias=bias, opset=6)
+    (gemm,) = case.model.graph.node
+    gemm.attribute.append(helper.make_attribute("broadcast", 1))
+    onnx.checker.check_model(case.model, full_check=True)
+    result = rewrite(case.model, full_rank(stages=2, layout=layout))
+    onnx.checker.check_model(result.model, full_check=True)
+    (carrier,) = [node for node in result.model.graph.node if node.op_type == "Gemm"]
+    assert carrier.input[2] == "C"
+    assert {a.name: helper.get_attribute_value(a) for a in carrier.attribute}.get("broadcast") == 1
+    expected = ReferenceEvaluator(case.model).run(None, case.feeds)[0]
+    actual = ReferenceEvaluator(result.model).run(None, case.feeds)[0]
+    assert relative_error(expected, actual) < FULL_RANK_TOLERANCE
+
+
 # ------------------------------------------------------------------------------------- shared weights
 
 
@@ -489,6 +510,49 @@ def test_rewrite_is_deterministic_and_does_not_touch_its_input(rng: np.random.Ge
     assert first.model.SerializeToString() == second.model.SerializeToString()
     assert case.model.SerializeToString() == original and case.model == snapshot
     assert first.model is not case.model
+
+
+def _taken_name_model(rng: np.random.Generator, where: str) -> Case:
+    """``Y = X·W`` where the name the emitter would give the chain's hidden tensor, ``Y/svd_h``, is
+    already taken: by a ``value_info`` entry of another type, or inside an If body (a local output,
+    and a branch output that reads ``Y`` from the outer scope)."""
+    case = matmul_case(rng, 12, 10, lead=(4,))
+    graph = case.model.graph
+    if where == "value_info":
+        graph.value_info.append(helper.make_tensor_value_info("Y/svd_h", TensorProto.INT64, [7]))
+    else:
+        then_branch = helper.make_graph(
+            [helper.make_node("Neg", ["Y"], ["Y/svd_h"], name="negate")],
+            "then",
+            [],
+            [helper.make_tensor_value_info("Y/svd_h", TensorProto.FLOAT, [4, 10])],
+        )
+        else_branch = helper.make_graph(
+            [helper.make_node("Identity", ["Y"], ["Y/svd_h_1"], name="keep")],
+            "else",
+            [],
+            [helper.make_tensor_value_info("Y/svd_h_1", TensorProto.FLOAT, [4, 10])],
+        )
+        graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
+        graph.node.append(
+            helper.make_node("If", ["flag"], ["Z"], name="branch", then_branch=then_branch, else_branch=else_branch)
+        )
+        graph.output.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, [4, 10]))
+        case.feeds["flag"] = np.array(True)
+    onnx.checker.check_model(case.model, full_check=True)
+    return case
+
+
+@pytest.mark.parametrize("where", ["value_info", "if_body"])
+def test_fresh_names_avoid_value_info_and_subgraph_names(where: str, rng: np.random.Generator) -> None:
+    case = _taken_name_model(rng, where)
+    result = rewrite(case.model, full_rank())
+    assert result.report.sites[0].action == "factorized"
+    nodes = result.model.graph.node
+    (hidden,) = [node.output[0] for node in nodes if node.op_type == "MatMul" and node.output[0] != "Y"]
+    taken = {"Y/svd_h"} if where == "value_info" else {"Y/svd_h", "Y/svd_h_1"}
+    assert hidden not in taken
+    assert_reproduces(case, result.model)
 
 
 def test_report_fields(rng: np.random.Generator) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from onnxsvd.graph.cleanup import RemoveDeadWeightsPass
 from onnxsvd.graph.emit import EmitOptions, FactorTensors, emit, remove_dead_weights, storage_dtype_for
 from onnxsvd.graph.match import GraphIndex, Match, Site, Skip, WeightSource, dtype_name, find_sites, load_weight
 
@@ -11,6 +12,7 @@ __all__ = [
     "FactorTensors",
     "GraphIndex",
     "Match",
+    "RemoveDeadWeightsPass",
     "Site",
     "Skip",
     "WeightSource",

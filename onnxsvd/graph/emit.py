@@ -25,12 +25,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxsvd.factorize import Factorization
-from onnxsvd.graph.match import CHAIN_OPS, GraphIndex, Site
+from onnxsvd.graph.cleanup import remove_dead_weights
+from onnxsvd.graph.match import Site
 
 if TYPE_CHECKING:
     from onnxsvd.io import DataFile
 
-__all__ = ["EmitOptions", "FactorTensors", "emit", "storage_dtype_for", "remove_dead_weights"]
+__all__ = ["EmitOptions", "FactorTensors", "emit", "storage_dtype_for", "remove_dead_weights"]  # the last from cleanup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,17 +61,33 @@ def storage_dtype_for(site: Site, requested: str) -> int:
 
 
 class _Names:
-    """Hands out tensor and node names that do not collide with anything in the graph."""
+    """Hands out tensor and node names that do not collide with any name already in the model.
+
+    Every name is reserved: node names, inputs and outputs, initializers, graph inputs and outputs and
+    ``value_info`` of the main graph and of every subgraph (If/Loop/Scan bodies, at any depth). A fresh
+    name equal to a body's local name would break single static assignment, and one equal to a stale
+    ``value_info`` entry would inherit its type.
+    """
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.used: set[str] = set()
-        for node in graph.node:
-            self.used.update(node.output)
-            self.used.update(node.input)
-            self.used.add(node.name)
+        self._reserve(graph)
+
+    def _reserve(self, graph: onnx.GraphProto) -> None:
         self.used.update(t.name for t in graph.initializer)
-        self.used.update(v.name for v in graph.input)
-        self.used.update(v.name for v in graph.output)
+        self.used.update(t.values.name for t in graph.sparse_initializer)
+        for values in (graph.input, graph.output, graph.value_info):
+            self.used.update(v.name for v in values)
+        for node in graph.node:
+            self.used.add(node.name)
+            self.used.update(node.input)
+            self.used.update(node.output)
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    self._reserve(attribute.g)
+                for body in attribute.graphs:
+                    self._reserve(body)
+        self.used.discard("")
 
     def fresh(self, wanted: str) -> str:
         name, counter = wanted, 1
@@ -168,16 +185,27 @@ def _opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+def _broadcast(node: onnx.NodeProto) -> int:
+    """Gemm's ``broadcast`` attribute (opsets 1–6; removed in 7, where C always broadcasts)."""
+    for attribute in node.attribute:
+        if attribute.name == "broadcast":
+            return int(helper.get_attribute_value(attribute))
+    return 0
+
+
 def _chain_nodes(
     site: Site,
     factors: Sequence[tuple[str, str]],
     names: _Names,
     opset: int,
+    broadcast: int = 0,
 ) -> list[onnx.NodeProto]:
     """The nodes that compute ``site.output`` from ``site.activation`` through the factor tensors.
 
     ``factors`` holds, per chain (one fused chain or one per stage), the names of the first and second
     constant the nodes read (``A``/``B`` for the right form, ``Aᵀ``/``Bᵀ`` for the mirror).
+    ``broadcast`` is the site's own Gemm ``broadcast`` attribute (opset ≤ 6 only), kept on the node
+    that carries ``C``: Gemm-6 broadcasts ``C`` only when it is set.
     """
     nodes: list[onnx.NodeProto] = []
     gemm = site.op_type == "Gemm"
@@ -209,7 +237,9 @@ def _chain_nodes(
         else:
             nodes.append(helper.make_node("MatMul", first_inputs, [hidden], name=first_name))
         if gemm and carries_bias:
-            attrs = {"beta": site.beta} if site.beta != 1.0 else {}
+            attrs: dict[str, float | int] = {"beta": site.beta} if site.beta != 1.0 else {}
+            if broadcast:
+                attrs["broadcast"] = broadcast
             nodes.append(helper.make_node("Gemm", second_inputs + [site.bias], [out], name=second_name, **attrs))
         elif gemm and opset >= 11:
             nodes.append(helper.make_node("Gemm", second_inputs, [out], name=second_name))
@@ -254,7 +284,10 @@ def emit(
         factor_names = tensors.names_for(
             site, factorizations.get(site.group), storage_dtypes[site.group], options.layout
         )
-        chains_for[site.node_index] = tensors.pending_casts + _chain_nodes(site, factor_names, names, opset)
+        broadcast = _broadcast(graph.node[site.node_index]) if opset < 7 else 0
+        chains_for[site.node_index] = tensors.pending_casts + _chain_nodes(
+            site, factor_names, names, opset, broadcast
+        )
         tensors.pending_casts = []
     rebuilt: list[onnx.NodeProto] = []
     for position, node in enumerate(graph.node):
@@ -262,42 +295,4 @@ def emit(
     del graph.node[:]
     graph.node.extend(rebuilt)
     remove_dead_weights(model)
-    return model
-
-
-def remove_dead_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Remove weight-chain nodes (Constant, Transpose, Cast, Identity, DequantizeLinear) whose outputs
-    nobody reads any more, then initializers nobody reads, then stale ``value_info`` entries."""
-    graph = model.graph
-    removable = {"Constant", *CHAIN_OPS}
-    changed = True
-    while changed:
-        changed = False
-        index = GraphIndex(graph)
-        keep: list[onnx.NodeProto] = []
-        for node in graph.node:
-            dead = node.op_type in removable and all(
-                not index.consumers.get(out) and out not in index.graph_outputs for out in node.output if out
-            )
-            if dead:
-                changed = True
-            else:
-                keep.append(node)
-        if changed:
-            del graph.node[:]
-            graph.node.extend(keep)
-    index = GraphIndex(graph)
-    graph_inputs = {value.name for value in graph.input}
-    used = [
-        tensor
-        for tensor in graph.initializer
-        if index.consumers.get(tensor.name) or tensor.name in index.graph_outputs or tensor.name in graph_inputs
-    ]
-    if len(used) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(used)
-    alive = set(index.producer) | {t.name for t in graph.initializer} | graph_inputs
-    stale = [value for value in graph.value_info if value.name not in alive]
-    for value in stale:
-        graph.value_info.remove(value)
     return model

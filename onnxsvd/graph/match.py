@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
 from onnxsvd.config import RewriteConfig
@@ -190,7 +191,14 @@ class Match:
 
 
 class GraphIndex:
-    """Producers, consumers and constants of a graph, built once per pass."""
+    """Producers, consumers and constants of a graph, built once per pass.
+
+    The use-def links come from onnx-ir: each name's producer is ``ir.Value.producer()`` and its
+    consumers are ``ir.Value.uses()``. onnx-ir resolves a name that an If/Loop/Scan body reads from the
+    outer scope to the outer value itself, so such a read counts as one by the node that holds the body.
+    Positions are indices in ``graph.node``. Building the onnx-ir graph wraps the tensors; nothing is
+    copied, and external data is not read.
+    """
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
@@ -198,16 +206,25 @@ class GraphIndex:
         self.graph_inputs = {value.name for value in graph.input}
         self.graph_outputs = {value.name for value in graph.output}
         self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = defaultdict(list)
-        for index, node in enumerate(graph.node):
-            for name in node.output:
-                if name:
-                    self.producer[name] = index
-            for name in node.input:
-                if name:
-                    self.consumers[name].append(index)
-            for name in _subgraph_references(node):
-                self.consumers[name].append(index)
+        self.consumers: dict[str, list[int]] = defaultdict(list)  # each reading node once, in graph order
+        linked = ir.serde.deserialize_graph(graph)
+        position: dict[int, int] = {}  # id(ir node), its body nodes' at any depth too → index in graph.node
+        for index, node in enumerate(linked):
+            position[id(node)] = index
+            for body in node_bodies(node):
+                for inner in ir.traversal.RecursiveGraphIterator(body):
+                    position[id(inner)] = index
+        values = [*linked.inputs, *linked.initializers.values()]
+        values += [value for node in linked for value in node.outputs]
+        for value in values:
+            if not value.name:
+                continue
+            producer = value.producer()
+            if producer is not None:
+                self.producer[value.name] = position[id(producer)]
+            readers = sorted({position[id(use.node)] for use in value.uses()})
+            if readers:
+                self.consumers[value.name] = readers
 
     def constant_tensor(self, name: str) -> onnx.TensorProto | None:
         """The stored tensor behind ``name`` if it is an initializer or a ``Constant`` node's value."""
@@ -247,6 +264,17 @@ class GraphIndex:
             chain.append(producer)
             current = node.input[0]
         return None
+
+
+def node_bodies(node: ir.Node) -> list[ir.Graph]:
+    """The subgraphs (If branches, Loop and Scan bodies) held by ``node``'s attributes."""
+    bodies: list[ir.Graph] = []
+    for attribute in node.attributes.values():
+        if attribute.type == ir.AttributeType.GRAPH:
+            bodies.append(attribute.as_graph())
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            bodies.extend(attribute.as_graphs())
+    return bodies
 
 
 def _subgraph_references(node: onnx.NodeProto) -> set[str]:
