@@ -62,6 +62,9 @@ STAGE_RANKS = CommaList(int, example="32,16")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 @click.option("--dry-run", is_flag=True, help="Plan and report, write no model.")
 @click.option("--force", is_flag=True, help="Allow overwriting the input model.")
+@click.option("--allow-unchanged", is_flag=True,
+              help="Write the output even when no site is factorized (an unchanged copy, with a warning); "
+                   "without it that is an error and nothing is written.")
 @click.option("--allocate", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
               help="uniform: each layer by the policy; global: one --ratio/--energy budget over all sites "
                    "(ranks by whitened discarded energy × measured sensitivity with --data).")
@@ -105,6 +108,7 @@ def rewrite_command(
     report: Path | None,
     dry_run: bool,
     force: bool,
+    allow_unchanged: bool,
     external_data: bool | None,
     svd_solver: str,
     device: str,
@@ -117,7 +121,7 @@ def rewrite_command(
     chain would not be smaller (r·(K+N) ≥ K·N) stays dense, with the reason in the report.
     """
     from onnxsvd.calibrate import CalibrateConfig
-    from onnxsvd.files import RewriteJob, rewrite_file
+    from onnxsvd.files import RewriteJob, nothing_factorized, rewrite_file
 
     config = RewriteConfig(
         policy=rank_policy(rank, ratio, energy, align, allow_growth),
@@ -154,12 +158,18 @@ def rewrite_command(
         speed_check=_speed_check(keep_dense_if_slower, shapes, providers, speed_iters, threads),
         report=report,
         force=force,
+        allow_unchanged=allow_unchanged,
     )
     with progress_bar("factorizing") as update:
         outcome = rewrite_file(job, progress=update)
     render_rewrite(outcome)
     if report is not None:
         stdout.print(f"report: {report}")
+    unchanged = nothing_factorized(outcome)
+    if unchanged is not None:  # a dry run, or --allow-unchanged: the copy is written, but not silently
+        what = "nothing would be factorized" if dry_run else "nothing was factorized"
+        copy = "" if dry_run else f"; {output} is an unchanged copy of the input"
+        click.echo(f"onnxsvd: warning: {what}: {unchanged}{copy}", err=True)
 
 
 def _speed_check(
