@@ -98,3 +98,20 @@ def test_rewrite_file_refuses_an_unchanged_copy_unless_allowed(model: Path) -> N
     assert not output.exists()
     report = rewrite_file(RewriteJob(model, output, config, allow_unchanged=True))
     assert report.factorized == [] and output.is_file()
+
+
+@pytest.mark.parametrize("command", ["validate", "sweep"])
+def test_labels_of_the_wrong_length_are_a_one_line_error(model: Path, command: str) -> None:
+    """Accuracy against labels would silently vanish from the table: refused, naming the expected length."""
+    data = dict(np.load(MODELS / "digits_eval.npz"))
+    bad = model.parent / "eval.npz"
+    np.savez(bad, input=data["input"][:40], labels=data["labels"][:39])
+    args = {
+        "validate": ["validate", model, model, "--data", bad, "--iters", "1", "--warmup", "0"],
+        "sweep": ["sweep", model, "--data", MODELS / "digits_calib.npz", "--eval-data", bad, "--ratios", "0.5",
+                  "--methods", "svd", "-o", model.parent / "sweep"],
+    }[command]
+    code, _, err = run_cli(*args)
+    line = one_line(err, "onnxsvd: error: 'labels' in ")
+    assert code == 1 and "has shape [39] but the file holds 40 samples" in line and "shape [40]" in line, line
+    assert not (model.parent / "sweep").exists()
