@@ -8,6 +8,7 @@ renders the report (and writes the JSON) first, then raises :class:`ValidationGa
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -15,7 +16,10 @@ from rich.table import Table
 
 from onnxsvd.cli.options import PROVIDER_LIST
 from onnxsvd.cli.render import general, human_bytes, human_flops, number, progress_bar, stdout
-from onnxsvd.validate.report import DEFAULT_BATCH_SIZE, ValidateConfig, ValidationReport
+from onnxsvd.config import VALIDATE_BATCH_SIZE, ValidateConfig
+
+if TYPE_CHECKING:
+    from onnxsvd.validate.report import ValidationReport
 
 __all__ = ["validate_command", "parse_config", "render_report"]
 
@@ -68,7 +72,7 @@ def parse_config(
               help="Timed runs of each model (alternating original, rewritten).")
 @click.option("--threads", type=int, help="onnxruntime intra-op threads [default: onnxruntime's].")
 @click.option("--batch-size", type=int,
-              help=f"Samples per batch [default: one batch per file of a folder, else {DEFAULT_BATCH_SIZE}]; "
+              help=f"Samples per batch [default: one batch per file of a folder, else {VALIDATE_BATCH_SIZE}]; "
                    "latency is timed on the first batch.")
 @click.option("--max-samples", type=int, help="Use at most this many samples.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON here.")
