@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from onnxsvd.config import VERSION as __version__
 
 #: Public name → the module that defines it (imported on first access).
 _EXPORTS = {

@@ -14,6 +14,7 @@ from typing import Any
 from onnxsvd.errors import UsageError
 
 __all__ = [
+    "VERSION",
     "PROVIDERS",
     "DEVICES",
     "Progress",
@@ -30,6 +31,10 @@ __all__ = [
     "PROFILE_RUNS",
     "ValidateConfig",
 ]
+
+#: The package's version (``onnxsvd.__version__``, the packaging metadata, and the stamp in every
+#: rewritten model's metadata); here so that any module can read it without importing the package root.
+VERSION = "0.1.0"
 
 #: Registries: the values each option accepts.
 RANK_POLICIES = ("rank", "ratio", "energy")

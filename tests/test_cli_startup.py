@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO
@@ -49,3 +50,37 @@ def test_the_lazy_names_resolve() -> None:
     for package in (onnxsvd.validate, onnxsvd.finetune):
         for name in package.__all__:
             assert getattr(package, name) is not None, f"{package.__name__}.{name}"
+
+
+def test_no_module_imports_a_name_from_the_package_root() -> None:
+    """Imports run one way: the root re-exports the library, so a module that takes a name from it (not a
+    submodule: ``from onnxsvd import io`` is fine) imports upwards. The version lives in config.py."""
+    import ast
+    import pkgutil
+
+    import onnxsvd
+
+    submodules = {module.name for module in pkgutil.iter_modules(onnxsvd.__path__)}
+    upward = []
+    for source in (REPO / "onnxsvd").rglob("*.py"):
+        if source.parent == REPO / "onnxsvd" and source.name in ("__init__.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "onnxsvd" and node.level == 0:
+                upward += [f"{source.relative_to(REPO)}: {alias.name}" for alias in node.names
+                           if alias.name not in submodules]
+    assert upward == []
+
+
+def test_the_version_is_stamped_and_matches_the_package() -> None:
+    import onnx
+
+    import onnxsvd
+    from onnxsvd.config import VERSION
+    from tests.models import matmul_case
+
+    case = matmul_case(np.random.default_rng(0), k=16, n=8)
+    result = onnxsvd.rewrite(case.model, onnxsvd.RewriteConfig(policy=onnxsvd.RankPolicy("rank", 2)))
+    stamped = {prop.key: prop.value for prop in result.model.metadata_props}
+    assert stamped["onnxsvd.version"] == VERSION == onnxsvd.__version__
+    onnx.checker.check_model(result.model, full_check=True)
