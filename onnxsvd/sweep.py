@@ -32,12 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 from onnxsvd import io
 from onnxsvd.calibrate import CalibrateConfig, batch_source, calibrate, resolve_mask
-from onnxsvd.config import METHODS, Progress, RewriteConfig, check_provider_names
+from onnxsvd.config import METHODS, Progress, RewriteConfig, ValidateConfig, check_provider_names
 from onnxsvd.data import Batches, load_inputs
 from onnxsvd.errors import OutputError, UsageError
 from onnxsvd.pipeline import RewriteReport, rewrite, rewrite_sequential
 from onnxsvd.pipeline.speed import SiteSpeedCheck, SpeedCheckConfig
 from onnxsvd.validate.latency import check_providers
+from onnxsvd.validate.pipeline import validate
+from onnxsvd.validate.profile import ProfileCache
 
 __all__ = [
     "SWEEP_METHODS",
@@ -316,8 +318,6 @@ def _run(
     progress: Progress | None,
 ) -> SweepResult:
     """The work of :func:`sweep` once every input is checked and the folders exist."""
-    from onnxsvd.validate import ProfileCache, ValidateConfig, validate
-
     models_dir = output / MODELS_FOLDER
     total = len(config.methods) * len(config.ratios)
     plain = {method.partition("+")[0] for method in config.methods if not method.endswith("+sequential")}
@@ -487,7 +487,7 @@ def _entry(
 
 
 def _check_plotting() -> None:
-    try:
+    try:  # matplotlib is optional (onnxsvd[plot]) and slow to import: loaded only to draw
         import matplotlib  # noqa: F401
     except ImportError as error:
         raise UsageError("sweep draws PNG plots and needs matplotlib: pip install 'onnxsvd[plot]'") from error

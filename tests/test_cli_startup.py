@@ -3,6 +3,7 @@ libraries (they load inside the command that runs). ``tools/bench_cli.py`` times
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -55,7 +56,6 @@ def test_the_lazy_names_resolve() -> None:
 def test_no_module_imports_a_name_from_the_package_root() -> None:
     """Imports run one way: the root re-exports the library, so a module that takes a name from it (not a
     submodule: ``from onnxsvd import io`` is fine) imports upwards. The version lives in config.py."""
-    import ast
     import pkgutil
 
     import onnxsvd
@@ -84,3 +84,39 @@ def test_the_version_is_stamped_and_matches_the_package() -> None:
     stamped = {prop.key: prop.value for prop in result.model.metadata_props}
     assert stamped["onnxsvd.version"] == VERSION == onnxsvd.__version__
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def _top_level_imports(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_library_imports_are_top_level_unless_they_load_an_optional_heavy_library() -> None:
+    """Imports run one way, so a module can import what it needs at its top. Inside a function, an onnxsvd
+    import is there only to defer torch or matplotlib (optional extras); the CLI defers the whole library
+    to the command bodies (``--help`` stays light), so it is not checked here."""
+    optional = {"torch", "matplotlib"}
+    package = REPO / "onnxsvd"
+    trees = {source: ast.parse(source.read_text(encoding="utf-8")) for source in package.rglob("*.py")}
+    by_module = {
+        ".".join(source.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): tree
+        for source, tree in trees.items()
+    }
+    deferred = []
+    for source, tree in trees.items():
+        if (package / "cli") in source.parents:
+            continue
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("onnxsvd"):
+                    target = by_module.get(node.module)
+                    if target is None or not _top_level_imports(target) & optional:
+                        deferred.append(f"{source.relative_to(REPO)}:{node.lineno} from {node.module}")
+    assert deferred == []

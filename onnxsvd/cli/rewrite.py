@@ -12,7 +12,7 @@ from rich.table import Table
 from onnxsvd.cli.options import PROVIDER_LIST, CommaList, rank_policy, selection_options
 from onnxsvd.cli.render import NARROW, add_name_column, human_bytes, progress_bar, stdout
 from onnxsvd.config import ALLOCATIONS, DEVICES, LAYOUTS, METHODS, STORAGE_DTYPES, SVD_SOLVERS, RewriteConfig
-from onnxsvd.errors import UsageError
+from onnxsvd.errors import TORCH_INSTALL_HINT, ProviderError, UsageError
 
 __all__ = ["rewrite_command", "render_rewrite"]
 
@@ -180,17 +180,15 @@ def _speed_check(
         if shapes:
             raise UsageError("--shape only sets the timing shapes of --keep-dense-if-slower; add that flag")
         return None
-    from onnxsvd.pipeline.speed import SpeedCheckConfig, parse_shape
+    from onnxsvd.pipeline.speed import SpeedCheckConfig, parse_shape  # the library, when the command runs
 
     declared = dict(parse_shape(text) for text in shapes)
     return SpeedCheckConfig(providers=providers, input_shapes=declared, iters=iters, threads=threads)
 
 
 def _require_torch_cuda() -> None:
-    from onnxsvd.errors import TORCH_INSTALL_HINT, ProviderError
-
     try:
-        import torch
+        import torch  # optional (onnxsvd[torch]) and heavy: only --device cuda needs it here
     except ImportError as error:
         raise ProviderError(f"--device cuda needs a CUDA build of torch: {TORCH_INSTALL_HINT}") from error
     if not torch.cuda.is_available():

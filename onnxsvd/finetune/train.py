@@ -39,6 +39,8 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
+from onnxsvd import io
+from onnxsvd.calibrate.collect import session_for
 from onnxsvd.data import InputData, load_inputs, model_inputs
 from onnxsvd.errors import TORCH_INSTALL_HINT, DataError, ModelError, ProviderError, UsageError
 from onnxsvd.finetune.config import FinetuneConfig
@@ -305,8 +307,6 @@ def _relation_error(prediction: Any, target: Any) -> tuple[Any, float]:
 
 
 def _ort_runner(model: onnx.ModelProto, threads: int | None) -> Runner:
-    from onnxsvd.calibrate.collect import session_for
-
     session = session_for(model, threads=threads)
     names = [output.name for output in session.get_outputs()]
     input_names = {value.name for value in session.get_inputs()}
@@ -397,6 +397,7 @@ def finetune(
     """
     config = config or FinetuneConfig()
     torch = _import_torch()
+    # These import torch at their top: loaded once _import_torch has said how to install it if missing.
     from onnxsvd.finetune.student import Student, fold_back
     from onnxsvd.finetune.torch_graph import TorchGraph, check_supported
 
@@ -667,8 +668,6 @@ def finetune_file(
     Raises:
         ModelError, OutputError, DataError, UsageError, UnsupportedOpError, ProviderError.
     """
-    from onnxsvd import io
-
     config = config or FinetuneConfig()
     io.check_outputs(
         {"-o": output_path},
