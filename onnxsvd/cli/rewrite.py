@@ -12,7 +12,7 @@ from rich.table import Table
 from onnxsvd.cli.options import PROVIDER_LIST, CommaList, rank_policy, selection_options
 from onnxsvd.cli.render import NARROW, add_name_column, human_bytes, progress_bar, stdout
 from onnxsvd.config import ALLOCATIONS, DEVICES, LAYOUTS, METHODS, STORAGE_DTYPES, SVD_SOLVERS, RewriteConfig
-from onnxsvd.errors import TORCH_INSTALL_HINT, ProviderError, UsageError
+from onnxsvd.errors import TORCH_CUDA_INSTALL_HINT, ProviderError, UsageError
 
 __all__ = ["rewrite_command", "render_rewrite"]
 
@@ -190,7 +190,7 @@ def _require_torch_cuda() -> None:
     try:
         import torch  # optional (onnxsvd[torch]) and heavy: only --device cuda needs it here
     except ImportError as error:
-        raise ProviderError(f"--device cuda needs a CUDA build of torch: {TORCH_INSTALL_HINT}") from error
+        raise ProviderError(f"--device cuda needs a CUDA build of torch: {TORCH_CUDA_INSTALL_HINT}") from error
     if not torch.cuda.is_available():
         raise ProviderError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
 

@@ -42,7 +42,7 @@ import onnx
 from onnxsvd import io
 from onnxsvd.calibrate.collect import session_for
 from onnxsvd.data import InputData, load_inputs, model_inputs
-from onnxsvd.errors import TORCH_INSTALL_HINT, DataError, ModelError, ProviderError, UsageError
+from onnxsvd.errors import TORCH_CUDA_INSTALL_HINT, TORCH_INSTALL_HINT, DataError, ModelError, ProviderError, UsageError
 from onnxsvd.finetune.config import FinetuneConfig
 from onnxsvd.finetune.report import EvaluationPoint, FinetuneReport
 from onnxsvd.finetune.sites import FactorPair, find_factor_pairs
@@ -352,7 +352,7 @@ def _device(name: str) -> Any:
     if name == "cuda" and not torch.cuda.is_available():
         raise ProviderError(
             "--device cuda requested but torch sees no CUDA device (torch.cuda.is_available() is False); "
-            "install a CUDA build of torch on a machine with an NVIDIA GPU, or use --device cpu"
+            f"{TORCH_CUDA_INSTALL_HINT}, or use --device cpu"
         )
     return torch.device(name)
 
