@@ -13,8 +13,9 @@ without loading the training code.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from onnxsvd.exports import lazy_exports
 
 #: Public name → the module that defines it (imported on first access).
 _EXPORTS = {
@@ -34,14 +35,4 @@ if TYPE_CHECKING:
     from onnxsvd.finetune.train import FinetuneResult, finetune, finetune_file
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -15,8 +15,9 @@ Importing this package loads nothing heavy: each name below is imported from its
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from onnxsvd.exports import lazy_exports
 
 #: Public name → the module that defines it (imported on first access).
 _EXPORTS = {
@@ -122,14 +123,4 @@ if TYPE_CHECKING:
     from onnxsvd.validate.report import GateResult, ProviderSpeed, ValidationReport, check_gate
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
