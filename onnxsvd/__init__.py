@@ -13,10 +13,10 @@ module on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from onnxsvd.config import VERSION as __version__
+from onnxsvd.exports import lazy_exports
 
 #: Public name → the module that defines it (imported on first access).
 _EXPORTS = {
@@ -61,14 +61,4 @@ if TYPE_CHECKING:
     from onnxsvd.pipeline.sequential import rewrite_sequential
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'onnxsvd' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

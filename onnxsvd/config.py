@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from onnxsvd.errors import UsageError
 
 __all__ = [
+    "VERSION",
     "PROVIDERS",
     "DEVICES",
     "Progress",
@@ -25,7 +27,14 @@ __all__ = [
     "ALLOCATIONS",
     "RankPolicy",
     "RewriteConfig",
+    "VALIDATE_BATCH_SIZE",
+    "PROFILE_RUNS",
+    "ValidateConfig",
 ]
+
+#: The package's version (``onnxsvd.__version__``, the packaging metadata, and the stamp in every
+#: rewritten model's metadata); here so that any module can read it without importing the package root.
+VERSION = "0.1.0"
 
 #: Registries: the values each option accepts.
 RANK_POLICIES = ("rank", "ratio", "energy")
@@ -187,3 +196,69 @@ class RewriteConfig:
     def needs_statistics(self) -> bool:
         """True for the activation-aware methods."""
         return self.method != "svd"
+
+
+#: ``validate``'s batch size when none is given and the data is one ``.npz`` (a folder: one batch per file).
+VALIDATE_BATCH_SIZE = 64
+#: Profiled runs of the original: enough that the share of a run varies little from run to run.
+PROFILE_RUNS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    """How to validate a rewrite. Every default is here.
+
+    Attributes:
+        providers: ``"cpu"`` and/or ``"cuda"``; accuracy runs on the first, latency on each.
+        warmup: untimed runs of each model before timing.
+        iters: timed runs of each model.
+        threads: onnxruntime ``intra_op_num_threads`` (``None``: onnxruntime's default).
+        batch_size: samples per batch (``None``: one batch per file of a folder, else
+            :data:`VALIDATE_BATCH_SIZE`).
+        min_cosine: gate: fail when an output's mean cosine is below this.
+        max_top1_drop: gate: fail when the top-1 drop of a class-score output is above this (accuracy
+            drop against ``labels`` when the data has them, else ``1 − top-1 agreement``).
+        max_samples: use at most this many samples of the data.
+        profile: profile the original to compute the speedup bound.
+        factorized_sites: names of the rewritten sites (from the rewrite report); ``None``: inferred.
+        profile_runs: profiled runs of the original (after ``warmup`` left out); the share's min–max
+            over them is reported.
+    """
+
+    providers: tuple[str, ...] = ("cpu",)
+    warmup: int = 5
+    iters: int = 20
+    threads: int | None = None
+    batch_size: int | None = None
+    min_cosine: float | None = None
+    max_top1_drop: float | None = None
+    max_samples: int | None = None
+    profile: bool = True
+    factorized_sites: tuple[str, ...] | None = None
+    profile_runs: int = PROFILE_RUNS
+
+    def __post_init__(self) -> None:
+        check_provider_names(self.providers)
+        if self.profile_runs < 1:
+            raise UsageError(f"profile runs must be at least 1, got {self.profile_runs}")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.iters < 1:
+            raise UsageError(f"--iters must be at least 1, got {self.iters}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UsageError(f"--max-samples must be at least 1, got {self.max_samples}")
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise UsageError(f"--min-cosine must be in [-1, 1], got {self.min_cosine:g}")
+        if self.max_top1_drop is not None and not 0.0 <= self.max_top1_drop <= 1.0:
+            raise UsageError(f"--max-top1-drop must be in [0, 1] (a share of samples), got {self.max_top1_drop:g}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["providers"] = list(self.providers)
+        if self.factorized_sites is not None:
+            data["factorized_sites"] = list(self.factorized_sites)
+        return data

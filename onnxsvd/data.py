@@ -2,8 +2,9 @@
 
 Legend: S samples (axis 0 of every array), B a batch of samples.
 
-A data source is one ``.npz`` (every model input as a key, axis 0 = samples; extra keys such as
-``labels`` are ignored) or a folder of such files, one batch each, read in name order. Everything that
+A data source is one ``.npz`` (every model input as a key, axis 0 = samples; ``labels``, one integer
+class per sample, is read for accuracy and checked like an input; other keys are ignored) or a folder of
+such files, one batch each, read in name order. Everything that
 can be wrong is checked against the model's graph inputs *before any work*, from the arrays' headers
 alone (no array is loaded): a missing name, a dtype that would need an unsafe cast, a rank or a fixed
 dimension that differs. Arrays are read file by file, so memory stays bounded by one file (plus one
@@ -87,7 +88,8 @@ class InputData:
         files: the ``.npz`` files, in reading order.
         specs: the model's graph inputs.
         file_samples: samples read from each file (after the ``max_samples`` cap; 0 for files past it).
-        has_labels: every file holds ``labels``, one integer per sample, and no model input has that name.
+        has_labels: every file holds ``labels``, one integer per sample, and no model input has that name
+            (labels of another length or dtype, or in some files only, are a :class:`DataError`).
     """
 
     path: Path
@@ -248,17 +250,24 @@ def _check_file(file: Path, headers: Mapping[str, _ArrayHeader], specs: tuple[In
     return next(iter(counts.values())) if counts else 0
 
 
-def _labels_fit(file: Path, headers: Mapping[str, _ArrayHeader], samples: int) -> bool:
+def _has_labels(file: Path, headers: Mapping[str, _ArrayHeader], samples: int) -> bool:
+    """Whether ``file`` holds ``labels``; refuse labels that cannot give accuracy (the column would vanish).
+
+    Raises:
+        DataError: ``labels`` is not one integer per sample.
+    """
     header = headers.get(LABELS_KEY)
     if header is None:
         return False
-    one_per_sample = header.shape in ((samples,), (samples, 1))
-    if not one_per_sample or header.dtype.kind not in "iu":
-        log.info(
-            "%s: %r %s %s is not one integer per sample; it is not used for accuracy",
-            file, LABELS_KEY, list(header.shape), header.dtype,
+    if header.shape not in ((samples,), (samples, 1)):
+        raise DataError(
+            f"{LABELS_KEY!r} in {file} has shape {list(header.shape)} but the file holds {samples} samples: "
+            f"give one integer class per sample, shape [{samples}] (or leave the key out)"
         )
-        return False
+    if header.dtype.kind not in "iu":
+        raise DataError(
+            f"{LABELS_KEY!r} in {file} is {header.dtype}, not integer classes; save it with .astype('int64')"
+        )
     return True
 
 
@@ -280,7 +289,8 @@ def load_inputs(
         The checked source; iterate it or pass it to :func:`iter_batches`.
 
     Raises:
-        DataError: missing path, empty folder, not an ``.npz``, or an input that does not fit the model.
+        DataError: missing path, empty folder, not an ``.npz``, an input that does not fit the model, or
+            ``labels`` that are not one integer per sample in every file.
     """
     path = Path(path)
     if max_samples is not None and max_samples < 1:
@@ -288,12 +298,19 @@ def load_inputs(
     specs = model_inputs(model)
     files = _npz_files(path)
     counts: list[int] = []
-    labels_everywhere = LABELS_KEY not in {spec.name for spec in specs}
+    labelled: list[bool] = []  # per file; a model input named 'labels' is an input, not labels
     for file in files:
         headers = _headers(file)
         samples = _check_file(file, headers, specs)
         counts.append(samples)
-        labels_everywhere = labels_everywhere and _labels_fit(file, headers, samples)
+        labelled.append(LABELS_KEY not in {spec.name for spec in specs} and _has_labels(file, headers, samples))
+    if any(labelled) and not all(labelled):
+        with_labels, without = (next(file.name for file, has in zip(files, labelled, strict=True) if has is want)
+                                for want in (True, False))
+        raise DataError(
+            f"{path}: {with_labels} holds {LABELS_KEY!r} but {without} does not; give every file labels or none"
+        )
+    labels_everywhere = all(labelled)
     if sum(counts) == 0:
         raise DataError(f"{path} holds no samples (axis 0 is empty); {_SAVE_HINT}")
     if max_samples is not None:

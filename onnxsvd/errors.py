@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "TORCH_INSTALL_HINT",
+    "TORCH_CUDA_INSTALL_HINT",
     "OnnxSvdError",
     "UsageError",
     "ModelError",
@@ -25,6 +26,8 @@ __all__ = [
 #: How to install torch without pulling several GB of CUDA packages: always pinned, from a checkout the
 #: constraints file (torch==2.13.0, the CPU wheel), elsewhere the same pin by hand.
 TORCH_INSTALL_HINT = "pip install -c constraints.txt 'onnxsvd[torch]' (or pip install 'torch==2.13.0')"
+#: The same pin for ``--device cuda``: PyPI's Linux wheel of that version is the CUDA build.
+TORCH_CUDA_INSTALL_HINT = "on a machine with an NVIDIA GPU, pip install 'torch==2.13.0' (PyPI's CUDA build)"
 
 
 class OnnxSvdError(Exception):

@@ -27,7 +27,7 @@ from onnxsvd.pipeline import RewriteReport, RewriteResult, SpeedCheck, rewrite, 
 from onnxsvd.pipeline.speed import SHAPE_HINT, SiteSpeedCheck, SpeedCheckConfig
 from onnxsvd.validate.latency import check_providers
 
-__all__ = ["RewriteJob", "rewrite_file"]
+__all__ = ["RewriteJob", "rewrite_file", "nothing_factorized"]
 
 PathLike = str | os.PathLike[str]
 
@@ -52,6 +52,8 @@ class RewriteJob:
         report: write the report as JSON here too.
         force: allow ``output`` to overwrite the input model (never the data, the statistics or the
             report).
+        allow_unchanged: write the output even when no site is factorized (an unchanged copy of the
+            input); without it such a rewrite is a :class:`UsageError` and nothing is written.
     """
 
     model: PathLike
@@ -65,6 +67,7 @@ class RewriteJob:
     speed_check: SpeedCheckConfig | None = None
     report: PathLike | None = None
     force: bool = False
+    allow_unchanged: bool = False
 
     def __post_init__(self) -> None:
         if self.sequential and self.data is None:
@@ -111,6 +114,8 @@ def rewrite_file(job: RewriteJob, progress: Progress | None = None) -> RewriteRe
         OutputError: an output cannot be written or is an input (checked before any work).
         DataError: the data does not fit the model.
         StatsError: the statistics are unreadable or of another model.
+        UsageError: no site was factorized (see :func:`nothing_factorized`) and ``job.allow_unchanged``
+            is not set; nothing is written.
     """
     job.check_paths()
     if job.speed_check is not None:
@@ -129,6 +134,12 @@ def rewrite_file(job: RewriteJob, progress: Progress | None = None) -> RewriteRe
     stream = output_path is not None and external_data and not job.sequential and job.speed_check is None
     with io.DataFile(output_path) if stream else contextlib.nullcontext() as data_file:
         rewritten = _rewrite_loaded(job, model, statistics, progress, data_file)
+        unchanged = nothing_factorized(rewritten.report)
+        if output_path is not None and unchanged is not None and not job.allow_unchanged:
+            raise UsageError(
+                f"nothing was factorized: {unchanged}; nothing written (pass --allow-unchanged to write the "
+                "unchanged copy anyway)"
+            )
         if output_path is not None:
             if not external_data and not io.is_lazy(rewritten.model):
                 io.check_model(rewritten.model, full_check=True)
@@ -148,6 +159,43 @@ def rewrite_file(job: RewriteJob, progress: Progress | None = None) -> RewriteRe
     if job.report is not None:
         report.write_json(job.report)
     return report
+
+
+#: What to change, by what kept the sites dense: (words of the reason, the option to change).
+_UNCHANGED_FIXES = (
+    ("--include", "an --include that matches (site names: 'onnxsvd inspect')"),
+    ("--exclude", "a narrower --exclude"),
+    ("--min-params", "a lower --min-params"),
+    ("than dense", "no --keep-dense-if-slower"),
+)
+_RANK_FIX = "a smaller --rank/--ratio/--energy or --allow-growth"
+
+
+def nothing_factorized(report: RewriteReport) -> str | None:
+    """Why a rewrite factorized no site and what to change, in one line; ``None`` when it factorized some.
+
+    The reasons the sites stayed dense are counted (``3× name does not match --include 'x'``) and each
+    kind names the option that would change it; a model without any constant-weight MatMul/Gemm says so.
+    """
+    if report.factorized:
+        return None
+    sites = [site for site in report.sites if site.shape]
+    if not sites:
+        others = sorted({site.reason for site in report.sites})
+        found = f" ({'; '.join(others)})" if others else ""
+        return f"the model has no MatMul/Gemm with a constant weight{found}, so there is nothing to factorize"
+    reasons: dict[str, int] = {}
+    for site in sites:
+        reasons[site.reason] = reasons.get(site.reason, 0) + 1
+    listed = sorted(reasons.items(), key=lambda item: -item[1])
+    why = "; ".join(f"{count}× {reason}" for reason, count in listed[:2])
+    if len(listed) > 2:
+        others = sum(count for _, count in listed[2:])
+        why += f"; {others} more with other reasons (--dry-run lists every site)"
+    fixes = [fix for words, fix in _UNCHANGED_FIXES if any(words in reason for reason in reasons)]
+    if any(not any(words in reason for words, _ in _UNCHANGED_FIXES) for reason in reasons):
+        fixes.append(_RANK_FIX)
+    return f"all {len(sites)} sites stay dense ({why}); to factorize some, use {', or '.join(fixes)}"
 
 
 def _rewrite_loaded(

@@ -37,6 +37,7 @@ __all__ = [
     "check_model",
     "check_output_path",
     "check_outputs",
+    "check_output_folder",
     "probe_model",
     "save_model",
     "DataFile",
@@ -242,6 +243,47 @@ def check_outputs(
             if _same_file(output, seen_path):
                 raise OutputError(f"{out_flag} and {seen_flag} both name {output}; give each its own path")
         seen[output] = out_flag
+
+
+def check_output_folder(
+    flag: str,
+    folder: str | os.PathLike[str],
+    files: Collection[str | os.PathLike[str]],
+    inputs: Mapping[str, str | os.PathLike[str] | None],
+) -> None:
+    """Refuse an output folder that holds an input, is one, or lies inside one; and any of the ``files``
+    written into it that is an input (``check_outputs`` for each).
+
+    A command that fills a folder (``sweep -o DIR``) owns what it writes there: a folder holding an input
+    would mix the inputs with the results, and a rerun could overwrite an input of the same name.
+
+    Args:
+        flag: the option naming the folder (``-o``).
+        folder: the output folder (it need not exist yet).
+        files: every file the command would write, inside ``folder``.
+        inputs: option → path of every file or folder the command reads (``None``: not given).
+
+    Raises:
+        OutputError: naming the option, the input and what to do.
+    """
+    output = Path(folder)
+    for in_flag, in_path in inputs.items():
+        if in_path is None:
+            continue
+        source = Path(in_path)
+        if _same_file(output, source) or _inside(output, source):
+            where = "is" if _same_file(output, source) else "is inside"
+            raise OutputError(
+                f"{flag} {output} {where} the {in_flag} input {source}; writing results there would mix them "
+                f"with that input: choose another {flag} folder"
+            )
+        if _inside(source, output):
+            raise OutputError(
+                f"{flag} {output} holds the {in_flag} input {source}; the results would be written beside it "
+                f"(and a rerun could overwrite it): choose a {flag} folder that holds no input"
+            )
+    for file in files:
+        check_outputs({flag: file}, inputs)
 
 
 @contextlib.contextmanager

@@ -28,15 +28,18 @@ import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from onnxsvd import io
 from onnxsvd.calibrate import CalibrateConfig, batch_source, calibrate, resolve_mask
-from onnxsvd.config import METHODS, Progress, RewriteConfig, check_provider_names
+from onnxsvd.config import METHODS, Progress, RewriteConfig, ValidateConfig, check_provider_names
+from onnxsvd.data import Batches, load_inputs
 from onnxsvd.errors import OutputError, UsageError
 from onnxsvd.pipeline import RewriteReport, rewrite, rewrite_sequential
 from onnxsvd.pipeline.speed import SiteSpeedCheck, SpeedCheckConfig
 from onnxsvd.validate.latency import check_providers
+from onnxsvd.validate.pipeline import validate
+from onnxsvd.validate.profile import ProfileCache
 
 __all__ = [
     "SWEEP_METHODS",
@@ -48,12 +51,17 @@ __all__ = [
     "sweep",
 ]
 
+if TYPE_CHECKING:
+    import onnx
+
 log = logging.getLogger(__name__)
 
 #: Methods a sweep accepts: each rewrite method, alone or with the sequential closed form.
 SWEEP_METHODS = (*METHODS, *(f"{method}+sequential" for method in METHODS))
 
-#: Called after each step with (done, total, what).
+#: The sweep's own files in its folder, by name (``SweepResult.files``), and the folder of the models.
+RESULT_FILES = {"json": "sweep.json", "markdown": "sweep.md", "fidelity": "fidelity.png", "speedup": "speedup.png"}
+MODELS_FOLDER = "models"
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -263,11 +271,11 @@ def sweep(
 
     Raises:
         ProviderError: a provider is not available (checked before any work).
-        OutputError: ``output_dir`` is a file or cannot be created.
+        OutputError: ``output_dir`` is a file or cannot be created, is or lies inside an input folder, or
+            holds an input (checked before any work). A failed sweep removes the folders it created
+            when they are empty.
         ModelError, DataError: as ``rewrite`` and ``validate``.
     """
-    from onnxsvd.validate import ProfileCache, ValidateConfig, validate
-
     config = config or SweepConfig()
     started = time.perf_counter()
     check_providers(config.providers)
@@ -279,18 +287,38 @@ def sweep(
     output = Path(output_dir)
     if output.exists() and not output.is_dir():
         raise OutputError(f"output {output} is a file; give a folder for the sweep's results")
-    models_dir = output / "models"
-    try:
-        models_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create {models_dir}: {error.strerror or error}; choose another -o folder") from error
+    io.check_output_folder(
+        "-o", output, result_files(output, config).values(),
+        {"model": model_path, "--data": data_path, "--eval-data": eval_data},
+    )
     _check_plotting()
 
     model = io.load_model(model_path)
-    from onnxsvd.data import load_inputs
-
     load_inputs(eval_path, model, config.max_eval_samples)  # the evaluation data fits, before any work
     batches, count = batch_source(data_path, model, config.calibration)
+    created = _make_folders(output / MODELS_FOLDER)
+    try:
+        result = _run(model, model_path, data_path, eval_path, output, config, batches, count, progress)
+    except BaseException:
+        _remove_empty(created)  # a failed sweep leaves no empty folder behind (folders that existed stay)
+        raise
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _run(
+    model: onnx.ModelProto,
+    model_path: Path,
+    data_path: Path,
+    eval_path: Path,
+    output: Path,
+    config: SweepConfig,
+    batches: Batches,
+    count: int,
+    progress: Progress | None,
+) -> SweepResult:
+    """The work of :func:`sweep` once every input is checked and the folders exist."""
+    models_dir = output / MODELS_FOLDER
     total = len(config.methods) * len(config.ratios)
     plain = {method.partition("+")[0] for method in config.methods if not method.endswith("+sequential")}
     statistics = None
@@ -356,9 +384,51 @@ def sweep(
         params=io.count_parameters(model), file_size=io.file_size(model_path), entries=entries,
         calibrate_seconds=calibrate_seconds,
     )
-    result.seconds = time.perf_counter() - started
     write_results(result)
     return result
+
+
+def result_files(output: Path, config: SweepConfig) -> dict[str, Path]:
+    """Every file a sweep with ``config`` writes into ``output``: name → path.
+
+    The results (``json``, ``markdown``, ``fidelity``, ``speedup``) and, per method and ratio, the model,
+    its external data (when written) and its report, under ``models/``.
+    """
+    files = {name: output / file for name, file in RESULT_FILES.items()}
+    for method in config.methods:
+        for ratio in config.ratios:
+            path = output / MODELS_FOLDER / _file_name(method, ratio)
+            files[path.stem] = path
+            files[f"{path.stem} data"] = path.with_name(f"{path.name}.data")
+            files[f"{path.stem} report"] = path.with_suffix(".report.json")
+    return files
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return those created, deepest first.
+
+    Raises:
+        OutputError: a folder cannot be created (whatever was created is removed).
+    """
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    created: list[Path] = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            created.insert(0, path)
+    except OSError as error:
+        _remove_empty(created)
+        raise OutputError(f"cannot create {folder}: {error.strerror or error}; choose another -o folder") from error
+    return created
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; one holding files stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            log.info("kept %s after the failed sweep: it is not empty", folder)
 
 
 def _entry(
@@ -417,7 +487,7 @@ def _entry(
 
 
 def _check_plotting() -> None:
-    try:
+    try:  # matplotlib is optional (onnxsvd[plot]) and slow to import: loaded only to draw
         import matplotlib  # noqa: F401
     except ImportError as error:
         raise UsageError("sweep draws PNG plots and needs matplotlib: pip install 'onnxsvd[plot]'") from error
@@ -426,12 +496,7 @@ def _check_plotting() -> None:
 def write_results(result: SweepResult) -> dict[str, str]:
     """Write ``sweep.json``, ``sweep.md``, ``fidelity.png`` and ``speedup.png`` into ``result.output``."""
     output = Path(result.output)
-    files = {
-        "json": str(output / "sweep.json"),
-        "markdown": str(output / "sweep.md"),
-        "fidelity": str(output / "fidelity.png"),
-        "speedup": str(output / "speedup.png"),
-    }
+    files = {name: str(output / file) for name, file in RESULT_FILES.items()}
     result.files = files
     plot_fidelity(result.entries, files["fidelity"])
     plot_speedup(result.entries, files["speedup"])

@@ -177,11 +177,24 @@ def test_max_samples(tmp_path: Path) -> None:
     assert [len(batch["x"]) for batch in iter_batches(data)] == [5, 2]
 
 
-def test_labels_that_are_not_one_per_sample_are_not_used(tmp_path: Path) -> None:
+def test_labels_that_are_not_one_integer_per_sample_are_refused(tmp_path: Path) -> None:
+    """Unusable labels would silently drop the accuracy column: a one-line error says what to fix."""
     file = save(tmp_path / "data.npz", **arrays(4), labels=np.arange(3))
-    assert not load_inputs(file, tiny_model()).has_labels
+    with pytest.raises(DataError, match=r"'labels' in .*data.npz has shape \[3\] but the file holds 4 samples: .*"
+                                        r"shape \[4\]"):
+        load_inputs(file, tiny_model())
     file = save(tmp_path / "float.npz", **arrays(4), labels=np.zeros(4))
-    assert not load_inputs(file, tiny_model()).has_labels
+    with pytest.raises(DataError, match=r"is float64, not integer classes; save it with .astype\('int64'\)"):
+        load_inputs(file, tiny_model())
+    assert load_inputs(save(tmp_path / "column.npz", **arrays(4), labels=np.zeros((4, 1), np.int64)),
+                       tiny_model()).has_labels
+
+
+def test_labels_in_some_files_of_a_folder_only_are_refused(tmp_path: Path) -> None:
+    save(tmp_path / "a.npz", **arrays(3), labels=np.arange(3))
+    save(tmp_path / "b.npz", **arrays(2))
+    with pytest.raises(DataError, match="a.npz holds 'labels' but b.npz does not; give every file labels or none"):
+        load_inputs(tmp_path, tiny_model())
 
 
 @settings(max_examples=25, deadline=None)

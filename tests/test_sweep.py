@@ -11,7 +11,7 @@ import onnxruntime
 import pytest
 
 from onnxsvd.cli import main
-from onnxsvd.errors import ProviderError, UsageError
+from onnxsvd.errors import OnnxSvdError, ProviderError, UsageError
 from onnxsvd.sweep import SweepConfig, parse_methods, sweep
 from tests.conftest import MODELS
 
@@ -177,3 +177,26 @@ def test_sweep_terminal_table_has_the_columns_of_sweep_md(capsys: pytest.Capture
     assert f"{output['accuracy_original']:.4f} → {output['accuracy_rewritten']:.4f}" in cells
     table = (out / "sweep.md").read_text()
     assert "| accuracy logits |" in table and "| cpu p10–p90 |" in table
+
+
+def test_a_failed_sweep_leaves_no_folder_it_created(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bad data fails before any folder is made; a failure mid-sweep removes the (empty) folders it made,
+    and never a folder that was there before."""
+    code, _, err = cli(capsys, "sweep", MLP, "--data", tmp_path / "missing.npz", "-o", tmp_path / "new" / "out")
+    assert code == 1 and "data not found" in err
+    assert list(tmp_path.iterdir()) == []
+
+    import onnxsvd.sweep
+
+    def failing_rewrite(*args: object, **kwargs: object) -> None:
+        raise OnnxSvdError("the rewrite failed")
+
+    monkeypatch.setattr(onnxsvd.sweep, "rewrite", failing_rewrite)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for output in (tmp_path / "new" / "out", existing):
+        with pytest.raises(OnnxSvdError, match="the rewrite failed"):
+            sweep(MLP, CALIB, output, SweepConfig(ratios=(0.5,), methods=("svd",), warmup=0, iters=1))
+        assert list(tmp_path.iterdir()) == [existing] and list(existing.iterdir()) == []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
+import click
 import numpy as np
 import onnx
 import onnxruntime
@@ -467,17 +469,42 @@ def test_command_gate_exits_3_with_one_line(digits: dict[str, Path], monkeypatch
     assert "> --max-top1-drop 0.01 (accuracy 0.9760 → " in lines[0]
 
 
-def test_command_parses_options_into_the_config(digits: dict[str, Path]) -> None:
-    from onnxsvd.cli.options import PROVIDER_LIST
+def _parsed(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> ValidateConfig:
+    """The :class:`ValidateConfig` the command builds from ``args`` (it stops before any work)."""
+    import onnxsvd.validate.pipeline
+
+    seen: list[ValidateConfig] = []
+
+    def capture(original: object, rewritten: object, data: object, config: ValidateConfig, **_: object) -> None:
+        seen.append(config)
+        raise click.exceptions.Exit(0)
+
+    monkeypatch.setattr(onnxsvd.validate.pipeline, "validate", capture)
+    result = CliRunner().invoke(validate_command, args)
+    assert result.exit_code == 0 and len(seen) == 1, result.output
+    return seen[0]
+
+
+def test_command_parses_options_into_the_config(digits: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each config option is named as its ValidateConfig field and defaults to it: one place maps them."""
     from onnxsvd.cli.validate import parse_config
 
-    providers = PROVIDER_LIST.convert("cpu, CUDA", None, None)
-    config = parse_config(providers, 2, 7, 3, 16, 100, 0.9, 0.02, digits["report"], False)
+    required = [str(digits["original"]), str(digits["rewritten"]), "--data", str(digits["data"])]
+    assert _parsed(monkeypatch, required) == ValidateConfig()
+    config = _parsed(monkeypatch, [
+        *required, "--providers", "cpu, CUDA", "--warmup", "2", "--iters", "7", "--threads", "3", "--batch-size", "16",
+        "--max-samples", "100", "--min-cosine", "0.9", "--max-top1-drop", "0.02", "--no-profile",
+        "--rewrite-report", str(digits["report"]),
+    ])
     assert config == ValidateConfig(
         providers=("cpu", "cuda"), warmup=2, iters=7, threads=3, batch_size=16, max_samples=100,
         min_cosine=0.9, max_top1_drop=0.02, profile=False,
         factorized_sites=("/layers/layers.0/Gemm", "/layers/layers.2/Gemm", "/layers/layers.4/Gemm"),
     )
+    paths = {"original", "rewritten", "data_path", "json_path", "rewrite_report"}
+    options = {param.name for param in validate_command.params} - paths
+    assert options <= {field.name for field in dataclasses.fields(ValidateConfig)}
+    assert parse_config({"iters": 7}) == ValidateConfig(iters=7)
     result = CliRunner().invoke(validate_command, _args(digits, "--iters", "0"))
     assert isinstance(result.exception, UsageError) and "--iters must be at least 1" in str(result.exception)
     result = CliRunner().invoke(validate_command, _args(digits, "--rewrite-report", str(digits["data"])))

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxsvd import io
 from onnxsvd.calibrate.collect import collect, collect_groups, find_mask_input, specs_for_sites
 from onnxsvd.calibrate.stats import ActivationStats, Statistics, StatisticsWriter, StatsAccumulator, combine
 from onnxsvd.config import Progress, check_provider_names
-from onnxsvd.data import Batches
+from onnxsvd.data import Batches, iter_batches, load_inputs
 from onnxsvd.errors import UsageError
+from onnxsvd.graph import find_sites
 
 __all__ = [
     "ActivationStats",
@@ -93,8 +95,6 @@ def batch_source(
     Raises:
         DataError: the data does not fit the model.
     """
-    from onnxsvd.data import iter_batches, load_inputs
-
     data = load_inputs(data_path, model, max_samples=config.max_samples)
     batch = data.fixed_batch or config.batch_size
     count = math.ceil(data.samples / batch)
@@ -110,9 +110,6 @@ def calibrate(
     base_dir: str | os.PathLike[str] | None = None,
 ) -> Statistics:
     """Collect the statistics of every site activation of ``model`` over the calibration batches."""
-    from onnxsvd.graph import find_sites
-    from onnxsvd.io import fingerprint
-
     config = config or CalibrateConfig()
     sites = find_sites(model).sites
     specs = specs_for_sites(sites)
@@ -131,7 +128,7 @@ def calibrate(
         base_dir=str(base_dir) if base_dir is not None else None,
         segment_bytes=config.segment_bytes,
     )
-    return Statistics(fingerprint=fingerprint(model), activations=activations)
+    return Statistics(fingerprint=io.fingerprint(model), activations=activations)
 
 
 def calibrate_file(
@@ -142,8 +139,6 @@ def calibrate_file(
     progress: Progress | None = None,
 ) -> Statistics:
     """Load the model, check the data, collect statistics, and save them atomically to ``output``."""
-    from onnxsvd import io
-
     config = config or CalibrateConfig()
     if output is not None:
         io.check_outputs({"-o": output}, {"model": model_path, "--data": data_path})
@@ -170,9 +165,6 @@ def calibrate_to_file(
 ) -> Statistics:
     """Like :func:`calibrate`, writing each group of activations to ``output`` as soon as it is collected
     (one group in memory), atomically; returns the file's statistics, loaded lazily."""
-    from onnxsvd import io
-    from onnxsvd.graph import find_sites
-
     config = config or CalibrateConfig()
     specs = specs_for_sites(find_sites(model).sites)
     with StatisticsWriter(output, io.fingerprint(model)) as writer:

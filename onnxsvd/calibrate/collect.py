@@ -20,8 +20,9 @@ import onnx
 
 from onnxsvd.calibrate.stats import ActivationStats, StatsAccumulator, Workspace
 from onnxsvd.config import PROVIDERS, Progress
-from onnxsvd.graph.match import Site
-from onnxsvd.io import is_lazy, tensor_bytes
+from onnxsvd.errors import ProviderError
+from onnxsvd.graph.match import Site, _subgraph_references
+from onnxsvd.io import is_lazy, temporary_model_path, tensor_bytes
 
 __all__ = [
     "ActivationSpec",
@@ -108,8 +109,6 @@ def _copy_field(target: object, name: str, value: object) -> None:
 def _prune(graph: onnx.GraphProto) -> set[str]:
     """Drop the nodes (and initializers) that no graph output needs, so a run stops at the activations;
     return the names the kept nodes read."""
-    from onnxsvd.graph.match import _subgraph_references
-
     needed = {value.name for value in graph.output}
     keep: list[onnx.NodeProto] = []
     for node in reversed(graph.node):
@@ -144,9 +143,7 @@ def session_for(
     Raises:
         ProviderError: a provider that this onnxruntime does not have.
     """
-    import onnxruntime as ort
-
-    from onnxsvd.errors import ProviderError
+    import onnxruntime as ort  # the optional runtime (onnxsvd[cpu] or [gpu]), loaded by the runs that need it
 
     available = ort.get_available_providers()
     names = []
@@ -167,8 +164,6 @@ def session_for(
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if isinstance(model, str):
         return ort.InferenceSession(model, options, providers=names)
-    from onnxsvd.io import temporary_model_path
-
     if is_lazy(model):
         with temporary_model_path(model, base_dir) as path:
             return ort.InferenceSession(path or model.SerializeToString(), options, providers=names)
@@ -387,8 +382,6 @@ def collect_groups(
 
 def _reads(node: onnx.NodeProto) -> set[str]:
     """Every name ``node`` reads, its subgraphs' outer-scope names included."""
-    from onnxsvd.graph.match import _subgraph_references
-
     return {name for name in node.input if name} | _subgraph_references(node)
 
 

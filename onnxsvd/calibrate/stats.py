@@ -18,6 +18,7 @@ import numpy as np
 from scipy.linalg import blas
 
 from onnxsvd.errors import StatsError
+from onnxsvd.io import atomic_path
 
 __all__ = ["ActivationStats", "Statistics", "StatisticsWriter", "StatsAccumulator", "Workspace", "combine"]
 
@@ -224,8 +225,6 @@ class StatisticsWriter:
         self.names: list[str] = []
 
     def __enter__(self) -> StatisticsWriter:
-        from onnxsvd.io import atomic_path
-
         self._atomic = atomic_path(self.path, suffix=".npz")
         self._temporary = self._atomic.__enter__()
         self._zip = zipfile.ZipFile(self._temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True)

@@ -8,6 +8,7 @@ for ``onnxsvd.cli.main`` to print as one line.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -15,7 +16,9 @@ from rich.console import Console
 from onnxsvd.cli.options import CommaList
 from onnxsvd.cli.render import progress_bar, stdout
 from onnxsvd.finetune.config import DEVICES, SCHEDULES, TRAIN_FORMS, FinetuneConfig
-from onnxsvd.finetune.report import FinetuneReport
+
+if TYPE_CHECKING:
+    from onnxsvd.finetune.report import FinetuneReport
 
 __all__ = ["finetune_command", "render_report"]
 

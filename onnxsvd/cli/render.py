@@ -11,8 +11,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from onnxsvd.io import human_bytes
-
 __all__ = [
     "NARROW",
     "add_name_column",
@@ -73,6 +71,13 @@ def general(value: float | None) -> str:
     if not math.isfinite(value):
         return number(value)
     return f"{value:.3g}"
+
+
+def human_bytes(count: int | None) -> str:
+    """``1536`` → ``"1.5 KB"``; ``None`` → ``"-"`` (:func:`onnxsvd.io.human_bytes`, as the reports write it)."""
+    from onnxsvd.io import human_bytes as io_human_bytes  # io loads numpy and onnx: not at --help
+
+    return io_human_bytes(count)
 
 
 def human_flops(count: int | None) -> str:

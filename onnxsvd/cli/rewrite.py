@@ -12,7 +12,7 @@ from rich.table import Table
 from onnxsvd.cli.options import PROVIDER_LIST, CommaList, rank_policy, selection_options
 from onnxsvd.cli.render import NARROW, add_name_column, human_bytes, progress_bar, stdout
 from onnxsvd.config import ALLOCATIONS, DEVICES, LAYOUTS, METHODS, STORAGE_DTYPES, SVD_SOLVERS, RewriteConfig
-from onnxsvd.errors import UsageError
+from onnxsvd.errors import TORCH_CUDA_INSTALL_HINT, ProviderError, UsageError
 
 __all__ = ["rewrite_command", "render_rewrite"]
 
@@ -62,6 +62,9 @@ STAGE_RANKS = CommaList(int, example="32,16")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 @click.option("--dry-run", is_flag=True, help="Plan and report, write no model.")
 @click.option("--force", is_flag=True, help="Allow overwriting the input model.")
+@click.option("--allow-unchanged", is_flag=True,
+              help="Write the output even when no site is factorized (an unchanged copy, with a warning); "
+                   "without it that is an error and nothing is written.")
 @click.option("--allocate", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
               help="uniform: each layer by the policy; global: one --ratio/--energy budget over all sites "
                    "(ranks by whitened discarded energy × measured sensitivity with --data).")
@@ -105,6 +108,7 @@ def rewrite_command(
     report: Path | None,
     dry_run: bool,
     force: bool,
+    allow_unchanged: bool,
     external_data: bool | None,
     svd_solver: str,
     device: str,
@@ -117,7 +121,7 @@ def rewrite_command(
     chain would not be smaller (r·(K+N) ≥ K·N) stays dense, with the reason in the report.
     """
     from onnxsvd.calibrate import CalibrateConfig
-    from onnxsvd.files import RewriteJob, rewrite_file
+    from onnxsvd.files import RewriteJob, nothing_factorized, rewrite_file
 
     config = RewriteConfig(
         policy=rank_policy(rank, ratio, energy, align, allow_growth),
@@ -154,12 +158,18 @@ def rewrite_command(
         speed_check=_speed_check(keep_dense_if_slower, shapes, providers, speed_iters, threads),
         report=report,
         force=force,
+        allow_unchanged=allow_unchanged,
     )
     with progress_bar("factorizing") as update:
         outcome = rewrite_file(job, progress=update)
     render_rewrite(outcome)
     if report is not None:
         stdout.print(f"report: {report}")
+    unchanged = nothing_factorized(outcome)
+    if unchanged is not None:  # a dry run, or --allow-unchanged: the copy is written, but not silently
+        what = "nothing would be factorized" if dry_run else "nothing was factorized"
+        copy = "" if dry_run else f"; {output} is an unchanged copy of the input"
+        click.echo(f"onnxsvd: warning: {what}: {unchanged}{copy}", err=True)
 
 
 def _speed_check(
@@ -170,19 +180,17 @@ def _speed_check(
         if shapes:
             raise UsageError("--shape only sets the timing shapes of --keep-dense-if-slower; add that flag")
         return None
-    from onnxsvd.pipeline.speed import SpeedCheckConfig, parse_shape
+    from onnxsvd.pipeline.speed import SpeedCheckConfig, parse_shape  # the library, when the command runs
 
     declared = dict(parse_shape(text) for text in shapes)
     return SpeedCheckConfig(providers=providers, input_shapes=declared, iters=iters, threads=threads)
 
 
 def _require_torch_cuda() -> None:
-    from onnxsvd.errors import TORCH_INSTALL_HINT, ProviderError
-
     try:
-        import torch
+        import torch  # optional (onnxsvd[torch]) and heavy: only --device cuda needs it here
     except ImportError as error:
-        raise ProviderError(f"--device cuda needs a CUDA build of torch: {TORCH_INSTALL_HINT}") from error
+        raise ProviderError(f"--device cuda needs a CUDA build of torch: {TORCH_CUDA_INSTALL_HINT}") from error
     if not torch.cuda.is_available():
         raise ProviderError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
 

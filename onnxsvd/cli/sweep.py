@@ -99,7 +99,7 @@ def sweep_command(
 
 def render_sweep(result: Any, console: Console) -> None:
     """Print the sweep as a table (the columns of ``sweep.md``) and say where the files are."""
-    from onnxsvd.sweep import summary_table
+    from onnxsvd.sweep import summary_table  # the library, when the command runs
 
     header, rows, notes = summary_table(result)
     table = Table(title=f"sweep of {result.model} ({len(result.entries)} rewrites, {result.seconds:.0f} s)")

@@ -7,7 +7,9 @@ renders the report (and writes the JSON) first, then raises :class:`ValidationGa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -15,44 +17,31 @@ from rich.table import Table
 
 from onnxsvd.cli.options import PROVIDER_LIST
 from onnxsvd.cli.render import general, human_bytes, human_flops, number, progress_bar, stdout
-from onnxsvd.validate.report import DEFAULT_BATCH_SIZE, ValidateConfig, ValidationReport
+from onnxsvd.config import VALIDATE_BATCH_SIZE, ValidateConfig
+
+if TYPE_CHECKING:
+    from onnxsvd.validate.report import ValidationReport
 
 __all__ = ["validate_command", "parse_config", "render_report"]
 
 _DEFAULTS = ValidateConfig()
 
 
-def parse_config(
-    providers: tuple[str, ...],
-    warmup: int,
-    iters: int,
-    threads: int | None,
-    batch_size: int | None,
-    max_samples: int | None,
-    min_cosine: float | None,
-    max_top1_drop: float | None,
-    rewrite_report: Path | None,
-    profile: bool,
-) -> ValidateConfig:
-    """The command's options as a :class:`ValidateConfig` (reads the rewrite report's site names).
+def parse_config(options: Mapping[str, Any], rewrite_report: Path | None = None) -> ValidateConfig:
+    """The command's configuration options, and the factorized sites that ``--rewrite-report`` names, as a
+    :class:`ValidateConfig`.
+
+    Every option of ``validate`` but the paths is a :class:`ValidateConfig` field of the same name, with
+    the field's default: the option declarations are the one place that maps the command to the config,
+    and ``options`` (click's keywords) goes in as it comes.
 
     Raises:
-        UsageError: an option value that cannot work.
+        UsageError: an option value that cannot work, or a rewrite report that cannot be read.
     """
-    from onnxsvd.validate.pipeline import factorized_sites_from_report
+    from onnxsvd.validate.pipeline import factorized_sites_from_report  # the library, when the command runs
 
-    return ValidateConfig(
-        providers=providers,
-        warmup=warmup,
-        iters=iters,
-        threads=threads,
-        batch_size=batch_size,
-        min_cosine=min_cosine,
-        max_top1_drop=max_top1_drop,
-        max_samples=max_samples,
-        profile=profile,
-        factorized_sites=factorized_sites_from_report(rewrite_report) if rewrite_report is not None else None,
-    )
+    sites = factorized_sites_from_report(rewrite_report) if rewrite_report is not None else None
+    return ValidateConfig(**options, factorized_sites=sites)
 
 
 @click.command("validate")
@@ -68,7 +57,7 @@ def parse_config(
               help="Timed runs of each model (alternating original, rewritten).")
 @click.option("--threads", type=int, help="onnxruntime intra-op threads [default: onnxruntime's].")
 @click.option("--batch-size", type=int,
-              help=f"Samples per batch [default: one batch per file of a folder, else {DEFAULT_BATCH_SIZE}]; "
+              help=f"Samples per batch [default: one batch per file of a folder, else {VALIDATE_BATCH_SIZE}]; "
                    "latency is timed on the first batch.")
 @click.option("--max-samples", type=int, help="Use at most this many samples.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON here.")
@@ -85,17 +74,9 @@ def validate_command(
     original: Path,
     rewritten: Path,
     data_path: Path,
-    providers: tuple[str, ...],
-    warmup: int,
-    iters: int,
-    threads: int | None,
-    batch_size: int | None,
-    max_samples: int | None,
     json_path: Path | None,
-    min_cosine: float | None,
-    max_top1_drop: float | None,
     rewrite_report: Path | None,
-    profile: bool,
+    **options: Any,
 ) -> None:
     """Compare REWRITTEN with ORIGINAL on data: accuracy per output (cosine, SQNR, errors, top-1/top-5
     agreement, accuracy against labels), latency per provider (both models alternately; p50, p90,
@@ -107,16 +88,13 @@ def validate_command(
     from onnxsvd import io
     from onnxsvd.validate.pipeline import validate
 
-    config = parse_config(
-        providers, warmup, iters, threads, batch_size, max_samples, min_cosine, max_top1_drop, rewrite_report,
-        profile,
-    )
     if json_path is not None:
         io.check_outputs(
             {"--json": json_path},
             {"original": original, "rewritten": rewritten, "--data": data_path, "--rewrite-report": rewrite_report},
         )
         io.check_output_path(json_path, None, force=False)
+    config = parse_config(options, rewrite_report)  # options: every option but the paths
     with progress_bar("validating") as update:
         report = validate(original, rewritten, data_path, config, progress=update, enforce_gate=False)
     if json_path is not None:

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from onnxsvd.io import atomic_path
+
 __all__ = ["EvaluationPoint", "FinetuneReport"]
 
 
@@ -103,8 +105,6 @@ class FinetuneReport:
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the report atomically as JSON."""
-        from onnxsvd.io import atomic_path
-
         path = Path(path)
         with atomic_path(path, suffix=".json") as temporary:
             temporary.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")

@@ -39,8 +39,10 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
+from onnxsvd import io
+from onnxsvd.calibrate.collect import session_for
 from onnxsvd.data import InputData, load_inputs, model_inputs
-from onnxsvd.errors import TORCH_INSTALL_HINT, DataError, ModelError, ProviderError, UsageError
+from onnxsvd.errors import TORCH_CUDA_INSTALL_HINT, TORCH_INSTALL_HINT, DataError, ModelError, ProviderError, UsageError
 from onnxsvd.finetune.config import FinetuneConfig
 from onnxsvd.finetune.report import EvaluationPoint, FinetuneReport
 from onnxsvd.finetune.sites import FactorPair, find_factor_pairs
@@ -305,8 +307,6 @@ def _relation_error(prediction: Any, target: Any) -> tuple[Any, float]:
 
 
 def _ort_runner(model: onnx.ModelProto, threads: int | None) -> Runner:
-    from onnxsvd.calibrate.collect import session_for
-
     session = session_for(model, threads=threads)
     names = [output.name for output in session.get_outputs()]
     input_names = {value.name for value in session.get_inputs()}
@@ -352,7 +352,7 @@ def _device(name: str) -> Any:
     if name == "cuda" and not torch.cuda.is_available():
         raise ProviderError(
             "--device cuda requested but torch sees no CUDA device (torch.cuda.is_available() is False); "
-            "install a CUDA build of torch on a machine with an NVIDIA GPU, or use --device cpu"
+            f"{TORCH_CUDA_INSTALL_HINT}, or use --device cpu"
         )
     return torch.device(name)
 
@@ -397,6 +397,7 @@ def finetune(
     """
     config = config or FinetuneConfig()
     torch = _import_torch()
+    # These import torch at their top: loaded once _import_torch has said how to install it if missing.
     from onnxsvd.finetune.student import Student, fold_back
     from onnxsvd.finetune.torch_graph import TorchGraph, check_supported
 
@@ -667,8 +668,6 @@ def finetune_file(
     Raises:
         ModelError, OutputError, DataError, UsageError, UnsupportedOpError, ProviderError.
     """
-    from onnxsvd import io
-
     config = config or FinetuneConfig()
     io.check_outputs(
         {"-o": output_path},

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from onnxsvd import io
-from onnxsvd.config import RewriteConfig
+from onnxsvd.config import VERSION, RewriteConfig
 from onnxsvd.graph import EmitOptions, FactorTensors, Match, emit
 from onnxsvd.pipeline.group import GroupOutcome
 from onnxsvd.pipeline.report import RewriteReport, SiteReport
@@ -152,10 +152,8 @@ def assemble(
 
 def _stamp(model: onnx.ModelProto, config: RewriteConfig) -> None:
     """Record what produced the model in its metadata (existing entries are kept)."""
-    from onnxsvd import __version__
-
     entries = {
-        "onnxsvd.version": __version__,
+        "onnxsvd.version": VERSION,
         "onnxsvd.method": config.method,
         "onnxsvd.policy": config.policy.describe(),
     }

@@ -12,9 +12,10 @@ import numpy as np
 import onnx
 
 from onnxsvd.config import RewriteConfig
-from onnxsvd.errors import FactorizationError
+from onnxsvd.errors import FactorizationError, UsageError
 from onnxsvd.factorize import spectrum as singular_values
 from onnxsvd.graph import GraphIndex, find_sites, load_weight
+from onnxsvd.io import atomic_path, count_parameters
 from onnxsvd.pipeline.group import byte_cost
 from onnxsvd.rank import break_even_rank, energy_rank
 
@@ -86,8 +87,6 @@ def inspect_model(
     base_dir: str | os.PathLike[str] | None = None,
 ) -> Inspection:
     """Survey ``model``: compute each weight's spectrum (plain SVD) and the ranks for ``energies``."""
-    from onnxsvd.io import count_parameters
-
     config = config or RewriteConfig()
     match = find_sites(model, config)
     index = GraphIndex(model.graph)
@@ -149,8 +148,6 @@ def plot_format(path: str | os.PathLike[str]) -> str:
     Raises:
         UsageError: any other suffix (checked before any work).
     """
-    from onnxsvd.errors import UsageError
-
     suffix = Path(path).suffix.lower()
     if suffix not in PLOT_FORMATS:
         raise UsageError(
@@ -160,14 +157,12 @@ def plot_format(path: str | os.PathLike[str]) -> str:
 
 
 def _pyplot() -> Any:
-    try:
+    try:  # matplotlib is optional (onnxsvd[plot]) and slow to import: only --plot loads it
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        from onnxsvd.errors import UsageError
-
         raise UsageError("--plot needs matplotlib: pip install 'onnxsvd[plot]'") from error
     return plt
 
@@ -211,8 +206,6 @@ def plot_spectra(inspection: Inspection, path: str | os.PathLike[str]) -> Path:
     Raises:
         UsageError: another suffix, or no matplotlib.
     """
-    from onnxsvd.io import atomic_path
-
     path = Path(path)
     fmt = plot_format(path)
     plt = _pyplot()

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from onnxsvd.io import atomic_path
+
 __all__ = ["SiteReport", "RewriteReport"]
 
 
@@ -99,8 +101,6 @@ class RewriteReport:
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the report as JSON, atomically."""
-        from onnxsvd.io import atomic_path
-
         path = Path(path)
         with atomic_path(path, suffix=".json") as temporary:
             temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

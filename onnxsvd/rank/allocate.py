@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from onnxsvd.rank.policy import break_even_rank
+from onnxsvd.rank.policy import align_rank, break_even_rank, ratio_rank
 
 __all__ = ["AllocationSite", "Allocation", "allocate_budget", "allocate_energy", "loss_estimate", "uniform_ranks"]
 
@@ -146,8 +146,6 @@ def allocate_budget(sites: Sequence[AllocationSite], ratio: float, align: int = 
 
 def uniform_ranks(sites: Sequence[AllocationSite], ratio: float, align: int = 8) -> dict[str, int]:
     """Each site at the per-layer ratio, ``⌊ρ·K·N/(K+N)⌋`` aligned down, under break-even."""
-    from onnxsvd.rank.policy import align_rank, ratio_rank
-
     return {
         site.key: max(1, min(align_rank(ratio_rank(site.k, site.n, ratio), align, site.max_rank, False), site.max_rank))
         for site in sites

@@ -20,19 +20,13 @@ import numpy as np
 import onnx
 
 from onnxsvd import io
-from onnxsvd.config import Progress
+from onnxsvd.config import VALIDATE_BATCH_SIZE, Progress, ValidateConfig
 from onnxsvd.data import LABELS_KEY, InputData, iter_batches, load_inputs, model_inputs
 from onnxsvd.errors import DataError, ModelError, UsageError
 from onnxsvd.validate.latency import execution_provider, open_session, time_models
 from onnxsvd.validate.metrics import MetricAccumulator, OutputMetrics
 from onnxsvd.validate.profile import ProfileCache, site_flops, size_summary, speedup_bound
-from onnxsvd.validate.report import (
-    DEFAULT_BATCH_SIZE,
-    ProviderSpeed,
-    ValidateConfig,
-    ValidationReport,
-    check_gate,
-)
+from onnxsvd.validate.report import ProviderSpeed, ValidationReport, check_gate
 
 __all__ = ["validate", "compare_accuracy", "factorized_sites_from_report"]
 
@@ -89,7 +83,7 @@ def _batch_size(config: ValidateConfig, data: InputData) -> int | None:
         return fixed
     if config.batch_size is not None:
         return config.batch_size
-    return None if data.is_folder else DEFAULT_BATCH_SIZE
+    return None if data.is_folder else VALIDATE_BATCH_SIZE
 
 
 def _run(session: Any, names: list[str], feeds: dict[str, np.ndarray], which: str) -> list[np.ndarray]:

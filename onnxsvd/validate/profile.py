@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 
 from onnxsvd import io
+from onnxsvd.config import PROFILE_RUNS
 from onnxsvd.errors import UsageError
 from onnxsvd.graph import Site, find_sites
 from onnxsvd.validate.latency import make_runner, open_session
@@ -65,8 +66,6 @@ log = logging.getLogger(__name__)
 _KERNEL_SUFFIX = "_kernel_time"
 #: onnxruntime renames nodes it fuses: ``fused <name>`` (FusedGemm) or ``<name>/<Fusion>/`` (FusedMatMul).
 _FUSED_PREFIX = "fused "
-#: Profiled runs of the original: enough that the share of a run varies little from run to run.
-PROFILE_RUNS = 10
 
 
 def speedup_bound(share: float, kept_fraction: float) -> float:

@@ -1,4 +1,5 @@
-"""Validation configuration, the report (data first, JSON second) and the accuracy gate."""
+"""The validation report (data first, JSON second) and the accuracy gate; :class:`ValidateConfig` is
+defined in :mod:`onnxsvd.config` (the CLI reads its defaults without loading the validation code)."""
 
 from __future__ import annotations
 
@@ -11,83 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from onnxsvd import io
-from onnxsvd.config import check_provider_names
+from onnxsvd.config import ValidateConfig
 from onnxsvd.errors import OutputError, UsageError, ValidationGateError
 from onnxsvd.validate.latency import ProviderTiming
 from onnxsvd.validate.metrics import OutputMetrics, finite_or_text
-from onnxsvd.validate.profile import PROFILE_RUNS, SiteFlops, SizeSummary, TimeShare
+from onnxsvd.validate.profile import SiteFlops, SizeSummary, TimeShare
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE",
     "ValidateConfig",
     "ProviderSpeed",
     "GateResult",
     "ValidationReport",
     "check_gate",
 ]
-
-#: Batch size when ``batch_size`` is not given and the data is one ``.npz`` (a folder: one batch per file).
-DEFAULT_BATCH_SIZE = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class ValidateConfig:
-    """How to validate a rewrite. Every default is here.
-
-    Attributes:
-        providers: ``"cpu"`` and/or ``"cuda"``; accuracy runs on the first, latency on each.
-        warmup: untimed runs of each model before timing.
-        iters: timed runs of each model.
-        threads: onnxruntime ``intra_op_num_threads`` (``None``: onnxruntime's default).
-        batch_size: samples per batch (``None``: one batch per file of a folder, else 64).
-        min_cosine: gate: fail when an output's mean cosine is below this.
-        max_top1_drop: gate: fail when the top-1 drop of a class-score output is above this (accuracy
-            drop against ``labels`` when the data has them, else ``1 − top-1 agreement``).
-        max_samples: use at most this many samples of the data.
-        profile: profile the original to compute the speedup bound.
-        factorized_sites: names of the rewritten sites (from the rewrite report); ``None``: inferred.
-        profile_runs: profiled runs of the original (after ``warmup`` left out); the share's min–max
-            over them is reported.
-    """
-
-    providers: tuple[str, ...] = ("cpu",)
-    warmup: int = 5
-    iters: int = 20
-    threads: int | None = None
-    batch_size: int | None = None
-    min_cosine: float | None = None
-    max_top1_drop: float | None = None
-    max_samples: int | None = None
-    profile: bool = True
-    factorized_sites: tuple[str, ...] | None = None
-    profile_runs: int = PROFILE_RUNS
-
-    def __post_init__(self) -> None:
-        check_provider_names(self.providers)
-        if self.profile_runs < 1:
-            raise UsageError(f"profile runs must be at least 1, got {self.profile_runs}")
-        if self.warmup < 0:
-            raise UsageError(f"--warmup must be 0 or more, got {self.warmup}")
-        if self.iters < 1:
-            raise UsageError(f"--iters must be at least 1, got {self.iters}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {self.threads}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise UsageError(f"--max-samples must be at least 1, got {self.max_samples}")
-        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
-            raise UsageError(f"--min-cosine must be in [-1, 1], got {self.min_cosine:g}")
-        if self.max_top1_drop is not None and not 0.0 <= self.max_top1_drop <= 1.0:
-            raise UsageError(f"--max-top1-drop must be in [0, 1] (a share of samples), got {self.max_top1_drop:g}")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["providers"] = list(self.providers)
-        if self.factorized_sites is not None:
-            data["factorized_sites"] = list(self.factorized_sites)
-        return data
-
 
 @dataclasses.dataclass(frozen=True)
 class ProviderSpeed:
