@@ -19,7 +19,7 @@ from onnxsvd.cli import main  # noqa: E402
 from onnxsvd.errors import ModelError, UsageError  # noqa: E402
 from onnxsvd.finetune import FinetuneConfig, finetune  # noqa: E402
 from onnxsvd.finetune.sites import find_factor_pairs  # noqa: E402
-from onnxsvd.graph.records import PREFIX, SOURCE_FINGERPRINT_KEY, read_record  # noqa: E402
+from onnxsvd.graph.records import PREFIX, SOURCE_FINGERPRINT_KEY, ChainRecord, read_record, write_record  # noqa: E402
 from tests.conftest import MODELS  # noqa: E402
 from tests.test_finetune import rewritten_mixed  # noqa: E402
 
@@ -130,6 +130,11 @@ def test_a_hand_edited_chain_is_skipped_with_its_reason(mlp_rewritten, digits) -
             node.input[1] = node.input[0]  # every chain broken
     with pytest.raises(ModelError, match="none of the model's recorded factor chains can be trained"):
         finetune(edited, teacher, digits, QUICK)
+    only_casts = strip_records(rewritten)  # records left on no first/second node
+    some = next(node for node in only_casts.graph.node if node.op_type == "Relu")
+    write_record(some, ChainRecord("site", 1, "sum", "right", "a", "b", 4))
+    with pytest.raises(ModelError, match=r"can be trained \(no node records the role 'first' or 'second'\)"):
+        finetune(only_casts, teacher, digits, QUICK)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -486,6 +486,7 @@ def finetune(
     pairs, skips = find_factor_pairs(rewritten)
     if not pairs:
         reasons = "; ".join(f"{skip.site}: {skip.reason}" for skip in skips[:3]) + ("; …" if len(skips) > 3 else "")
+        reasons = reasons or "no node records the role 'first' or 'second'"
         raise ModelError(
             f"none of the model's recorded factor chains can be trained ({reasons}); re-run 'onnxsvd rewrite' on "
             "the original model and fine-tune its output as it is written"
