@@ -11,6 +11,9 @@ with ``layout="fused"`` the stages concatenated into one ``A`` and one ``B`` (tw
 or with ``layout="stages"`` one chain per stage summed by ``Add`` (the bias on stage 1, so trailing
 stages can be dropped). Factors are stored as initializers — never as a constant ``A·B`` subgraph, which
 a constant folder would make dense again. Sites that share a weight share its factors.
+
+Every node written carries a :class:`onnxsvd.graph.records.ChainRecord` (site, stage, role, weight side,
+factor initializer names, rank) in its ``metadata_props``: ``finetune`` reads the chains from them.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from onnx import helper, numpy_helper
 from onnxsvd.factorize import Factorization
 from onnxsvd.graph.cleanup import remove_dead_weights
 from onnxsvd.graph.match import Site
+from onnxsvd.graph.records import FUSED, ChainRecord, write_record
 
 if TYPE_CHECKING:
     from onnxsvd.io import DataFile
 
-__all__ = ["EmitOptions", "FactorTensors", "emit", "storage_dtype_for", "remove_dead_weights"]  # the last from cleanup
+# remove_dead_weights is cleanup's, exported here too.
+__all__ = ["ChainFactors", "EmitOptions", "FactorTensors", "emit", "storage_dtype_for", "remove_dead_weights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +107,25 @@ def _clean(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_./:-]", "_", name)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChainFactors:
+    """The factors of one chain (the fused chain, or one stage): the initializers and what the nodes read.
+
+    Attributes:
+        first_stored: initializer of the first factor (``A`` ``[K, r]``, or ``Aᵀ`` ``[r, K]`` on the left).
+        second_stored: initializer of the second factor (``B`` ``[r, N]``, or ``Bᵀ`` ``[N, r]``).
+        first: the tensor the first node reads (the initializer, or its Cast to the compute dtype).
+        second: the tensor the second node reads.
+        rank: r.
+    """
+
+    first_stored: str
+    second_stored: str
+    first: str
+    second: str
+    rank: int
+
+
 class FactorTensors:
     """Creates each group's factor initializers (and Casts, if stored in another dtype) once per side.
 
@@ -115,8 +139,8 @@ class FactorTensors:
         self.graph = model.graph
         self.data_file = data_file
         self.names = _Names(model.graph)
-        self.made: dict[tuple[str, str, int, str], str] = {}
-        self.pieces: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        self.made: dict[tuple[str, str, int, str], tuple[str, str]] = {}
+        self.pieces: dict[tuple[str, str], list[ChainFactors]] = {}
         self.group_base: dict[str, str] = {}
         self.pending_casts: list[onnx.NodeProto] = []
 
@@ -127,15 +151,15 @@ class FactorTensors:
 
     def names_for(
         self, site: Site, factorization: Factorization | None, storage: int, layout: str
-    ) -> list[tuple[str, str]]:
-        """Per chain (one fused, or one per stage), the names of the two constants the site's nodes read."""
+    ) -> list[ChainFactors]:
+        """Per chain (one fused, or one per stage), the factor initializers and the tensors the nodes read."""
         key = (site.group, site.weight_side)
         if key in self.pieces:
             return self.pieces[key]
         if factorization is None:
             raise KeyError(f"factors of {site.name!r} were neither prepared nor given")
         pieces = [factorization.fused()] if layout == "fused" else list(factorization.stages)
-        names: list[tuple[str, str]] = []
+        names: list[ChainFactors] = []
         for stage, (a, b) in enumerate(pieces):
             stage_id = -1 if layout == "fused" else stage
             if site.weight_side == "right":
@@ -144,12 +168,12 @@ class FactorTensors:
             else:
                 first = self._tensor(site, stage_id, "a", a.T, storage)  # Aᵀ [r, K]
                 second = self._tensor(site, stage_id, "b", b.T, storage)  # Bᵀ [N, r]
-            names.append((first, second))
+            names.append(ChainFactors(first[0], second[0], first[1], second[1], int(a.shape[1])))
         self.pieces[key] = names
         return names
 
-    def _tensor(self, site: Site, stage: int, which: str, value: np.ndarray, storage: int) -> str:
-        """Name of the tensor the site's node reads for factor ``which`` (``"a"``/``"b"``) of ``stage``.
+    def _tensor(self, site: Site, stage: int, which: str, value: np.ndarray, storage: int) -> tuple[str, str]:
+        """(initializer, tensor the site's node reads) for factor ``which`` (``"a"``/``"b"``) of ``stage``.
 
         ``value`` is the factor as the node consumes it (already transposed for the mirror form).
         """
@@ -174,8 +198,8 @@ class FactorTensors:
             self.pending_casts.append(
                 helper.make_node("Cast", [name], [consumed], name=consumed, to=site.weight.compute_dtype)
             )
-        self.made[key] = consumed
-        return consumed
+        self.made[key] = (name, consumed)
+        return name, consumed
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -195,22 +219,30 @@ def _broadcast(node: onnx.NodeProto) -> int:
 
 def _chain_nodes(
     site: Site,
-    factors: Sequence[tuple[str, str]],
+    factors: Sequence[ChainFactors],
     names: _Names,
     opset: int,
     broadcast: int = 0,
 ) -> list[onnx.NodeProto]:
     """The nodes that compute ``site.output`` from ``site.activation`` through the factor tensors.
 
-    ``factors`` holds, per chain (one fused chain or one per stage), the names of the first and second
-    constant the nodes read (``A``/``B`` for the right form, ``Aᵀ``/``Bᵀ`` for the mirror).
-    ``broadcast`` is the site's own Gemm ``broadcast`` attribute (opset ≤ 6 only), kept on the node
-    that carries ``C``: Gemm-6 broadcasts ``C`` only when it is set.
+    ``factors`` holds, per chain (one fused chain or one per stage), the factors the nodes read (``A``/``B``
+    for the right form, ``Aᵀ``/``Bᵀ`` for the mirror). ``broadcast`` is the site's own Gemm ``broadcast``
+    attribute (opset ≤ 6 only), kept on the node that carries ``C``: Gemm-6 broadcasts ``C`` only when it
+    is set. Every node carries its :class:`ChainRecord`.
     """
     nodes: list[onnx.NodeProto] = []
     gemm = site.op_type == "Gemm"
     chain_outputs: list[str] = []
-    for position, (first, second) in enumerate(factors):
+
+    def add(node: onnx.NodeProto, stage: int, role: str, chain: ChainFactors) -> None:
+        record = ChainRecord(site.name, stage, role, site.weight_side, chain.first_stored, chain.second_stored,
+                             chain.rank)
+        write_record(node, record)
+        nodes.append(node)
+
+    for position, chain in enumerate(factors):
+        stage = FUSED if len(factors) == 1 else position + 1
         tag = "svd" if len(factors) == 1 else f"svd_s{position + 1}"
         hidden = names.fresh(f"{site.output}/{tag}_h")
         carries_bias = position == 0 and site.bias is not None
@@ -220,40 +252,63 @@ def _chain_nodes(
             # Old opsets need C on every Gemm; transpose the activation and use MatMul instead.
             transposed = names.fresh(f"{site.activation}/{tag}_t")
             transpose_name = names.fresh(f"{site.name}/{tag}_t")
-            nodes.append(helper.make_node("Transpose", [activation], [transposed], name=transpose_name))
+            add(helper.make_node("Transpose", [activation], [transposed], name=transpose_name), stage, "transpose",
+                chain)
             activation = transposed
         if site.weight_side == "right":
-            first_inputs, second_inputs = [activation, first], [hidden, second]
+            first_inputs, second_inputs = [activation, chain.first], [hidden, chain.second]
         else:
-            first_inputs, second_inputs = [first, activation], [second, hidden]
+            first_inputs, second_inputs = [chain.first, activation], [chain.second, hidden]
         first_name, second_name = names.fresh(f"{site.name}/{tag}_a"), names.fresh(f"{site.name}/{tag}_b")
         if gemm and opset >= 11:
             trans = {"transA": 1} if site.weight_side == "right" else {"transB": 1}
-            nodes.append(
-                helper.make_node(
-                    "Gemm", first_inputs, [hidden], name=first_name, **(trans if site.transpose_activation else {})
-                )
+            first = helper.make_node(
+                "Gemm", first_inputs, [hidden], name=first_name, **(trans if site.transpose_activation else {})
             )
         else:
-            nodes.append(helper.make_node("MatMul", first_inputs, [hidden], name=first_name))
+            first = helper.make_node("MatMul", first_inputs, [hidden], name=first_name)
+        add(first, stage, "first", chain)
         if gemm and carries_bias:
             attrs: dict[str, float | int] = {"beta": site.beta} if site.beta != 1.0 else {}
             if broadcast:
                 attrs["broadcast"] = broadcast
-            nodes.append(helper.make_node("Gemm", second_inputs + [site.bias], [out], name=second_name, **attrs))
+            second = helper.make_node("Gemm", second_inputs + [site.bias], [out], name=second_name, **attrs)
         elif gemm and opset >= 11:
-            nodes.append(helper.make_node("Gemm", second_inputs, [out], name=second_name))
+            second = helper.make_node("Gemm", second_inputs, [out], name=second_name)
         else:
-            nodes.append(helper.make_node("MatMul", second_inputs, [out], name=second_name))
+            second = helper.make_node("MatMul", second_inputs, [out], name=second_name)
+        add(second, stage, "second", chain)
         chain_outputs.append(out)
-    # Stages layout: Y = y_1 + y_2 + …, the last Add writing the site's output.
+    # Stages layout: Y = y_1 + y_2 + …, the last Add writing the site's output; each Add records the stage
+    # it adds.
     total = chain_outputs[0]
     for position, term in enumerate(chain_outputs[1:], start=1):
         last = position == len(chain_outputs) - 1
         out = site.output if last else names.fresh(f"{site.output}/svd_sum{position}")
-        nodes.append(helper.make_node("Add", [total, term], [out], name=names.fresh(f"{site.name}/svd_add{position}")))
+        node = helper.make_node("Add", [total, term], [out], name=names.fresh(f"{site.name}/svd_add{position}"))
+        add(node, position + 1, "sum", factors[position])
         total = out
     return nodes
+
+
+def _record_casts(
+    site: Site, casts: Sequence[onnx.NodeProto], factors: Sequence[ChainFactors]
+) -> list[onnx.NodeProto]:
+    """Record on each Cast of ``site``'s factors the chain that reads it; returns the Casts of other sites.
+
+    Sites that share a weight share its Casts: a Cast records the first site emitted that reads it.
+    """
+    others: list[onnx.NodeProto] = []
+    for cast in casts:
+        for position, chain in enumerate(factors):
+            if cast.input[0] in (chain.first_stored, chain.second_stored):
+                stage = FUSED if len(factors) == 1 else position + 1
+                write_record(cast, ChainRecord(site.name, stage, "cast", site.weight_side, chain.first_stored,
+                                               chain.second_stored, chain.rank))
+                break
+        else:
+            others.append(cast)
+    return others
 
 
 def emit(
@@ -280,11 +335,13 @@ def emit(
     names = tensors.names
     opset = _opset(model)
     chains_for: dict[int, list[onnx.NodeProto]] = {}
+    unrecorded: list[onnx.NodeProto] = []  # Casts made in `prepare` for groups whose sites come later
     for site in sites:
         factor_names = tensors.names_for(
             site, factorizations.get(site.group), storage_dtypes[site.group], options.layout
         )
         broadcast = _broadcast(graph.node[site.node_index]) if opset < 7 else 0
+        unrecorded = _record_casts(site, unrecorded + tensors.pending_casts, factor_names)
         chains_for[site.node_index] = tensors.pending_casts + _chain_nodes(
             site, factor_names, names, opset, broadcast
         )
