@@ -75,10 +75,11 @@ def rewrite(
     started = time.perf_counter()
     if config.needs_statistics and statistics is None:
         raise UsageError(f"--method {config.method} needs calibration data: pass --stats stats.npz or --data DATA")
-    source_fingerprint = io.fingerprint(model)
+    source_fingerprint = io.fingerprint(model, base_dir)  # recorded in the output, checked against statistics
     if statistics is not None and statistics.fingerprint != source_fingerprint:
         raise StatsError(
-            "the statistics were collected on another model (fingerprint mismatch); "
+            f"the statistics were collected on another model (fingerprint {statistics.fingerprint}, this "
+            f"model's is {source_fingerprint}: another graph, attribute or weight values); "
             "re-run 'onnxsvd calibrate' on this model"
         )
     params_before, bytes_before = io.count_parameters(model), io.count_bytes(model)

@@ -217,7 +217,7 @@ def rewrite_sequential(
             progress(step, len(order), f"level {level}")
     result = assemble(
         working, match, [outcomes[key] for key in groups], config, params_before, started, bytes_before=bytes_before,
-        source_fingerprint=io.fingerprint(original),
+        source_fingerprint=io.fingerprint(original, base_dir),
     )
     result.report.notes.append(
         f"sequential: {len(order)} levels, {2 * len(order)} pruned model runs over the calibration data; "
