@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import os
 import time
@@ -20,7 +21,7 @@ import onnx
 from onnxsvd import io
 from onnxsvd.calibrate.stats import Statistics
 from onnxsvd.config import Progress, RewriteConfig
-from onnxsvd.errors import StatsError, UsageError
+from onnxsvd.errors import FactorizationError, StatsError, UsageError
 from onnxsvd.factorize import Metric, decompose, identity_metric
 from onnxsvd.graph import FactorTensors, GraphIndex, Site, find_sites
 from onnxsvd.pipeline.allocation import global_ranks
@@ -138,7 +139,8 @@ def _start_up(config: RewriteConfig) -> list[str]:
     """
     options = svd_options(config)
     tick = time.perf_counter()
-    decompose(np.eye(2), identity_metric(), options=options)  # [2, 2]: the same backend as every site
+    with contextlib.suppress(FactorizationError):  # every site's own SVD fails too, and reports why
+        decompose(np.eye(2), identity_metric(), options=options)  # [2, 2]: the same backend as every site
     seconds = time.perf_counter() - tick
     if seconds < _START_UP_NOTE_SECONDS:
         return []

@@ -259,6 +259,6 @@ def _level_fit(config: RewriteConfig, stats: CrossStats):
             width = a.shape[1]
             stages.append((a, b_fused[start : start + width].astype(dtype)))
             start += width
-        return Factorization(stages=tuple(stages), kept_energy=factorization.kept_energy)
+        return Factorization(stages=tuple(stages), kept_energy=factorization.kept_energy, notes=factorization.notes)
 
     return target, (None if config.method == "whiten" else refit)
