@@ -30,6 +30,8 @@ __all__ = [
     "load_model",
     "check_external_data",
     "external_tensors",
+    "external_source",
+    "raw_bytes",
     "tensor_array",
     "is_lazy",
     "tensor_bytes",
@@ -43,6 +45,7 @@ __all__ = [
     "DataFile",
     "atomic_path",
     "fingerprint",
+    "FINGERPRINT_CHUNK",
     "count_bytes",
     "count_parameters",
     "dtype_bytes",
@@ -114,31 +117,40 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path, where: str = "mo
     Raises:
         ModelError: an absolute or escaping location, a missing file, or a file shorter than the tensor.
     """
-    base = base_dir.resolve()
     total = 0
     for tensor in external_tensors(model):
-        fields = _external_fields(tensor)
-        location = fields.get("location", "")
-        target = (base / location).resolve()
-        if not location or Path(location).is_absolute() or (target != base and base not in target.parents):
-            raise ModelError(
-                f"{where}: tensor {tensor.name!r} points to external data {location!r} outside the model's "
-                "folder; refusing to read it (keep data files beside the model)"
-            )
-        if not target.is_file():
-            raise ModelError(
-                f"{where}: external data file {location!r} of tensor {tensor.name!r} is missing; "
-                "copy it beside the model"
-            )
-        offset = int(fields.get("offset", 0) or 0)
-        length = int(fields["length"]) if fields.get("length") else tensor_bytes(tensor)
-        if offset + length > target.stat().st_size:
-            raise ModelError(
-                f"{where}: external data file {location!r} is shorter than tensor {tensor.name!r} needs "
-                f"({offset + length} > {target.stat().st_size} bytes); the file is truncated, re-export the model"
-            )
-        total += length
+        total += external_source(tensor, base_dir, where)[2]
     return total
+
+
+def external_source(tensor: onnx.TensorProto, base_dir: Path, where: str = "model") -> tuple[Path, int, int]:
+    """The file, offset and length of a tensor's external data, checked as :func:`check_external_data` does.
+
+    Raises:
+        ModelError: an absolute or escaping location, a missing file, or a file shorter than the tensor.
+    """
+    base = Path(base_dir).resolve()
+    fields = _external_fields(tensor)
+    location = fields.get("location", "")
+    target = (base / location).resolve()
+    if not location or Path(location).is_absolute() or (target != base and base not in target.parents):
+        raise ModelError(
+            f"{where}: tensor {tensor.name!r} points to external data {location!r} outside the model's "
+            "folder; refusing to read it (keep data files beside the model)"
+        )
+    if not target.is_file():
+        raise ModelError(
+            f"{where}: external data file {location!r} of tensor {tensor.name!r} is missing; "
+            "copy it beside the model"
+        )
+    offset = int(fields.get("offset", 0) or 0)
+    length = int(fields["length"]) if fields.get("length") else tensor_bytes(tensor)
+    if offset + length > target.stat().st_size:
+        raise ModelError(
+            f"{where}: external data file {location!r} is shorter than tensor {tensor.name!r} needs "
+            f"({offset + length} > {target.stat().st_size} bytes); the file is truncated, re-export the model"
+        )
+    return target, offset, length
 
 
 def probe_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -464,7 +476,7 @@ def _save_external(model: onnx.ModelProto, output: Path, base_dir: Path | None, 
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 data.copy_from(tensor, base_dir)
             elif tensor.HasField("raw_data") or _has_typed_data(tensor):
-                raw = tensor.raw_data if tensor.HasField("raw_data") else tensor_array(tensor).tobytes()
+                raw = raw_bytes(tensor)  # typed fields packed as raw_data holds them (int4 two a byte)
                 if len(raw) >= 1024:  # tiny tensors stay inline, as onnx's own converter does
                     data.append(tensor, raw)
         with atomic_path(output) as temporary:
@@ -490,6 +502,14 @@ def _copy_external(tensor: onnx.TensorProto, base_dir: Path | None, sink: object
                 raise OutputError(f"external data file {source} ended early; re-export the input")
             sink.write(chunk)  # type: ignore[attr-defined]
             left -= len(chunk)
+
+
+def raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    """An in-memory tensor's values as ``raw_data`` holds them (little-endian, sub-byte dtypes packed),
+    whether they are stored there or in typed fields (``float_data``, ``int32_data``…)."""
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return numpy_helper.from_array(tensor_array(tensor)).raw_data
 
 
 def _has_typed_data(tensor: onnx.TensorProto) -> bool:
@@ -522,21 +542,146 @@ def temporary_model_path(model: onnx.ModelProto, base_dir: str | os.PathLike[str
             os.unlink(name)
 
 
-def fingerprint(model: onnx.ModelProto) -> str:
-    """A short hash of the graph (ops, edges) and the weights' names, dtypes and shapes (not values).
+#: External data is hashed in chunks of this size: a weight is never whole in memory for its hash.
+FINGERPRINT_CHUNK = 16 * 1024 * 1024
 
-    Two exports of the same architecture with the same names match; a rewritten model does not match
-    its original, which is what calibration statistics need.
+
+def fingerprint(model: onnx.ModelProto, base_dir: str | os.PathLike[str] | None = None) -> str:
+    """A short sha256 of what the model computes: its graph, every attribute and every weight's values.
+
+    What counts: the opset imports; each graph's input and output names and element types; every node's
+    op type, domain, inputs, outputs and attributes (sorted by name, subgraphs of If/Loop/Scan hashed the
+    same way, ``Constant`` values included); every initializer and sparse initializer (sorted by name) with
+    its dtype, shape and values; and the model's local functions. What does not: node and graph names,
+    doc strings, ``value_info``, metadata, and how a tensor is stored. A weight hashes the same held in
+    ``raw_data``, in typed fields (``float_data``…) or as external data, so a model saved inline and saved
+    with ``--external-data`` match; another checkpoint of the same architecture does not, and neither
+    does a rewritten model its original.
+
+    External data is read in chunks of :data:`FINGERPRINT_CHUNK` from ``base_dir`` (the model's folder),
+    so hashing a lazy model holds one chunk, not one weight.
+
+    Raises:
+        ModelError: a tensor's data is on disk and ``base_dir`` is not given, or its file is missing, short or
+            outside ``base_dir``.
     """
-    digest = hashlib.sha256()
-    graph = model.graph
-    for value in list(graph.input) + list(graph.output):
-        digest.update(f"io:{value.name}:{value.type.tensor_type.elem_type}\n".encode())
-    for node in graph.node:
-        digest.update(f"node:{node.op_type}:{','.join(node.input)}->{','.join(node.output)}\n".encode())
-    for tensor in graph.initializer:
-        digest.update(f"init:{tensor.name}:{tensor.data_type}:{list(tensor.dims)}\n".encode())
-    return digest.hexdigest()[:16]
+    hasher = _Fingerprint(Path(base_dir) if base_dir is not None else None)
+    for opset in sorted(model.opset_import, key=lambda entry: entry.domain):
+        hasher.field("opset", opset.domain, opset.version)
+    hasher.graph(model.graph)
+    for function in model.functions:
+        hasher.field("function", function.domain, function.name, *function.input, "->", *function.output)
+        hasher.field("function-attributes", *function.attribute)
+        for opset in sorted(function.opset_import, key=lambda entry: entry.domain):
+            hasher.field("function-opset", opset.domain, opset.version)
+        for node in function.node:
+            hasher.node(node)
+    return hasher.digest.hexdigest()[:16]
+
+
+class _Fingerprint:
+    """sha256 over length-prefixed fields, so no two different models can hash the same field sequence."""
+
+    def __init__(self, base_dir: Path | None) -> None:
+        self.digest = hashlib.sha256()
+        self.base_dir = base_dir
+
+    def field(self, tag: str, *parts: object) -> None:
+        self._bytes(tag.encode())
+        self._length(len(parts))
+        for part in parts:
+            self._bytes(part if isinstance(part, bytes) else str(part).encode())
+
+    def _bytes(self, data: bytes) -> None:
+        self._length(len(data))
+        self.digest.update(data)
+
+    def _length(self, count: int) -> None:
+        self.digest.update(count.to_bytes(8, "little"))
+
+    def graph(self, graph: onnx.GraphProto) -> None:
+        self.field("graph", len(graph.node), len(graph.initializer), len(graph.sparse_initializer))
+        for kind, values in (("input", graph.input), ("output", graph.output)):
+            for value in values:
+                self.field(kind, value.name, value.type.tensor_type.elem_type)
+        for node in graph.node:
+            self.node(node)
+        for tensor in sorted(graph.initializer, key=lambda entry: entry.name):
+            self.tensor(tensor, named=True)
+        for sparse in sorted(graph.sparse_initializer, key=lambda entry: entry.values.name):
+            self.sparse(sparse)
+
+    def node(self, node: onnx.NodeProto) -> None:
+        self.field("node", node.op_type, node.domain, *node.input, "->", *node.output)
+        for attribute in sorted(node.attribute, key=lambda entry: entry.name):
+            self.attribute(attribute)
+
+    def attribute(self, attribute: onnx.AttributeProto) -> None:
+        kind = onnx.AttributeProto
+        self.field("attribute", attribute.name, attribute.type, attribute.ref_attr_name)
+        if attribute.type == kind.FLOAT:
+            self.field("f", repr(attribute.f))
+        elif attribute.type == kind.INT:
+            self.field("i", attribute.i)
+        elif attribute.type == kind.STRING:
+            self.field("s", attribute.s)
+        elif attribute.type == kind.FLOATS:
+            self.field("floats", *map(repr, attribute.floats))
+        elif attribute.type == kind.INTS:
+            self.field("ints", *attribute.ints)
+        elif attribute.type == kind.STRINGS:
+            self.field("strings", *attribute.strings)
+        elif attribute.type in (kind.TENSOR, kind.TENSORS):
+            tensors = [attribute.t] if attribute.type == kind.TENSOR else list(attribute.tensors)
+            for tensor in tensors:
+                self.tensor(tensor, named=False)  # a Constant's value: its values decide, not its name
+        elif attribute.type in (kind.GRAPH, kind.GRAPHS):
+            for graph in [attribute.g] if attribute.type == kind.GRAPH else list(attribute.graphs):
+                self.graph(graph)
+        elif attribute.type in (kind.SPARSE_TENSOR, kind.SPARSE_TENSORS):
+            sparses = [attribute.sparse_tensor] if attribute.type == kind.SPARSE_TENSOR else attribute.sparse_tensors
+            for sparse in sparses:
+                self.sparse(sparse)
+        elif attribute.type in (kind.TYPE_PROTO, kind.TYPE_PROTOS):
+            types = [attribute.tp] if attribute.type == kind.TYPE_PROTO else list(attribute.type_protos)
+            for type_proto in types:
+                self.field("type", type_proto.SerializeToString(deterministic=True))
+
+    def sparse(self, sparse: onnx.SparseTensorProto) -> None:
+        self.field("sparse", *sparse.dims)
+        self.tensor(sparse.values, named=True)
+        self.tensor(sparse.indices, named=False)
+
+    def tensor(self, tensor: onnx.TensorProto, named: bool) -> None:
+        self.field("tensor", tensor.name if named else "", tensor.data_type, *tensor.dims)
+        if tensor.data_type == onnx.TensorProto.STRING:
+            self.field("strings", *tensor.string_data)
+        elif tensor.data_location == onnx.TensorProto.EXTERNAL:
+            self._external(tensor)
+        else:
+            self.field("values", raw_bytes(tensor))
+
+    def _external(self, tensor: onnx.TensorProto) -> None:
+        """Hash a tensor's bytes from its data file in chunks, framed exactly as inline ``values`` are."""
+        if self.base_dir is None:
+            raise ModelError(
+                f"tensor {tensor.name!r} is still on disk: pass the model's folder (base_dir) to fingerprint it"
+            )
+        source, offset, length = external_source(tensor, self.base_dir)
+        self._bytes(b"values")  # field("values", data) without holding data: tag, one part, its length…
+        self._length(1)
+        self._length(length)
+        buffer = bytearray(min(FINGERPRINT_CHUNK, max(length, 1)))
+        view = memoryview(buffer)
+        with open(source, "rb") as handle:
+            handle.seek(offset)
+            left = length
+            while left > 0:  # …then the data, one chunk at a time
+                read = handle.readinto(view[: min(len(buffer), left)])
+                if not read:
+                    raise ModelError(f"external data file {source} ended early; re-export the model")
+                self.digest.update(view[:read])
+                left -= read
 
 
 def count_parameters(model: onnx.ModelProto) -> int:

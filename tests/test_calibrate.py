@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxsvd.calibrate import CalibrateConfig, calibrate, calibrate_file
 from onnxsvd.calibrate.collect import expose, rows_of, session_for
-from onnxsvd.calibrate.stats import Statistics, StatsAccumulator, Workspace
+from onnxsvd.calibrate.stats import FORMAT_VERSION, Statistics, StatsAccumulator, Workspace
 from onnxsvd.cli import main
 from onnxsvd.config import RankPolicy, RewriteConfig
 from onnxsvd.errors import StatsError, UsageError
@@ -154,6 +154,27 @@ def test_statistics_round_trip(tmp_path: Path, rng: np.random.Generator) -> None
     for name, stats in statistics.activations.items():
         np.testing.assert_array_equal(loaded.activations[name].gram, stats.gram)
         assert loaded.activations[name].rows == stats.rows
+
+
+@pytest.mark.parametrize(("version", "found"), [(1, "format 1"), (None, "no format version")])
+def test_statistics_of_another_format_version_are_refused(
+    version: int | None, found: str, tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """A file of format 1 holds a fingerprint of the structure alone: it must be made again, not trusted."""
+    model = _mlp(rng)
+    statistics = calibrate(model, _batches({"x": _correlated(rng, 8, 4, 24)}, 4))
+    current = statistics.save(tmp_path / "current.npz")
+    entries = dict(np.load(current))
+    assert int(entries.pop("__format__")) == FORMAT_VERSION == 2
+    if version is not None:
+        entries["__format__"] = np.array(version)
+    old = tmp_path / "old.npz"
+    np.savez(old, **entries)
+    with pytest.raises(StatsError) as raised:
+        Statistics.load(old)
+    message = str(raised.value)
+    assert str(old) in message and found in message and f"reads format {FORMAT_VERSION}" in message, message
+    assert "re-run 'onnxsvd calibrate'" in message and "\n" not in message
 
 
 def _data_error(gram: np.ndarray, weight: np.ndarray, approximation: np.ndarray) -> float:

@@ -172,6 +172,68 @@ def test_segmented_calibration_of_a_lazy_model_equals_one_session(tmp_path: Path
     assert sorted(p.name for p in source.parent.iterdir()) == ["model.onnx", "weights.bin"]  # no leftovers
 
 
+def _branching(rng: np.random.Generator) -> onnx.ModelProto:
+    """x [B, 16] → MatMul w0 → Relu r → If (then: r + shift, else: r − shift) → y → MatMul w1 → z.
+
+    ``r`` and the weight ``shift`` are read only inside the If's bodies, from the outer scope: pruning
+    to ``y`` must keep the Relu and the first MatMul, and the If's segment must hold ``shift``."""
+    def branch(name: str, op: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node(op, ["r", "shift"], [f"{name}_out"])], name, [],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)],
+        )
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["m0"], name="fc0"),
+        helper.make_node("Relu", ["m0"], ["r"]),
+        helper.make_node("If", ["flag"], ["y"], then_branch=branch("then", "Add"), else_branch=branch("else", "Sub")),
+        helper.make_node("MatMul", ["y", "w1"], ["z"], name="fc1"),
+    ]
+    initializers = [
+        numpy_helper.from_array(_decaying(rng, 16, 24).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.standard_normal(24).astype(np.float32), "shift"),
+        numpy_helper.from_array(np.array(True), "flag"),
+        numpy_helper.from_array(_decaying(rng, 24, 8).astype(np.float32), "w1"),
+    ]
+    graph = helper.make_graph(
+        nodes, "branching", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 16])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["B", 8])], initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_calibration_follows_what_if_bodies_read_from_outside(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Exposing the If's output keeps the nodes and weights only its bodies read (onnx-ir's use-def
+    links), in one session and in segments of a lazy model; the statistics are those of numpy's forward."""
+    from onnxsvd.calibrate import CalibrateConfig, calibrate
+    from onnxsvd.calibrate.collect import expose
+
+    model = _branching(rng)
+    exposed = expose(model, [("y", TensorProto.FLOAT)])
+    assert [node.op_type for node in exposed.graph.node] == ["MatMul", "Relu", "If"]
+    assert sorted(tensor.name for tensor in exposed.graph.initializer) == ["flag", "shift", "w0"]
+    x = rng.standard_normal((6, 16)).astype(np.float32)
+    weights = {tensor.name: numpy_helper.to_array(tensor).astype(np.float64) for tensor in model.graph.initializer}
+    y = np.maximum(x.astype(np.float64) @ weights["w0"], 0.0) + weights["shift"]  # [B, 24], the then branch
+
+    def batches():
+        return ({"x": x[i : i + 4]} for i in range(0, 6, 4))
+
+    one_session = calibrate(model, batches)
+    source = tmp_path / "in" / "model.onnx"
+    source.parent.mkdir()
+    # The weights go to external data; flag and shift stay inline: ONNX Runtime (1.23) resolves external
+    # data that an If reads relative to the working directory, not the model's folder.
+    onnx.save(model, str(source), save_as_external_data=True, location="weights.bin", size_threshold=128)
+    segmented = calibrate(
+        io.load_model(source, lazy=True), batches, CalibrateConfig(segment_bytes=1600), base_dir=source.parent
+    )
+    for statistics in (one_session, segmented):
+        assert set(statistics.activations) == {"x", "y"}
+        np.testing.assert_allclose(statistics.activations["y"].gram, y.T @ y, rtol=1e-5)
+        assert statistics.activations["y"].rows == 6
+
+
 def test_lazy_inspect_and_calibrate_read_from_disk(tmp_path: Path, rng: np.random.Generator) -> None:
     source = _save_external(_two_layer(rng), tmp_path)
     data = tmp_path / "calib.npz"

@@ -128,7 +128,7 @@ def calibrate(
         base_dir=str(base_dir) if base_dir is not None else None,
         segment_bytes=config.segment_bytes,
     )
-    return Statistics(fingerprint=io.fingerprint(model), activations=activations)
+    return Statistics(fingerprint=io.fingerprint(model, base_dir), activations=activations)
 
 
 def calibrate_file(
@@ -167,7 +167,7 @@ def calibrate_to_file(
     (one group in memory), atomically; returns the file's statistics, loaded lazily."""
     config = config or CalibrateConfig()
     specs = specs_for_sites(find_sites(model).sites)
-    with StatisticsWriter(output, io.fingerprint(model)) as writer:
+    with StatisticsWriter(output, io.fingerprint(model, base_dir)) as writer:
         for group in collect_groups(
             model,
             specs,

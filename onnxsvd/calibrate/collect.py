@@ -21,7 +21,7 @@ import onnx
 from onnxsvd.calibrate.stats import ActivationStats, StatsAccumulator, Workspace
 from onnxsvd.config import PROVIDERS, Progress
 from onnxsvd.errors import ProviderError
-from onnxsvd.graph.match import Site, _subgraph_references
+from onnxsvd.graph.match import GraphIndex, Site
 from onnxsvd.io import is_lazy, temporary_model_path, tensor_bytes
 
 __all__ = [
@@ -67,20 +67,31 @@ def specs_for_sites(sites: Iterable[Site]) -> list[ActivationSpec]:
     return list(specs.values())
 
 
-def expose(model: onnx.ModelProto, tensors: Sequence[tuple[str, int]]) -> onnx.ModelProto:
+def expose(
+    model: onnx.ModelProto, tensors: Sequence[tuple[str, int]], index: GraphIndex | None = None
+) -> onnx.ModelProto:
     """A copy of ``model`` whose outputs are exactly ``tensors`` (name, elem type), pruned to the nodes
-    they need; only the initializers those nodes read are copied."""
+    they need (onnx-ir's use-def links, so what an If/Loop/Scan body reads from outside counts); only the
+    initializers those nodes read are copied.
+
+    Args:
+        index: ``GraphIndex(model.graph)``, when the caller exposes several groups of one model.
+    """
+    index = index if index is not None else GraphIndex(model.graph)
+    kept, needed = index.needed(name for name, _ in tensors)
     exposed = _without_initializers(model)
+    nodes = [model.graph.node[position] for position in kept]  # copied in below
     del exposed.graph.output[:]
     graph_inputs = {value.name for value in exposed.graph.input}
     for name, elem_type in tensors:
         if name in graph_inputs:
             # A graph input cannot also be a graph output: pass it through an Identity.
             alias = f"{name}/onnxsvd_exposed"
-            exposed.graph.node.append(onnx.helper.make_node("Identity", [name], [alias]))
+            nodes.append(onnx.helper.make_node("Identity", [name], [alias]))
             name = alias
         exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
-    needed = _prune(exposed.graph)
+    del exposed.graph.node[:]
+    exposed.graph.node.extend(nodes)
     exposed.graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name in needed)
     return exposed
 
@@ -104,26 +115,6 @@ def _copy_field(target: object, name: str, value: object) -> None:
         getattr(target, name).CopyFrom(value)
     else:
         setattr(target, name, value)
-
-
-def _prune(graph: onnx.GraphProto) -> set[str]:
-    """Drop the nodes (and initializers) that no graph output needs, so a run stops at the activations;
-    return the names the kept nodes read."""
-    needed = {value.name for value in graph.output}
-    keep: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
-        if any(name in needed for name in node.output):
-            keep.append(node)
-            needed.update(name for name in node.input if name)
-            needed.update(_subgraph_references(node))
-    keep.reverse()
-    del graph.node[:]
-    graph.node.extend(keep)
-    used = [tensor for tensor in graph.initializer if tensor.name in needed]
-    if len(used) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(used)
-    return needed
 
 
 def session_for(
@@ -357,9 +348,10 @@ def collect_groups(
         log.info("collecting %d activations in %d groups to bound memory", len(specs), len(groups))
     done = 0
     total = total_batches * len(groups) if total_batches is not None else None
+    index = GraphIndex(model.graph) if len(groups) > 1 else None
     for group in groups:
         tensors = list(dict.fromkeys((spec.tensor, spec.elem_type) for spec in group))
-        exposed = expose(model, tensors)
+        exposed = expose(model, tensors, index)
         session = session_for(exposed, providers, base_dir=base_dir, spin=False)
         output_names = [output.name for output in exposed.graph.output]
         feed_names = {value.name for value in session.get_inputs()}
@@ -380,11 +372,6 @@ def collect_groups(
         del accumulators
 
 
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """Every name ``node`` reads, its subgraphs' outer-scope names included."""
-    return {name for name in node.input if name} | _subgraph_references(node)
-
-
 @dataclasses.dataclass
 class _Segment:
     """Consecutive nodes run by one session: what they read from outside (graph inputs and earlier
@@ -394,6 +381,7 @@ class _Segment:
     inputs: list[str]
     carry: list[str]
     specs: list[ActivationSpec]
+    reads: set[str]
 
 
 @dataclasses.dataclass
@@ -408,34 +396,37 @@ def _segment_plan(model: onnx.ModelProto, specs: Sequence[ActivationSpec], budge
     """Cut the (topologically ordered) nodes into segments of at most ``budget`` weight bytes; ``None``
     when a tensor crossing a cut has no known type (the whole model then runs in one session)."""
     graph = model.graph
+    reads = GraphIndex(graph).reads  # per node position: its inputs and its bodies' outer-scope reads
     sizes = {tensor.name: tensor_bytes(tensor) for tensor in graph.initializer}
     graph_inputs = [value.name for value in graph.input if value.name not in sizes]
-    cuts: list[list[onnx.NodeProto]] = [[]]
+    cuts: list[list[int]] = [[]]  # node positions
     held: set[str] = set()
     used = 0
-    for node in graph.node:
-        weights = {name for name in _reads(node) if name in sizes and name not in held}
+    for position in range(len(graph.node)):
+        weights = {name for name in reads[position] if name in sizes and name not in held}
         extra = sum(sizes[name] for name in weights)
         if cuts[-1] and used + extra > budget:
             cuts.append([])
             held, used = set(), 0
-            weights = {name for name in _reads(node) if name in sizes}
+            weights = {name for name in reads[position] if name in sizes}
             extra = sum(sizes[name] for name in weights)
-        cuts[-1].append(node)
+        cuts[-1].append(position)
         held |= weights
         used += extra
     if len(cuts) < 2:
         return None
 
     producer: dict[str, int] = {name: -1 for name in graph_inputs}  # graph inputs: before segment 0
-    for index, nodes in enumerate(cuts):
-        for node in nodes:
-            producer.update({name: index for name in node.output if name})
+    for index, positions in enumerate(cuts):
+        for position in positions:
+            producer.update({name: index for name in graph.node[position].output if name})
     last_reader: dict[str, int] = {}
     inputs: list[set[str]] = []
-    for index, nodes in enumerate(cuts):
-        local = {name for node in nodes for name in node.output}
-        outside = {name for node in nodes for name in _reads(node)} - local - set(sizes)
+    segment_reads: list[set[str]] = []
+    for index, positions in enumerate(cuts):
+        local = {name for position in positions for name in graph.node[position].output}
+        segment_reads.append(set().union(*(reads[position] for position in positions)))
+        outside = segment_reads[-1] - local - set(sizes)
         inputs.append(outside)
         for name in outside:
             last_reader[name] = max(last_reader.get(name, -1), index)
@@ -452,12 +443,15 @@ def _segment_plan(model: onnx.ModelProto, specs: Sequence[ActivationSpec], budge
         log.info("calibration runs the whole model in one session: a tensor between segments has no known type")
         return None
     segments = []
-    for index, nodes in enumerate(cuts):
+    for index, positions in enumerate(cuts):
         carry = sorted(
             name for name in crossing
             if producer.get(name) == index and last_reader.get(name, -1) > index
         )
-        segments.append(_Segment(nodes, sorted(inputs[index]), carry, by_segment.get(index, [])))
+        nodes = [graph.node[position] for position in positions]
+        segments.append(
+            _Segment(nodes, sorted(inputs[index]), carry, by_segment.get(index, []), segment_reads[index])
+        )
     log.info("calibration runs the model in %d segments of at most %d MiB of weights", len(segments), budget >> 20)
     return _SegmentPlan(segments, elem_types, last_reader, {name: i for i, name in enumerate(sorted(crossing))})
 
@@ -485,9 +479,9 @@ def _segment_model(model: onnx.ModelProto, segment: _Segment, elem_types: Mappin
     graph.node.extend(segment.nodes)
     del graph.input[:]
     graph.input.extend(onnx.helper.make_tensor_value_info(name, elem_types[name], None) for name in segment.inputs)
+    del graph.output[:]  # the caller exposes what it needs (the model's outputs are not made here)
     del graph.value_info[:]
-    needed = {name for node in segment.nodes for name in _reads(node)}
-    graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name in needed)
+    graph.initializer.extend(tensor for tensor in model.graph.initializer if tensor.name in segment.reads)
     return shell
 
 

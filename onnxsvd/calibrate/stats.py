@@ -20,9 +20,19 @@ from scipy.linalg import blas
 from onnxsvd.errors import StatsError
 from onnxsvd.io import atomic_path
 
-__all__ = ["ActivationStats", "Statistics", "StatisticsWriter", "StatsAccumulator", "Workspace", "combine"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ActivationStats",
+    "Statistics",
+    "StatisticsWriter",
+    "StatsAccumulator",
+    "Workspace",
+    "combine",
+]
 
-_FORMAT_VERSION = 1
+#: The statistics file's format. 2: the model fingerprint covers weight values and node attributes (files
+#: of format 1 carry a fingerprint of the structure alone, which another checkpoint also matched).
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +177,8 @@ class Statistics:
         read only when it is looked up, so a rewrite holds one Gram at a time.
 
         Raises:
-            StatsError: missing, unreadable, or not an onnxsvd statistics file.
+            StatsError: missing, unreadable, not an onnxsvd statistics file, or of another format version
+                (:data:`FORMAT_VERSION`).
         """
         path = Path(path)
         if not path.is_file():
@@ -179,10 +190,17 @@ class Statistics:
         if not hasattr(data, "files") or "__fingerprint__" not in data.files:
             raise StatsError(f"{path} is not an onnxsvd statistics file; make one with 'onnxsvd calibrate'")
         try:
+            version = int(data["__format__"]) if "__format__" in data.files else None
             names = [str(name) for name in data["__names__"]]
             fingerprint = str(data["__fingerprint__"])
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as error:
             raise StatsError(f"cannot read statistics {path} ({error}); re-run 'onnxsvd calibrate'") from error
+        if version != FORMAT_VERSION:
+            found = "no format version" if version is None else f"format {version}"
+            raise StatsError(
+                f"statistics {path} have {found}, this onnxsvd reads format {FORMAT_VERSION}; "
+                "re-run 'onnxsvd calibrate' on the model to make them again"
+            )
         return cls(fingerprint=fingerprint, activations=_LazyActivations(path, data, names))
 
 
@@ -246,7 +264,7 @@ class StatisticsWriter:
 
     def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
         if error is None:
-            self._write("__format__", np.array(_FORMAT_VERSION))
+            self._write("__format__", np.array(FORMAT_VERSION))
             self._write("__fingerprint__", np.array(self.fingerprint))
             self._write("__names__", np.array(self.names, dtype=str))
         self._zip.close()

@@ -19,7 +19,9 @@ identity metric: one code path for all three methods.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -41,6 +43,8 @@ __all__ = [
     "spectrum",
     "randomized_svd",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +205,8 @@ class Decomposition:
     """The (possibly partial) SVD of ``Lᵀ W``: ``u`` ``[K, m]``, ``s`` ``[m]`` descending, ``vt`` ``[m, N]``.
 
     ``m = min(K, N)`` for an exact SVD, or the computed leading components for a randomized one;
-    ``total_energy`` is always ``‖Lᵀ W‖_F² = Σ σ_i²`` over the full spectrum.
+    ``total_energy`` is always ``‖Lᵀ W‖_F² = Σ σ_i²`` over the full spectrum. ``notes`` say which SVD
+    needed the fallback driver and why (empty when the first driver worked).
     """
 
     weight: np.ndarray
@@ -211,6 +216,7 @@ class Decomposition:
     vt: np.ndarray
     total_energy: float = -1.0
     options: SvdOptions = EXACT
+    notes: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -231,10 +237,13 @@ class Factorization:
     Attributes:
         stages: ``(A_i, B_i)`` with ``A_i`` ``[K, r_i]`` and ``B_i`` ``[r_i, N]``; ``W ≈ Σ_i A_i B_i``.
         kept_energy: the share of ``Σσ²`` of ``Lᵀ W`` the total rank keeps.
+        notes: every SVD behind these factors (the decomposition's and each later stage's) that needed
+            the fallback driver, and why.
     """
 
     stages: tuple[tuple[np.ndarray, np.ndarray], ...]
     kept_energy: float
+    notes: tuple[str, ...] = ()
 
     @property
     def rank(self) -> int:
@@ -252,25 +261,103 @@ class Factorization:
         return sum(a.astype(np.float64) @ b.astype(np.float64) for a, b in self.stages)
 
 
-def _svd(matrix: np.ndarray, options: SvdOptions = EXACT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Thin SVD, with the slower but sturdier gesvd driver as fallback when gesdd does not converge."""
+#: One thin SVD: ``U`` ``[K, m]``, ``σ`` ``[m]``, ``Vᵀ`` ``[m, N]``, and the note of the fallback it needed
+#: (``None`` when the first driver worked).
+_Triplets = tuple[np.ndarray, np.ndarray, np.ndarray, "str | None"]
+
+
+def _svd(matrix: np.ndarray, options: SvdOptions = EXACT) -> _Triplets:
+    """Thin SVD of ``matrix`` ``[K, N]``, falling back to a slower, sturdier driver when the first fails.
+
+    The first driver is LAPACK's divide-and-conquer ``gesdd`` (numpy backend) or ``torch.linalg.svd``. It
+    fails when it raises (no convergence) or returns NaN/Inf. The fallback is then, on CUDA, torch's
+    ``gesvd`` driver, and after it (or on the CPU at once) scipy's LAPACK ``gesvd`` in float64. The note
+    says which driver failed, how, and which one gave the result.
+
+    Raises:
+        np.linalg.LinAlgError: every driver failed (naming each failure).
+    """
     if options.backend == "torch":
         return _torch_svd(matrix, options)
     try:
-        return scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesdd", check_finite=False)
-    except np.linalg.LinAlgError:
-        return scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesvd", check_finite=False)
+        u, s, vt = scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesdd", check_finite=False)
+        failure = None if _finite(u, s, vt) else "NaN or Inf in its result"
+    except np.linalg.LinAlgError as error:
+        failure = _first_line(error)
+    if failure is None:
+        return u, s, vt, None
+    u, s, vt = _lapack_gesvd(matrix, f"LAPACK gesdd: {failure}")
+    return u, s, vt, f"SVD fallback: LAPACK gesdd failed ({failure}); used LAPACK gesvd in float64"
 
 
-def _torch_svd(matrix: np.ndarray, options: SvdOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _finite(*arrays: object) -> bool:
+    """True when every array (numpy, or torch on any device) holds only finite values."""
+    for array in arrays:
+        if isinstance(array, np.ndarray):
+            if not np.all(np.isfinite(array)):
+                return False
+        elif not bool(array.isfinite().all()):  # type: ignore[attr-defined]
+            return False
+    return True
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _lapack_gesvd(matrix: np.ndarray, failed: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fallback SVD: scipy's LAPACK ``gesvd`` (QR iteration) in float64, on the CPU.
+
+    Raises:
+        np.linalg.LinAlgError: ``gesvd`` failed too; the message names ``failed`` (the earlier failures).
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)  # [K, N]
+    try:
+        u, s, vt = scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesvd", check_finite=False)
+    except np.linalg.LinAlgError as error:
+        raise np.linalg.LinAlgError(f"{failed}; LAPACK gesvd: {_first_line(error)}") from error
+    if not _finite(u, s, vt):
+        raise np.linalg.LinAlgError(f"{failed}; LAPACK gesvd: NaN or Inf in its result")
+    return u, s, vt
+
+
+def _torch_svd(matrix: np.ndarray, options: SvdOptions) -> _Triplets:
     import torch
 
     device = torch.device(options.device)
     # float64 on CPU; on CUDA float32 is several times faster and ample for a rank-r truncation.
     dtype = torch.float64 if device.type == "cpu" else torch.float32
-    tensor = torch.as_tensor(matrix, dtype=dtype, device=device)
-    u, s, vt = torch.linalg.svd(tensor, full_matrices=False)
-    return (u.double().cpu().numpy(), s.double().cpu().numpy(), vt.double().cpu().numpy())
+    tensor = torch.as_tensor(matrix, dtype=dtype, device=device)  # [K, N]
+    u, s, vt, note = _torch_thin_svd(tensor)  # [K, m], [m], [m, N]
+    return (u.double().cpu().numpy(), s.double().cpu().numpy(), vt.double().cpu().numpy(), note)
+
+
+def _torch_thin_svd(tensor: Any) -> tuple[Any, Any, Any, str | None]:
+    """``torch.linalg.svd`` of ``tensor`` ``[K, N]`` with the fallbacks of :func:`_svd`; the factors come
+    back as tensors of the input's dtype and device."""
+    import torch
+
+    try:
+        u, s, vt = torch.linalg.svd(tensor, full_matrices=False)
+        failure = None if _finite(u, s, vt) else "NaN or Inf in its result"
+    except RuntimeError as error:  # torch.linalg.LinAlgError is a RuntimeError
+        failure = _first_line(error)
+    if failure is None:
+        return u, s, vt, None
+    where = f"torch.linalg.svd on {tensor.device.type}"
+    if tensor.device.type == "cuda":
+        try:
+            u, s, vt = torch.linalg.svd(tensor, full_matrices=False, driver="gesvd")
+            if _finite(u, s, vt):
+                return u, s, vt, f"SVD fallback: {where} failed ({failure}); used its gesvd driver"
+            failure += "; its gesvd driver: NaN or Inf in its result"
+        except RuntimeError as error:
+            failure += f"; its gesvd driver: {_first_line(error)}"
+    u, s, vt = _lapack_gesvd(tensor.double().cpu().numpy(), f"{where}: {failure}")  # [K, m], [m], [m, N]
+    back = [torch.as_tensor(part, dtype=tensor.dtype, device=tensor.device) for part in (u, s, vt)]
+    note = f"SVD fallback: {where} failed ({failure}); used scipy's LAPACK gesvd in float64 on the CPU"
+    return back[0], back[1], back[2], note
 
 
 def randomized_svd(
@@ -279,8 +366,17 @@ def randomized_svd(
     """Leading ``rank`` singular triplets of ``matrix`` ``[K, N]`` by a randomized range finder.
 
     ``Y = M Ω`` with ``Ω`` ``[N, l]`` Gaussian, ``l = rank + oversample``; ``q`` power iterations
-    ``Y ← M (Mᵀ Q)`` with re-orthonormalisation; then the exact SVD of the small ``Qᵀ M`` ``[l, N]``.
+    ``Y ← M (Mᵀ Q)`` with re-orthonormalisation; then the exact SVD of the small ``Qᵀ M`` ``[l, N]``
+    (with the fallback driver of :func:`decompose`, logged as a warning here; :func:`decompose` reports it
+    in :attr:`Decomposition.notes`).
     """
+    u, s, vt, note = _randomized_svd(matrix, rank, options)
+    if note is not None:
+        log.warning("%s", note)
+    return u, s, vt
+
+
+def _randomized_svd(matrix: np.ndarray, rank: int, options: SvdOptions) -> _Triplets:
     if options.backend == "torch":
         return _torch_randomized_svd(matrix, rank, options)
     k, n = matrix.shape
@@ -292,13 +388,11 @@ def randomized_svd(
         co_basis, _ = np.linalg.qr(matrix.T @ basis)  # [N, l]
         basis, _ = np.linalg.qr(matrix @ co_basis)  # [K, l]
     # SVD of the tall (Qᵀ M)ᵀ = V Σ Ûᵀ [N, l]: LAPACK is faster on tall than on wide matrices.
-    v, s, small_ut = _svd((basis.T @ matrix).T)  # [N, l], [l], [l, l]
-    return (basis @ small_ut.T)[:, :rank], s[:rank], v.T[:rank]  # U = Q Û: [K, r]; Vᵀ: [r, N]
+    v, s, small_ut, note = _svd((basis.T @ matrix).T)  # [N, l], [l], [l, l]
+    return (basis @ small_ut.T)[:, :rank], s[:rank], v.T[:rank], note  # U = Q Û: [K, r]; Vᵀ: [r, N]
 
 
-def _torch_randomized_svd(
-    matrix: np.ndarray, rank: int, options: SvdOptions
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _torch_randomized_svd(matrix: np.ndarray, rank: int, options: SvdOptions) -> _Triplets:
     import torch
 
     device = torch.device(options.device)
@@ -312,9 +406,14 @@ def _torch_randomized_svd(
     for _ in range(options.power_iterations):
         co_basis, _ = torch.linalg.qr(m.T @ basis)  # [N, l]
         basis, _ = torch.linalg.qr(m @ co_basis)  # [K, l]
-    v, s, small_ut = torch.linalg.svd((basis.T @ m).T, full_matrices=False)  # tall: [N, l], [l], [l, l]
+    v, s, small_ut, note = _torch_thin_svd((basis.T @ m).T)  # tall: [N, l], [l], [l, l]
     u = basis @ small_ut.T  # U = Q Û: [K, l]
-    return (u[:, :rank].double().cpu().numpy(), s[:rank].double().cpu().numpy(), v.T[:rank].double().cpu().numpy())
+    return (
+        u[:, :rank].double().cpu().numpy(),  # [K, r]
+        s[:rank].double().cpu().numpy(),  # [r]
+        v.T[:rank].double().cpu().numpy(),  # [r, N]
+        note,
+    )
 
 
 def decompose(
@@ -332,15 +431,26 @@ def decompose(
     if not np.all(np.isfinite(weight)):
         raise FactorizationError("weight contains NaN or Inf")
     transformed = metric.apply(weight)  # Lᵀ W: [K, N]
+    u, s, vt, note = _decompose_transformed(transformed, rank, options)  # [K, m], [m], [m, N]
+    total = float(np.sum(transformed * transformed))
+    notes = () if note is None else (note,)
+    return Decomposition(
+        weight=weight, metric=metric, u=u, s=s, vt=vt, total_energy=total, options=options, notes=notes
+    )
+
+
+def _decompose_transformed(transformed: np.ndarray, rank: int | None, options: SvdOptions) -> _Triplets:
+    """Randomized or exact SVD of ``Lᵀ W`` ``[K, N]`` as ``options`` allow, with the fallback's note.
+
+    Raises:
+        FactorizationError: every driver failed.
+    """
     try:
-        if options.use_randomized(rank, *weight.shape):
-            u, s, vt = randomized_svd(transformed, int(rank), options)  # type: ignore[arg-type]
-        else:
-            u, s, vt = _svd(transformed, options)  # [K, m], [m], [m, N]
+        if options.use_randomized(rank, *transformed.shape):
+            return _randomized_svd(transformed, int(rank), options)  # type: ignore[arg-type]
+        return _svd(transformed, options)
     except (np.linalg.LinAlgError, ValueError, RuntimeError) as error:
         raise FactorizationError(f"SVD failed: {error}") from error
-    total = float(np.sum(transformed * transformed))
-    return Decomposition(weight=weight, metric=metric, u=u, s=s, vt=vt, total_energy=total, options=options)
 
 
 def spectrum(weight: np.ndarray, metric: Metric = IDENTITY) -> np.ndarray:
@@ -401,23 +511,22 @@ def truncate(decomposition: Decomposition, stage_ranks: Sequence[int], storage_d
         raise FactorizationError(f"rank {ranks[0]} exceeds the {decomposition.s.shape[0]} computed components")
     metric = decomposition.metric
     stages: list[tuple[np.ndarray, np.ndarray]] = []
+    notes = list(decomposition.notes)
     residual = decomposition.weight  # [K, N]
     u, s, vt = decomposition.u, decomposition.s, decomposition.vt
     for index, rank in enumerate(ranks):
         if index > 0:
             transformed = metric.apply(residual)  # Lᵀ R: [K, N]
-            options = decomposition.options
-            if options.use_randomized(rank, *residual.shape):
-                u, s, vt = randomized_svd(transformed, rank, options)  # [K, r], [r], [r, N]
-            else:
-                u, s, vt = _svd(transformed, options)  # [K, m], [m], [m, N]
+            u, s, vt, note = _decompose_transformed(transformed, rank, decomposition.options)  # [K, m], [m], [m, N]
+            if note is not None:
+                notes.append(f"stage {index + 1}: {note}")
         a, b = _stage_factors(u, s, vt, rank, metric)  # [K, r], [r, N]
         a_stored = a.astype(storage_dtype)
         b_stored = b.astype(storage_dtype)
         stages.append((a_stored, b_stored))
         # The next stage sees what the *stored* factors leave: W − Σ_{j≤i} Â_j B̂_j.
         residual = residual - a_stored.astype(np.float64) @ b_stored.astype(np.float64)  # [K, N]
-    return Factorization(stages=tuple(stages), kept_energy=decomposition.kept_energy(sum(ranks)))
+    return Factorization(stages=tuple(stages), kept_energy=decomposition.kept_energy(sum(ranks)), notes=tuple(notes))
 
 
 def factorize(

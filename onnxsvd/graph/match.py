@@ -198,6 +198,9 @@ class GraphIndex:
     outer scope to the outer value itself, so such a read counts as one by the node that holds the body.
     Positions are indices in ``graph.node``. Building the onnx-ir graph wraps the tensors; nothing is
     copied, and external data is not read.
+
+    Attributes:
+        reads: per position, every name the node reads: its inputs and what its bodies read from outside.
     """
 
     def __init__(self, graph: onnx.GraphProto) -> None:
@@ -207,6 +210,7 @@ class GraphIndex:
         self.graph_outputs = {value.name for value in graph.output}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = defaultdict(list)  # each reading node once, in graph order
+        self.reads: list[set[str]] = [set() for _ in graph.node]
         linked = ir.serde.deserialize_graph(graph)
         position: dict[int, int] = {}  # id(ir node), its body nodes' at any depth too → index in graph.node
         for index, node in enumerate(linked):
@@ -225,6 +229,20 @@ class GraphIndex:
             readers = sorted({position[id(use.node)] for use in value.uses()})
             if readers:
                 self.consumers[value.name] = readers
+            for reader in readers:
+                self.reads[reader].add(value.name)
+
+    def needed(self, names: Iterable[str]) -> tuple[list[int], set[str]]:
+        """What computing ``names`` takes: the positions of the nodes it needs (in graph order), and every
+        name those nodes read (so the initializers to keep), outer-scope reads of their bodies included."""
+        needed = set(names)
+        keep: list[int] = []
+        for position in reversed(range(len(self.graph.node))):
+            if any(name in needed for name in self.graph.node[position].output):
+                keep.append(position)
+                needed |= self.reads[position]
+        keep.reverse()
+        return keep, needed
 
     def constant_tensor(self, name: str) -> onnx.TensorProto | None:
         """The stored tensor behind ``name`` if it is an initializer or a ``Constant`` node's value."""
@@ -275,23 +293,6 @@ def node_bodies(node: ir.Node) -> list[ir.Graph]:
         elif attribute.type == ir.AttributeType.GRAPHS:
             bodies.extend(attribute.as_graphs())
     return bodies
-
-
-def _subgraph_references(node: onnx.NodeProto) -> set[str]:
-    """Names that subgraphs (If/Loop/Scan bodies) of ``node`` read from the outer scope."""
-    names: set[str] = set()
-    for attribute in node.attribute:
-        graphs = list(attribute.graphs)
-        if attribute.HasField("g"):
-            graphs.append(attribute.g)
-        for graph in graphs:
-            local = {t.name for t in graph.initializer} | {v.name for v in graph.input}
-            for inner in graph.node:
-                local.update(inner.output)
-            for inner in graph.node:
-                names.update(name for name in inner.input if name and name not in local)
-                names.update(_subgraph_references(inner))
-    return names
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: float | int) -> float | int:

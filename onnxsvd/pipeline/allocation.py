@@ -131,10 +131,14 @@ def global_ranks(
     if config.policy.kind == "rank" or config.stage_ranks is not None:
         raise UsageError("--allocate global takes --ratio (a budget over all sites) or --energy, not a fixed rank")
 
+    fallbacks: list[str] = []
+
     def decompose_group(key: str) -> Decomposition:
         weight = load_weight(index, groups[key][0], base_dir)
         goal, metric = target(groups[key], weight)
-        return decompose(goal, metric)  # the whole spectrum: [min(K, N)]
+        decomposition = decompose(goal, metric)  # the whole spectrum: [min(K, N)]
+        fallbacks.extend(f"{groups[key][0].name}: {note}" for note in decomposition.notes)
+        return decomposition
 
     spectra: dict[str, np.ndarray] = {}
     for key, sites in groups.items():
@@ -186,4 +190,4 @@ def global_ranks(
         )
     if batches is not None:
         note += f"; sensitivities measured at ratios {list(config.sensitivity_ratios)}"
-    return dict(allocation.ranks), [note]
+    return dict(allocation.ranks), [note] + [f"sensitivity measurement, {fallback}" for fallback in fallbacks]

@@ -15,7 +15,7 @@ from onnxsvd.graph.records import SOURCE_FINGERPRINT_KEY
 from onnxsvd.pipeline.group import GroupOutcome
 from onnxsvd.pipeline.report import RewriteReport, SiteReport
 
-__all__ = ["RewriteResult", "assemble", "emit_outcomes"]
+__all__ = ["RewriteResult", "assemble", "emit_outcomes", "fallback_notes"]
 
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,23 @@ def _site_reports(outcome: GroupOutcome) -> list[SiteReport]:
                 factorized_ms=outcome.factorized_ms,
                 speedup=outcome.speedup,
                 speed_provider=outcome.speed_provider,
+                notes=list(outcome.notes),
             )
         )
     return reports
+
+
+def fallback_notes(sites: list[SiteReport], shown: int = 4) -> list[str]:
+    """One report note per distinct SVD fallback, naming the sites it happened at (the first ``shown``)."""
+    at: dict[str, list[str]] = {}
+    for site in sites:
+        for note in site.notes:
+            at.setdefault(note, []).append(site.name)
+    lines = []
+    for note, names in at.items():
+        listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+        lines.append(f"{note} — at {len(names)} site{'s' if len(names) > 1 else ''}: {listed}")
+    return lines
 
 
 def emit_outcomes(
@@ -145,6 +159,7 @@ def assemble(
         seconds=time.perf_counter() - started,
         notes=notes,
     )
+    report.notes.extend(fallback_notes(report.sites))
     log.info(
         "factorized %d of %d MatMul/Gemm nodes; parameters %d → %d; bytes %s → %d",
         len(report.factorized),

@@ -122,6 +122,7 @@ class GroupOutcome:
     speed_provider: str | None = None
     rank: int = 0
     prepared: bool = False
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def factorized(self) -> bool:
@@ -237,10 +238,12 @@ def factor_group(
             raise FactorizationError("weight contains NaN or Inf")
         goal, metric = target(sites, weight)  # [K, N], Lᵀ
         decomposition = decompose(goal, metric, rank=planned, options=svd_options(config))
+        outcome.notes = list(decomposition.notes)  # an SVD fallback is reported even if the site stays dense
         ranks, reason = _choose_ranks(site, config, decomposition, rank_override)
         outcome.reason = reason
         if ranks is not None:
             factorization = truncate(decomposition, ranks, onnx.helper.tensor_dtype_to_np_dtype(storage))
+            outcome.notes = list(factorization.notes)  # the decomposition's and every later stage's
             if refit is not None:
                 factorization = refit(sites, weight, factorization)
             norm = float(np.linalg.norm(weight))
@@ -255,6 +258,8 @@ def factor_group(
         outcome.reason = str(error)
     outcome.seconds = time.perf_counter() - tick
     log.debug("%s: %s", site.name, outcome.reason)
+    for note in outcome.notes:
+        log.debug("%s: %s", site.name, note)
     return outcome
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import os
 import time
@@ -20,7 +21,7 @@ import onnx
 from onnxsvd import io
 from onnxsvd.calibrate.stats import Statistics
 from onnxsvd.config import Progress, RewriteConfig
-from onnxsvd.errors import StatsError, UsageError
+from onnxsvd.errors import FactorizationError, StatsError, UsageError
 from onnxsvd.factorize import Metric, decompose, identity_metric
 from onnxsvd.graph import FactorTensors, GraphIndex, Site, find_sites
 from onnxsvd.pipeline.allocation import global_ranks
@@ -75,10 +76,11 @@ def rewrite(
     started = time.perf_counter()
     if config.needs_statistics and statistics is None:
         raise UsageError(f"--method {config.method} needs calibration data: pass --stats stats.npz or --data DATA")
-    source_fingerprint = io.fingerprint(model)
+    source_fingerprint = io.fingerprint(model, base_dir)  # recorded in the output, checked against statistics
     if statistics is not None and statistics.fingerprint != source_fingerprint:
         raise StatsError(
-            "the statistics were collected on another model (fingerprint mismatch); "
+            f"the statistics were collected on another model (fingerprint {statistics.fingerprint}, this "
+            f"model's is {source_fingerprint}: another graph, attribute or weight values); "
             "re-run 'onnxsvd calibrate' on this model"
         )
     params_before, bytes_before = io.count_parameters(model), io.count_bytes(model)
@@ -137,7 +139,8 @@ def _start_up(config: RewriteConfig) -> list[str]:
     """
     options = svd_options(config)
     tick = time.perf_counter()
-    decompose(np.eye(2), identity_metric(), options=options)  # [2, 2]: the same backend as every site
+    with contextlib.suppress(FactorizationError):  # every site's own SVD fails too, and reports why
+        decompose(np.eye(2), identity_metric(), options=options)  # [2, 2]: the same backend as every site
     seconds = time.perf_counter() - tick
     if seconds < _START_UP_NOTE_SECONDS:
         return []

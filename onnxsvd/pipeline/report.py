@@ -40,6 +40,8 @@ class SiteReport:
         factorized_ms: median time of its factor chain alone, on the same activation and provider.
         speedup: ``dense_ms / factorized_ms``; the chain is kept only when this is above 1.
         speed_provider: the provider those times are from (the one where the chain gains least).
+        notes: what the site's SVDs needed beyond the first driver (an SVD fallback: which driver failed,
+            how, and which one gave the factors); empty when nothing did.
     """
 
     name: str
@@ -61,6 +63,7 @@ class SiteReport:
     factorized_ms: float | None = None
     speedup: float | None = None
     speed_provider: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

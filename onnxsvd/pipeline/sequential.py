@@ -217,7 +217,7 @@ def rewrite_sequential(
             progress(step, len(order), f"level {level}")
     result = assemble(
         working, match, [outcomes[key] for key in groups], config, params_before, started, bytes_before=bytes_before,
-        source_fingerprint=io.fingerprint(original),
+        source_fingerprint=io.fingerprint(original, base_dir),
     )
     result.report.notes.append(
         f"sequential: {len(order)} levels, {2 * len(order)} pruned model runs over the calibration data; "
@@ -259,6 +259,6 @@ def _level_fit(config: RewriteConfig, stats: CrossStats):
             width = a.shape[1]
             stages.append((a, b_fused[start : start + width].astype(dtype)))
             start += width
-        return Factorization(stages=tuple(stages), kept_energy=factorization.kept_energy)
+        return Factorization(stages=tuple(stages), kept_energy=factorization.kept_energy, notes=factorization.notes)
 
     return target, (None if config.method == "whiten" else refit)
