@@ -115,10 +115,11 @@ class FactorTensors:
         self.graph = model.graph
         self.data_file = data_file
         self.names = _Names(model.graph)
-        self.made: dict[tuple[str, str, int, str], str] = {}
-        self.pieces: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        self.made: dict[tuple[str, int, str, bool], str] = {}
+        self.pieces: dict[tuple[str, str, bool], list[tuple[str, str]]] = {}
         self.group_base: dict[str, str] = {}
-        self.pending_casts: list[onnx.NodeProto] = []
+        self.frame: dict[str, bool] = {}  # per group, the kn_transposed its factors were computed for
+        self.pending_casts: list[onnx.NodeProto] = []  # Casts and Transposes of factors, not yet placed
 
     def prepare(self, sites: Sequence[Site], factorization: Factorization, storage: int, layout: str) -> None:
         """Create the initializers every site of one group will read."""
@@ -128,42 +129,56 @@ class FactorTensors:
     def names_for(
         self, site: Site, factorization: Factorization | None, storage: int, layout: str
     ) -> list[tuple[str, str]]:
-        """Per chain (one fused, or one per stage), the names of the two constants the site's nodes read."""
-        key = (site.group, site.weight_side)
+        """Per chain (one fused, or one per stage), the names of the two constants the site's nodes read.
+
+        A group's factors ``A`` ``[K, r]``, ``B`` ``[r, N]`` are those of the first of its sites seen here
+        (the site it was factorized for, the first in graph order). A site reading the weight the other way
+        round (:attr:`Site.kn_transposed` differs) has ``W_kn = Wᵀ ≈ Bᵀ·Aᵀ``: its first factor is ``Bᵀ``
+        and its second ``Aᵀ``. Each factor is stored once; a site that needs it transposed reads it
+        through a ``Transpose`` node, so shared factors are never stored twice.
+        """
+        flipped = site.kn_transposed != self.frame.setdefault(site.group, site.kn_transposed)
+        key = (site.group, site.weight_side, flipped)
         if key in self.pieces:
             return self.pieces[key]
         if factorization is None:
             raise KeyError(f"factors of {site.name!r} were neither prepared nor given")
         pieces = [factorization.fused()] if layout == "fused" else list(factorization.stages)
+        # Right form: the nodes read (A, B) of the site's own W_kn; the mirror reads (Aᵀ, Bᵀ).
+        transposed = (site.weight_side == "left") != flipped
         names: list[tuple[str, str]] = []
         for stage, (a, b) in enumerate(pieces):
             stage_id = -1 if layout == "fused" else stage
-            if site.weight_side == "right":
-                first = self._tensor(site, stage_id, "a", a, storage)  # A [K, r]
-                second = self._tensor(site, stage_id, "b", b, storage)  # B [r, N]
-            else:
-                first = self._tensor(site, stage_id, "a", a.T, storage)  # Aᵀ [r, K]
-                second = self._tensor(site, stage_id, "b", b.T, storage)  # Bᵀ [N, r]
+            roles = (("a", a), ("b", b)) if not flipped else (("b", b), ("a", a))  # A [K, r], B [r, N]
+            first, second = (self._tensor(site, stage_id, which, value, transposed, storage) for which, value in roles)
             names.append((first, second))
         self.pieces[key] = names
         return names
 
-    def _tensor(self, site: Site, stage: int, which: str, value: np.ndarray, storage: int) -> str:
+    def _tensor(self, site: Site, stage: int, which: str, value: np.ndarray, transposed: bool, storage: int) -> str:
         """Name of the tensor the site's node reads for factor ``which`` (``"a"``/``"b"``) of ``stage``.
 
-        ``value`` is the factor as the node consumes it (already transposed for the mirror form).
+        ``value`` is the group's factor in its normal form; ``transposed`` asks for ``valueᵀ``: stored so
+        when it is the first form asked for, else a ``Transpose`` of the stored form.
         """
-        key = (site.group, site.weight_side, stage, which)
+        key = (site.group, stage, which, transposed)
         if key in self.made:
             return self.made[key]
+        counterpart = self.made.get((site.group, stage, which, not transposed))
+        if counterpart is not None:
+            consumed = self.names.fresh(f"{counterpart}.T")
+            self.pending_casts.append(helper.make_node("Transpose", [counterpart], [consumed], name=consumed))
+            self.made[key] = consumed
+            return consumed
         base = self.group_base.get(site.group)
         if base is None:
             base = self.names.fresh(_clean(site.weight.tensor) + ".svd")
             self.group_base[site.group] = base
         stage_part = "" if stage < 0 else f"_s{stage + 1}"
-        side_part = "" if site.weight_side == "right" else "_t"
+        side_part = "_t" if transposed else ""
         name = self.names.fresh(f"{base}{stage_part}_{which}{side_part}")
-        array = np.ascontiguousarray(value.astype(helper.tensor_dtype_to_np_dtype(storage)))
+        stored = value.T if transposed else value
+        array = np.ascontiguousarray(stored.astype(helper.tensor_dtype_to_np_dtype(storage)))
         if self.data_file is not None:
             self.graph.initializer.append(self.data_file.tensor(array, name))
         else:

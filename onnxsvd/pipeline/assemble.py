@@ -100,16 +100,18 @@ def assemble(
     ``params_before`` and ``bytes_before`` are :func:`onnxsvd.io.count_parameters` and
     :func:`onnxsvd.io.count_bytes` of the model before any factor was added to it.
     """
-    reports: dict[int, SiteReport] = {}
+    # In graph order; a node holding a body comes before the skipped nodes inside it, in their order.
+    reports: dict[tuple[int, int], SiteReport] = {}
     for outcome in outcomes:
         for site, report in zip(outcome.sites, _site_reports(outcome), strict=True):
-            reports[site.node_index] = report
-    for skip in match.skips:
-        params = int(np.prod(skip.shape)) if skip.shape else 0
-        reports[skip.node_index] = SiteReport(
+            reports[(site.node_index, 0)] = report
+    for order, skip in enumerate(match.skips, start=1):
+        params = skip.params or (int(np.prod(skip.shape)) if skip.shape else 0)
+        matmul = skip.kind == "matmul"  # only a MatMul/Gemm of the main graph has a [K, N] normal form
+        reports[(skip.node_index, order)] = SiteReport(
             name=skip.name,
             op_type=skip.op_type,
-            shape=list(skip.shape) if skip.shape and len(skip.shape) == 2 else None,
+            shape=list(skip.shape) if matmul and skip.shape and len(skip.shape) == 2 else None,
             action="kept",
             reason=skip.reason,
             params_before=params,

@@ -1,0 +1,180 @@
+"""Weights shared through chains: one factorization per stored weight, whatever the chains between.
+
+Sharing is decided on the stored constant after following every chain (``Identity``, ``Transpose``,
+``Cast``, ``Reshape``, ``DequantizeLinear``, ``Cast → Mul``): a rewrite never grows a model whose
+weights serve many nodes, and ``inspect`` never counts more parameters in sites than the model holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxsvd import RankPolicy, RewriteConfig, rewrite
+from onnxsvd.calibrate.stats import ActivationStats, Statistics
+from onnxsvd.graph import GraphIndex, find_sites, load_weight
+from onnxsvd.io import count_parameters, fingerprint
+from onnxsvd.pipeline.group import group_statistics
+from onnxsvd.pipeline.inspect import inspect_model
+from tests.conftest import FULL_RANK
+from tests.models import assert_valid, identity_shared_case, make_model, relative_error, run
+
+FULL_RANK_TOLERANCE = 1e-4
+
+
+def _value(name: str, shape: list[int], dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def test_uses_through_separate_identities_and_transposes_are_one_group_per_stored_weight(
+    rng: np.random.Generator,
+) -> None:
+    case = identity_shared_case(rng, dim=16, layers=3)
+    match = find_sites(case.model)
+    assert len(match.sites) == 9 and not match.skips
+    groups: dict[str, list[str]] = {}
+    for site in match.sites:
+        groups.setdefault(site.group, []).append(site.name)
+    assert sorted(groups.values()) == [
+        ["layer0/a", "layer1/a", "layer2/a"],
+        ["layer0/b", "layer0/bt", "layer1/b", "layer1/bt", "layer2/b", "layer2/bt"],
+    ]
+    by_name = {site.name: site for site in match.sites}
+    assert not by_name["layer1/b"].kn_transposed and by_name["layer1/bt"].kn_transposed
+    index = GraphIndex(case.model.graph)
+    for site in match.sites:
+        np.testing.assert_array_equal(load_weight(index, site), case.weights[site.name])
+
+
+def test_shared_weights_never_grow_the_model_and_full_rank_is_exact(rng: np.random.Generator, tmp_path: Path) -> None:
+    case = identity_shared_case(rng, dim=48, layers=4)
+    full = rewrite(case.model, RewriteConfig(policy=FULL_RANK))
+    assert_valid(full.model)
+    for expected, actual in zip(run(case.model, case.feeds), run(full.model, case.feeds), strict=True):
+        assert relative_error(actual, expected) < FULL_RANK_TOLERANCE
+
+    half = rewrite(case.model, RewriteConfig(policy=RankPolicy("ratio", 0.5)))
+    assert_valid(half.model)
+    report = half.report
+    assert len(report.factorized) == 12
+    rank = report.factorized[0].rank
+    # Two factorizations (one per stored weight), each stored once: the transposed uses read them through
+    # Transpose nodes, not copies.
+    assert report.params_after == 2 * rank * (48 + 48) < report.params_before == 2 * 48 * 48
+    assert report.bytes_after < report.bytes_before
+    assert sum(node.op_type == "Transpose" for node in half.model.graph.node) == 2  # Aᵀ and Bᵀ of Wb, once
+    before, after = tmp_path / "before.onnx", tmp_path / "after.onnx"
+    onnx.save(case.model, before)
+    onnx.save(half.model, after)
+    assert after.stat().st_size < before.stat().st_size
+
+
+def test_inspect_counts_each_stored_weight_once(rng: np.random.Generator) -> None:
+    case = identity_shared_case(rng, dim=32, layers=4)
+    inspection = inspect_model(case.model)
+    assert len(inspection.sites) == 12
+    assert inspection.params_in_sites == inspection.params_total == count_parameters(case.model) == 2 * 32 * 32
+    shared = {site.name: site.shared_with for site in inspection.sites}
+    assert len(shared["layer0/a"]) == 3 and len(shared["layer0/b"]) == 7
+
+
+def _stats(rng: np.random.Generator, channels: int, rows: int) -> ActivationStats:
+    x = rng.standard_normal((rows, channels))  # [T, K]
+    return ActivationStats(x.T @ x, np.abs(x).sum(axis=0), np.abs(x).max(axis=0), rows)
+
+
+def test_statistics_of_a_shared_weight_sum_the_grams_of_its_distinct_uses(rng: np.random.Generator) -> None:
+    case = identity_shared_case(rng, dim=8, layers=2)
+    sites = {site.name: site for site in find_sites(case.model).sites}
+    group = [sites[name] for name in ("layer0/b", "layer0/bt", "layer1/b", "layer1/bt")]
+    parts = {site.statistics_key: _stats(rng, 8, 10 + i) for i, site in enumerate(sites.values())}
+    statistics = Statistics(fingerprint(case.model), parts)
+    combined = group_statistics(group, statistics)
+    assert combined is not None
+    # G = Σ XᵀX over the uses in the factorized orientation (layer0/b and layer1/b); the transposed uses'
+    # inputs are in the other space and stay out.
+    expected = parts[sites["layer0/b"].statistics_key].gram + parts[sites["layer1/b"].statistics_key].gram
+    np.testing.assert_allclose(combined.gram, expected)
+    assert combined.rows == parts[sites["layer0/b"].statistics_key].rows + parts[sites["layer1/b"].statistics_key].rows
+    # A site listed twice (or two sites reading one activation) counts its activation once.
+    again = group_statistics([group[0], group[0]], statistics)
+    np.testing.assert_allclose(again.gram, parts[group[0].statistics_key].gram)
+
+
+def test_whitened_rewrite_of_a_shared_weight_reports_which_uses_make_the_metric(rng: np.random.Generator) -> None:
+    case = identity_shared_case(rng, dim=16, layers=2)
+    sites = find_sites(case.model).sites
+    parts = {site.statistics_key: _stats(rng, 16, 40) for site in sites}
+    statistics = Statistics(fingerprint(case.model), parts)
+    result = rewrite(case.model, RewriteConfig(policy=RankPolicy("rank", 4, align=1), method="whiten"), statistics)
+    reasons = {site.name: site.reason for site in result.report.sites}
+    assert "metric from the 2 use(s) reading the weight as [16, 16]" in reasons["layer0/bt"]
+    assert "metric from" not in reasons["layer0/a"]
+    assert_valid(result.model)
+
+
+@pytest.mark.parametrize("layout", ["fused", "stages"])
+def test_mirror_and_transposed_uses_share_factors_exactly(layout: str, rng: np.random.Generator) -> None:
+    # W [K, N] read as X·W, as W·X (mirror), through Transpose (X·Wᵀ) and through Identity → Transpose as Gemm transB.
+    k, n = 12, 7
+    nodes = [
+        helper.make_node("MatMul", ["X1", "W"], ["Y1"], name="plain"),
+        helper.make_node("MatMul", ["W", "X2"], ["Y2"], name="mirror"),
+        helper.make_node("Transpose", ["W"], ["Wt"], name="t"),
+        helper.make_node("MatMul", ["X3", "Wt"], ["Y3"], name="transposed"),
+        helper.make_node("Identity", ["W"], ["Wi"], name="i"),
+        helper.make_node("Gemm", ["X4", "Wi"], ["Y4"], name="gemm", transB=1),
+        helper.make_node("MatMul", ["Wt", "X5"], ["Y5"], name="mirror_t"),
+    ]
+    shapes = {"1": ([3, k], [3, n]), "2": ([n, 4], [k, 4]), "3": ([3, n], [3, k]), "4": ([2, n], [2, k])}
+    shapes["5"] = ([k, 2], [n, 2])
+    inputs = [_value(f"X{i}", x) for i, (x, _) in shapes.items()]
+    outputs = [_value(f"Y{i}", y) for i, (_, y) in shapes.items()]
+    weight = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")
+    model = make_model(nodes, inputs, outputs, [weight])
+    feeds = {f"X{i}": rng.standard_normal(x).astype(np.float32) for i, (x, _) in shapes.items()}
+    result = rewrite(model, RewriteConfig(policy=FULL_RANK, layout=layout, stages=2))
+    assert_valid(result.model)
+    for expected, actual in zip(run(model, feeds), run(result.model, feeds), strict=True):
+        assert relative_error(actual, expected) < FULL_RANK_TOLERANCE
+    assert all(len(site.shared_with) == 4 for site in result.report.sites)
+    factors = [t for t in result.model.graph.initializer if t.name.startswith("W.svd")]
+    assert len(factors) == 2 * (1 if layout == "fused" else 2)
+    assert count_parameters(result.model) == min(k, n) * (k + n)
+
+
+def test_reshaped_constant_is_followed(rng: np.random.Generator) -> None:
+    # A weight stored flat [K·N] and reshaped to [K, N], read by two MatMuls through their own Reshapes.
+    k, n = 6, 10
+    flat = rng.standard_normal(k * n).astype(np.float32)
+    nodes = [
+        helper.make_node("Reshape", ["Wflat", "shape"], ["W1"], name="reshape1"),
+        helper.make_node("Reshape", ["Wflat", "shape"], ["W2"], name="reshape2"),
+        helper.make_node("MatMul", ["X", "W1"], ["H"], name="first"),
+        helper.make_node("Relu", ["H"], ["R"], name="relu"),
+        helper.make_node("Reshape", ["R", "back"], ["R2"], name="dynamic_reshape"),
+    ]
+    model = make_model(
+        nodes + [helper.make_node("MatMul", ["X", "W2"], ["Y"], name="second")],
+        [_value("X", [3, k])],
+        [_value("Y", [3, n]), _value("R2", [3 * n])],
+        [
+            numpy_helper.from_array(flat, "Wflat"),
+            numpy_helper.from_array(np.array([k, -1], dtype=np.int64), "shape"),
+            numpy_helper.from_array(np.array([-1], dtype=np.int64), "back"),
+        ],
+    )
+    match = find_sites(model)
+    assert [site.name for site in match.sites] == ["first", "second"] and not match.skips
+    assert match.sites[0].group == match.sites[1].group
+    np.testing.assert_array_equal(load_weight(GraphIndex(model.graph), match.sites[0]), flat.reshape(k, n))
+    feeds = {"X": rng.standard_normal((3, k)).astype(np.float32)}
+    result = rewrite(model, RewriteConfig(policy=FULL_RANK))
+    assert_valid(result.model)
+    for expected, actual in zip(run(model, feeds), run(result.model, feeds), strict=True):
+        assert relative_error(actual, expected) < FULL_RANK_TOLERANCE
+    assert "dynamic_reshape" in {node.name for node in result.model.graph.node}
