@@ -178,3 +178,39 @@ def test_reshaped_constant_is_followed(rng: np.random.Generator) -> None:
     for expected, actual in zip(run(model, feeds), run(result.model, feeds), strict=True):
         assert relative_error(actual, expected) < FULL_RANK_TOLERANCE
     assert "dynamic_reshape" in {node.name for node in result.model.graph.node}
+
+
+def test_calibrated_sequential_and_global_rewrites_of_shared_weights(rng: np.random.Generator) -> None:
+    from onnxsvd.calibrate import calibrate
+    from onnxsvd.pipeline.sequential import rewrite_sequential
+
+    case = identity_shared_case(rng, dim=16, layers=2)
+    x = rng.standard_normal((4, 5, 16)).astype(np.float32)
+
+    def batches():
+        return ({"X": x[i : i + 2]} for i in range(0, 4, 2))  # the model's batch is 2
+
+    statistics = calibrate(case.model, batches)
+    config = RewriteConfig(policy=RankPolicy("rank", 4, align=1), method="whiten")
+    runs = {
+        "one-shot": rewrite(case.model, config, statistics),
+        "sequential": rewrite_sequential(case.model, config, batches),
+        "global": rewrite(
+            case.model, RewriteConfig(policy=RankPolicy("ratio", 0.5), method="whiten", allocate="global"),
+            statistics, batches=batches,
+        ),
+    }
+    (reference,) = run(case.model, {"X": x[:2]})
+    for label, result in runs.items():
+        assert_valid(result.model)
+        report = result.report
+        assert report.params_after < report.params_before, label
+        factorized = report.factorized
+        assert len(factorized) == 6, label
+        # Each stored weight's factors once, whatever the number of its uses.
+        ranks = {site.name.split("/")[1].rstrip("t"): site.rank for site in factorized}
+        assert report.params_after == sum(ranks.values()) * (16 + 16), label
+        (output,) = run(result.model, {"X": x[:2]})
+        assert output.shape == reference.shape and np.all(np.isfinite(output)), label
+        reasons = {site.name: site.reason for site in factorized}
+        assert "metric from the 2 use(s)" in reasons["layer1/bt"] and "metric from" not in reasons["layer1/a"], label
