@@ -214,3 +214,43 @@ def test_calibrated_sequential_and_global_rewrites_of_shared_weights(rng: np.ran
         assert output.shape == reference.shape and np.all(np.isfinite(output)), label
         reasons = {site.name: site.reason for site in factorized}
         assert "metric from the 2 use(s)" in reasons["layer1/bt"] and "metric from" not in reasons["layer1/a"], label
+
+
+def test_chains_that_change_the_value_differently_are_never_one_group(rng: np.random.Generator) -> None:
+    # One stored int8 tensor, dequantized three ways: per channel before a Transpose, the same after an
+    # Identity (same value: one group), and with another scale (another value: its own group). A per-axis
+    # dequantization after a Transpose is kept apart too (the signature records the orientation).
+    k, n = 8, 6
+    quantized = rng.integers(-100, 100, size=(k, n)).astype(np.int8)
+    tensors = [
+        numpy_helper.from_array(quantized, "Q"),
+        numpy_helper.from_array(rng.uniform(0.01, 0.1, size=n).astype(np.float32), "s1"),
+        numpy_helper.from_array(rng.uniform(0.01, 0.1, size=n).astype(np.float32), "s2"),
+        numpy_helper.from_array(rng.uniform(0.01, 0.1, size=n).astype(np.float32), "s3"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["Q", "s1"], ["D1"], name="dq1", axis=1),
+        helper.make_node("MatMul", ["X1", "D1"], ["Y1"], name="plain"),
+        helper.make_node("Identity", ["Q"], ["Qi"], name="id"),
+        helper.make_node("DequantizeLinear", ["Qi", "s1"], ["D2"], name="dq2", axis=1),
+        helper.make_node("Transpose", ["D2"], ["D2t"], name="t2"),
+        helper.make_node("MatMul", ["D2t", "X2"], ["Y2"], name="mirror_of_transpose"),  # W_kn = D2 again
+        helper.make_node("DequantizeLinear", ["Q", "s2"], ["D3"], name="dq3", axis=1),
+        helper.make_node("MatMul", ["X1", "D3"], ["Y3"], name="other_scale"),
+        helper.make_node("Transpose", ["Q"], ["Qt"], name="t4"),
+        helper.make_node("DequantizeLinear", ["Qt", "s3"], ["D4"], name="dq4", axis=0),
+        helper.make_node("MatMul", ["X3", "D4"], ["Y4"], name="transposed_first"),
+    ]
+    inputs = [_value("X1", [3, k]), _value("X2", [k, 2]), _value("X3", [3, n])]
+    outputs = [_value("Y1", [3, n]), _value("Y2", [n, 2]), _value("Y3", [3, n]), _value("Y4", [3, k])]
+    model = make_model(nodes, inputs, outputs, tensors)
+    sites = {site.name: site for site in find_sites(model).sites}
+    assert sites["plain"].group == sites["mirror_of_transpose"].group
+    assert not sites["plain"].kn_transposed and not sites["mirror_of_transpose"].kn_transposed
+    assert len({sites[name].group for name in ("plain", "other_scale", "transposed_first")}) == 3
+    result = rewrite(model, RewriteConfig(policy=FULL_RANK))
+    assert_valid(result.model)
+    feeds = {v.name: rng.standard_normal([d.dim_value for d in v.type.tensor_type.shape.dim]).astype(np.float32)
+             for v in inputs}
+    for expected, actual in zip(run(model, feeds), run(result.model, feeds), strict=True):
+        assert relative_error(actual, expected) < FULL_RANK_TOLERANCE

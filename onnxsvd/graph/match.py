@@ -310,7 +310,7 @@ class GraphIndex:
         return stored_name, stored, chain
 
 
-def _value_input(node: onnx.NodeProto, constant_tensor) -> int | None:
+def _value_input(node: onnx.NodeProto, constant_tensor: Callable[[str], onnx.TensorProto | None]) -> int | None:
     """Which input of chain node ``node`` carries the weight (the others must be constants), or None."""
     if node.op_type not in CHAIN_OPS or not node.input or not node.input[0]:
         return None
@@ -757,8 +757,7 @@ def _subgraph_skips(index: GraphIndex) -> list[Skip]:
                     continue
                 if node.op_type in CHAIN_OPS and node.output and inner.trace(node.output[0]) is not None:
                     continue
-                weights = _constant_weights(node, inner.trace)
-                if node.op_type in SITE_OPS:
+                if node.op_type in SITE_OPS:  # a weight of any size: outside a body it would be a site
                     weights = {}
                     for operand in node.input[:2]:
                         traced = inner.trace(operand) if operand else None
@@ -766,6 +765,7 @@ def _subgraph_skips(index: GraphIndex) -> list[Skip]:
                             weights.setdefault(traced[0], traced[1])
                     reason = f"inside {where}: sites inside If/Loop/Scan bodies are not supported yet"
                 else:
+                    weights = _constant_weights(node, inner.trace)
                     reason = f"inside {where}: {_holder_reason(node.op_type)}"
                 if weights:
                     skips.append(_holder_skip(name, node, position, weights, reason, "subgraph", where))
