@@ -254,3 +254,35 @@ def test_chains_that_change_the_value_differently_are_never_one_group(rng: np.ra
              for v in inputs}
     for expected, actual in zip(run(model, feeds), run(result.model, feeds), strict=True):
         assert relative_error(actual, expected) < FULL_RANK_TOLERANCE
+
+
+def test_uses_that_widen_a_weight_share_its_factors(rng: np.random.Generator) -> None:
+    # An fp16 weight read as stored by an fp16 MatMul and, through Cast → fp32, by an fp32 one (mixed
+    # precision). The values are equal: one factorization, stored once in fp16, cast for the fp32 use.
+    k, n = 12, 10
+    nodes = [
+        helper.make_node("MatMul", ["X16", "W"], ["Y16"], name="half"),
+        helper.make_node("Cast", ["W"], ["W32"], name="widen", to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["W32"], ["W32t"], name="t"),
+        helper.make_node("MatMul", ["W32t", "X32"], ["Y32"], name="single"),  # the mirror: W_kn = W again
+        helper.make_node("Cast", ["W"], ["W8"], name="narrow", to=TensorProto.FLOAT8E4M3FN),
+        helper.make_node("Cast", ["W8"], ["W8f"], name="back", to=TensorProto.FLOAT16),
+        helper.make_node("MatMul", ["X16", "W8f"], ["Y8"], name="rounded"),  # another value
+    ]
+    inputs = [_value("X16", [3, k], TensorProto.FLOAT16), _value("X32", [k, 2])]
+    outputs = [_value("Y16", [3, n], TensorProto.FLOAT16), _value("Y32", [n, 2])]
+    outputs.append(_value("Y8", [3, n], TensorProto.FLOAT16))
+    weight = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float16), "W")
+    model = make_model(nodes, inputs, outputs, [weight], opset=19, ir_version=9)
+    sites = {site.name: site for site in find_sites(model).sites}
+    assert sites["half"].group == sites["single"].group != sites["rounded"].group
+    assert sites["single"].weight.compute_dtype == TensorProto.FLOAT
+    result = rewrite(model, RewriteConfig(policy=FULL_RANK))
+    assert_valid(result.model)
+    factors = [t for t in result.model.graph.initializer if t.name.startswith("W.svd")]
+    assert len(factors) == 4 and all(t.data_type == TensorProto.FLOAT16 for t in factors)
+    feeds = {"X16": rng.standard_normal((3, k)).astype(np.float16)}
+    feeds["X32"] = rng.standard_normal((k, 2)).astype(np.float32)
+    for expected, actual in zip(run(model, feeds), run(result.model, feeds), strict=True):
+        assert actual.dtype == expected.dtype
+        assert relative_error(actual, expected) < 1e-2  # fp16 factors of an fp16 weight

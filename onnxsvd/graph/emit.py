@@ -115,8 +115,9 @@ class FactorTensors:
         self.graph = model.graph
         self.data_file = data_file
         self.names = _Names(model.graph)
-        self.made: dict[tuple[str, int, str, bool], str] = {}
-        self.pieces: dict[tuple[str, str, bool], list[tuple[str, str]]] = {}
+        self.stored: dict[tuple[str, int, str, bool], str] = {}  # (group, stage, a/b, transposed) → initializer
+        self.made: dict[tuple[str, int, str, bool, int], str] = {}  # … and the compute dtype → name read
+        self.pieces: dict[tuple[str, str, bool, int], list[tuple[str, str]]] = {}
         self.group_base: dict[str, str] = {}
         self.frame: dict[str, bool] = {}  # per group, the kn_transposed its factors were computed for
         self.pending_casts: list[onnx.NodeProto] = []  # Casts and Transposes of factors, not yet placed
@@ -138,7 +139,7 @@ class FactorTensors:
         through a ``Transpose`` node, so shared factors are never stored twice.
         """
         flipped = site.kn_transposed != self.frame.setdefault(site.group, site.kn_transposed)
-        key = (site.group, site.weight_side, flipped)
+        key = (site.group, site.weight_side, flipped, site.weight.compute_dtype)
         if key in self.pieces:
             return self.pieces[key]
         if factorization is None:
@@ -159,17 +160,35 @@ class FactorTensors:
         """Name of the tensor the site's node reads for factor ``which`` (``"a"``/``"b"``) of ``stage``.
 
         ``value`` is the group's factor in its normal form; ``transposed`` asks for ``valueᵀ``: stored so
-        when it is the first form asked for, else a ``Transpose`` of the stored form.
+        when it is the first form asked for, else a ``Transpose`` of the stored form. A site computing in
+        another dtype than the storage reads it through a ``Cast`` (one per dtype: the sites of a group may
+        compute in different dtypes when a chain widens the weight, fp16 → fp32).
         """
-        key = (site.group, stage, which, transposed)
+        compute = site.weight.compute_dtype
+        key = (site.group, stage, which, transposed, compute)
         if key in self.made:
             return self.made[key]
-        counterpart = self.made.get((site.group, stage, which, not transposed))
-        if counterpart is not None:
+        stored = self.stored.get((site.group, stage, which, transposed))
+        if stored is None and (site.group, stage, which, not transposed) in self.stored:
+            counterpart = self._tensor(site, stage, which, value, not transposed, storage)
             consumed = self.names.fresh(f"{counterpart}.T")
             self.pending_casts.append(helper.make_node("Transpose", [counterpart], [consumed], name=consumed))
             self.made[key] = consumed
             return consumed
+        if stored is None:
+            stored = self._initializer(site, stage, which, value.T if transposed else value, transposed, storage)
+            self.stored[(site.group, stage, which, transposed)] = stored
+        consumed = stored
+        if storage != compute:
+            consumed = self.names.fresh(f"{stored}.cast")
+            self.pending_casts.append(helper.make_node("Cast", [stored], [consumed], name=consumed, to=compute))
+        self.made[key] = consumed
+        return consumed
+
+    def _initializer(
+        self, site: Site, stage: int, which: str, value: np.ndarray, transposed: bool, storage: int
+    ) -> str:
+        """Store ``value`` (the factor as the nodes read it) as a fresh initializer in ``storage``."""
         base = self.group_base.get(site.group)
         if base is None:
             base = self.names.fresh(_clean(site.weight.tensor) + ".svd")
@@ -177,20 +196,12 @@ class FactorTensors:
         stage_part = "" if stage < 0 else f"_s{stage + 1}"
         side_part = "_t" if transposed else ""
         name = self.names.fresh(f"{base}{stage_part}_{which}{side_part}")
-        stored = value.T if transposed else value
-        array = np.ascontiguousarray(stored.astype(helper.tensor_dtype_to_np_dtype(storage)))
+        array = np.ascontiguousarray(value.astype(helper.tensor_dtype_to_np_dtype(storage)))
         if self.data_file is not None:
             self.graph.initializer.append(self.data_file.tensor(array, name))
         else:
             self.graph.initializer.append(numpy_helper.from_array(array, name))
-        consumed = name
-        if storage != site.weight.compute_dtype:
-            consumed = self.names.fresh(f"{name}.cast")
-            self.pending_casts.append(
-                helper.make_node("Cast", [name], [consumed], name=consumed, to=site.weight.compute_dtype)
-            )
-        self.made[key] = consumed
-        return consumed
+        return name
 
 
 def _opset(model: onnx.ModelProto) -> int:

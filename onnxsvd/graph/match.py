@@ -81,6 +81,15 @@ FLOAT_TYPES = (
 )
 
 
+_T = onnx.TensorProto
+#: Casts every value of whose source dtype is exact in the target: uses that widen a weight (fp16 → fp32)
+#: share its factors with the uses that read it as stored.
+_EXACT_CASTS = {
+    (_T.FLOAT16, _T.FLOAT), (_T.FLOAT16, _T.DOUBLE), (_T.BFLOAT16, _T.FLOAT), (_T.BFLOAT16, _T.DOUBLE),
+    (_T.FLOAT, _T.DOUBLE),
+    *((small, wide) for small in (_T.INT8, _T.UINT8) for wide in (_T.FLOAT16, _T.BFLOAT16, _T.FLOAT, _T.DOUBLE)),
+}
+
 #: Short names of the float dtypes, as the CLI spells them (``--dtype fp16``).
 _FLOAT_NAMES = {
     onnx.TensorProto.FLOAT: "fp32",
@@ -516,8 +525,10 @@ def _value_signature(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[i
     """What the chain does to the stored value, less its ``Identity`` nodes and 2-D transposes; and
     whether those transposes leave the value transposed.
 
-    Two chains with one signature over one stored tensor give the same value, or its transpose: casts,
-    scalar scales and per-tensor dequantization commute with a transpose; a per-axis scale or
+    Two chains with one signature over one stored tensor give the same value, or its transpose (in maybe
+    different dtypes: a Cast that widens exactly, :data:`_EXACT_CASTS`, is left out; the ops after it
+    compute alike, since their constants' dtypes, hence names, would differ otherwise). Casts, scalar
+    scales and per-tensor dequantization commute with a transpose; a per-axis scale or
     dequantization records whether the value was transposed when it applied, and a Reshape records it too
     and starts a fresh frame. The signature never merges different values; it may keep apart some equal
     ones (a per-axis scale applied on either side of a transpose).
@@ -525,6 +536,7 @@ def _value_signature(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[i
     steps: list[tuple] = []
     flipped = False
     shape = tuple(int(d) for d in stored.dims)
+    dtype = stored.data_type
     for position in chain:
         node = index.graph.node[position]
         op = node.op_type
@@ -541,13 +553,18 @@ def _value_signature(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[i
             else:
                 steps.append(("Transpose", tuple(perm)))
         elif op == "Cast":
-            steps.append(("Cast", int(_attribute(node, "to", 0))))
+            target = int(_attribute(node, "to", 0))
+            if (dtype, target) not in _EXACT_CASTS and dtype != target:
+                steps.append(("Cast", target))
+            dtype = target
         elif op == "Reshape":
             requested = _reshape_request(node, index.constant_tensor) or []
             target = _reshape_target(shape, requested, bool(_attribute(node, "allowzero", 0)))
             steps.append(("Reshape", flipped, shape, target))
             flipped, shape = False, target or shape
         else:  # DequantizeLinear, Mul, Div: elementwise with constant scales
+            if op == "DequantizeLinear":
+                dtype = _dtype_of(index, stored, (position,))
             extras = _scale_inputs(node, index.constant_tensor)
             sizes = [_elements(index.constant_tensor(name).dims) for name in extras]  # type: ignore[union-attr]
             per_tensor = all(size == 1 for size in sizes)
