@@ -286,3 +286,23 @@ def test_uses_that_widen_a_weight_share_its_factors(rng: np.random.Generator) ->
     for expected, actual in zip(run(model, feeds), run(result.model, feeds), strict=True):
         assert actual.dtype == expected.dtype
         assert relative_error(actual, expected) < 1e-2  # fp16 factors of an fp16 weight
+
+
+def test_emitted_nodes_of_shared_factors_carry_records_and_finetune_trains_each_pair_once(
+    rng: np.random.Generator,
+) -> None:
+    from onnxsvd.finetune.sites import find_factor_pairs
+    from onnxsvd.graph.records import read_record
+
+    case = identity_shared_case(rng, dim=16, layers=2)
+    result = rewrite(case.model, RewriteConfig(policy=RankPolicy("rank", 4, align=1)))
+    original = {node.name for node in case.model.graph.node}
+    emitted = [node for node in result.model.graph.node if node.name not in original]
+    assert all(read_record(node) is not None for node in emitted)
+    transposes = [node for node in emitted if node.op_type == "Transpose"]
+    assert len(transposes) == 2 and {read_record(node).role for node in transposes} == {"transpose"}
+    pairs, skips = find_factor_pairs(result.model)
+    # One pair per stored weight, trained through its direct uses; the transposed uses read the same
+    # initializers through Transpose nodes, so training the pair changes them too.
+    assert sorted(pair.sites for pair in pairs) == [("layer0/a", "layer1/a"), ("layer0/b", "layer1/b")]
+    assert sorted(skip.site for skip in skips) == ["layer0/bt", "layer1/bt"]

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from onnxsvd.cli.options import CommaList
 from onnxsvd.cli.render import progress_bar, stdout
+from onnxsvd.errors import UsageError
 from onnxsvd.finetune.config import DEVICES, SCHEDULES, TRAIN_FORMS, FinetuneConfig
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ _DEFAULTS = FinetuneConfig()
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the model.")
 @click.option("--train", type=click.Choice(TRAIN_FORMS), default=_DEFAULTS.train, show_default=True,
               help="factors: both factors of every site; core: U_r (diag Σ + X·Y) V_rᵀ with U_r, V_r fixed.")
-@click.option("--steps", type=int, default=_DEFAULTS.steps, show_default=True, help="Optimisation steps at most.")
+@click.option("--steps", type=int, default=_DEFAULTS.steps, show_default=True,
+              help="Optimisation steps at most (at least 1).")
 @click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True,
               help="Adam step size relative to each trained tensor's RMS (1e-3: about 0.1% of its size a step).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=_DEFAULTS.schedule, show_default=True,
@@ -72,9 +74,14 @@ _DEFAULTS = FinetuneConfig()
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
               help="Seeds the split, the batch order and the core's initialisation.")
 @click.option("--threads", type=int, help="torch and onnxruntime CPU threads [default: theirs].")
+@click.option("--allow-other-teacher", is_flag=True,
+              help="Distil from a teacher other than the model REWRITTEN was made from (its fingerprint differs "
+                   "from the one rewrite recorded), on purpose; its inputs and outputs must still match.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 @click.option("--force", is_flag=True, help="Allow -o to overwrite an input model.")
+@click.pass_context
 def finetune_command(
+    context: click.Context,
     rewritten: Path,
     teacher: Path,
     data_path: Path,
@@ -97,6 +104,7 @@ def finetune_command(
     device: str,
     seed: int,
     threads: int | None,
+    allow_other_teacher: bool,
     report_path: Path | None,
     force: bool,
 ) -> None:
@@ -114,7 +122,9 @@ def finetune_command(
         outputs=outputs or (),
         match_activations=match_activations, activation_weight=activation_weight,
         relation_weight=relation_weight, device=device, seed=seed, threads=threads,
+        allow_other_teacher=allow_other_teacher,
     )
+    _refuse_ignored_options(context, config)
     if report_path is not None:
         io.check_outputs(
             {"-o": output, "--report": report_path},
@@ -135,6 +145,18 @@ def finetune_command(
     stdout.print(f"wrote {output}")
     if report_path is not None:
         stdout.print(f"report: {report_path}")
+
+
+def _refuse_ignored_options(context: click.Context, config: FinetuneConfig) -> None:
+    """An option given on the command line that the configuration would not use is an error, not a no-op."""
+
+    def given(name: str) -> bool:
+        return context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+    if given("lora_rank") and config.train != "core":
+        raise UsageError(f"--lora-rank applies to --train core only (this run trains '{config.train}'); drop it")
+    if given("activation_weight") and not config.match_activations:
+        raise UsageError("--activation-weight weighs the matched activations; drop it or drop --no-match-activations")
 
 
 def render_report(report: FinetuneReport, console: Console) -> None:

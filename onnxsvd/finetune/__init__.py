@@ -1,7 +1,8 @@
 """Fine-tuning a rewritten model's low-rank factors by distilling the original model (``onnxsvd finetune``).
 
 - :mod:`~onnxsvd.finetune.torch_graph`: the ONNX graph as a torch module (the project's own evaluator).
-- :mod:`~onnxsvd.finetune.sites`: the factor pairs ``<site>/svd_a`` → ``<site>/svd_b`` of a rewritten model.
+- :mod:`~onnxsvd.finetune.sites`: the factor pairs of a rewritten model, read from the chain records ``rewrite``
+  wrote on its nodes (:mod:`onnxsvd.graph.records`).
 - :mod:`~onnxsvd.finetune.forms`: their trainable forms (``core``, ``factors``) and the fold back.
 - :mod:`~onnxsvd.finetune.train`: the distillation loop, early stopping and the best checkpoint.
 - the ``onnxsvd finetune`` click command lives in :mod:`onnxsvd.cli.finetune`.

@@ -55,6 +55,9 @@ class FinetuneConfig:
         device: ``"cpu"`` or ``"cuda"``.
         seed: seeds the split, the batch order and the core's random ``X``.
         threads: torch CPU threads (``None``: torch's default).
+        allow_other_teacher: distil from a teacher other than the model the rewritten one was made from
+            (its fingerprint differs from the one ``rewrite`` recorded): a re-exported or retrained original,
+            say. Its inputs and outputs must still match the rewritten model's.
     """
 
     train: str = "factors"
@@ -78,14 +81,15 @@ class FinetuneConfig:
     device: str = "cpu"
     seed: int = 0
     threads: int | None = None
+    allow_other_teacher: bool = False
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_FORMS:
             raise UsageError(f"unknown --train {self.train!r}; use one of {', '.join(TRAIN_FORMS)}")
         if self.device not in DEVICES:
             raise UsageError(f"unknown --device {self.device!r}; use one of {', '.join(DEVICES)}")
-        if self.steps < 0:
-            raise UsageError(f"--steps must be ≥ 0, got {self.steps}")
+        if self.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {self.steps}: fine-tuning takes at least one step")
         if not self.lr > 0.0:
             raise UsageError(f"--lr must be > 0, got {self.lr:g}")
         if self.schedule not in SCHEDULES:

@@ -1,35 +1,40 @@
-"""Finding the factorized sites of a rewritten model: pairs of nodes ``<site>/svd_a`` → ``<site>/svd_b``.
+"""The factor chains of a rewritten model, read from what ``onnxsvd rewrite`` recorded on their nodes.
 
 Legend: K input channels, N output channels, r the rank of a chain.
 
 ``onnxsvd rewrite`` replaces ``Y = X · W`` by ``H = X · A``, ``Y = H · B`` (``A`` ``[K, r]``, ``B``
 ``[r, N]``), as MatMul or Gemm nodes, or by the mirror ``H = Aᵀ · X``, ``Y = Bᵀ · H`` for a weight on the
-left. With ``--layout stages`` each stage is its own pair (``<site>/svd_s1_a`` → ``<site>/svd_s1_b``…).
-A pair is found by its node names and checked by its structure: the first node's output feeds the
-second, and each reads one constant factor, an initializer possibly behind ``Cast``/``Identity`` (factors
-stored in fp16). Gemm attributes decide the orientation: ``transB`` on a right-hand factor, ``transA`` on a
-left-hand one means the stored tensor is already the other way round. ``alpha``, ``transA`` on the
-activation and ``C``/``beta`` on the second node are left as they are: training changes the stored
-factors only.
+left; with ``--layout stages`` each stage is its own chain. Every node it writes carries a
+:class:`onnxsvd.graph.records.ChainRecord`: the site, the stage, the node's role (``first``/``second``…),
+the weight's side and the names of the two factor initializers. Nothing is found by node names or by
+pattern: a model without records (rewritten by an older onnxsvd, or edited by hand) is refused by
+:func:`require_records` with the fix.
+
+Each recorded chain is checked against the graph before it is trained: its first node's output feeds
+its second node, each reads its recorded factor (an initializer, possibly behind ``Cast``/``Identity``)
+where the weight's side puts it, without a Gemm ``trans`` attribute on it, and the factors' shapes chain.
+``alpha``, ``transA`` on the activation and ``C``/``beta`` on the second node are left as they are:
+training changes the stored factors only. A chain that fails a check is skipped with its reason.
 
 Sites that share factors (a weight read by several nodes) are one :class:`FactorPair` with several
-node pairs, so they stay shared. A pair whose factors are also read elsewhere in another role is
-skipped with its reason.
+chains, so they stay shared. A pair whose factors are also read elsewhere in another role is skipped with
+its reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections import defaultdict
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["FactorPair", "PairSkip", "find_factor_pairs", "read_factors"]
+from onnxsvd.errors import ModelError, UsageError
+from onnxsvd.graph.records import ChainRecord, RecordError, has_record, read_record
 
-_FIRST_NODE = re.compile(r"^(?P<site>.+)/(?P<tag>svd(?:_s\d+)?)_a$")
+__all__ = ["FactorPair", "PairSkip", "find_factor_pairs", "read_factors", "require_records"]
+
 _PASS_THROUGH = ("Cast", "Identity")
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
@@ -39,7 +44,8 @@ class FactorPair:
     """One pair of factor initializers, ``W_kn ≈ A · B``, and the chains that read them.
 
     Attributes:
-        sites: names of the sites (``<site>`` of the node names; a stage adds ``/svd_sI``).
+        sites: the chains' labels (:attr:`onnxsvd.graph.records.ChainRecord.label`: the site's name, with
+            ``/svd_sI`` for stage I of the stages layout).
         outputs: the tensor each chain's second node writes (the site's output for the fused layout).
         a_tensor: the initializer holding the first factor (``A`` or ``Aᵀ`` as stored).
         b_tensor: the initializer holding the second factor (``B`` or ``Bᵀ``).
@@ -78,10 +84,33 @@ class FactorPair:
 
 @dataclasses.dataclass(frozen=True)
 class PairSkip:
-    """A ``…/svd_a`` node that is not trained, with the reason."""
+    """A recorded chain that is not trained, with the reason."""
 
     site: str
     reason: str
+
+
+def require_records(model: onnx.ModelProto) -> None:
+    """Refuse, in one line, a model whose nodes carry no chain records.
+
+    Raises:
+        ModelError: the model was made by onnxsvd (its metadata says so) but its nodes carry no records:
+            an older onnxsvd, or a tool that rebuilt the nodes without their metadata.
+        UsageError: the model is not an onnxsvd rewrite at all.
+    """
+    if any(has_record(node) for node in model.graph.node):
+        return
+    stamped = {prop.key: prop.value for prop in model.metadata_props}
+    if "onnxsvd.version" in stamped:
+        raise ModelError(
+            f"the model was rewritten by onnxsvd {stamped['onnxsvd.version']} but its nodes carry no factor "
+            "records ('onnxsvd.site', 'onnxsvd.factor_a'… in node metadata_props): an older onnxsvd, or a tool "
+            "that rebuilt the nodes, wrote it; re-run 'onnxsvd rewrite' on the original model with this version"
+        )
+    raise UsageError(
+        "the model has no factor chains recorded by 'onnxsvd rewrite' (node metadata 'onnxsvd.site', "
+        "'onnxsvd.factor_a'…); rewrite the original model with 'onnxsvd rewrite' first and fine-tune its output"
+    )
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -96,98 +125,115 @@ class _Graph:
         self.initializers = {t.name: t for t in graph.initializer}
         self.graph_inputs = {v.name for v in graph.input}
         self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        self.by_name: dict[str, onnx.NodeProto] = {}
         for node in graph.node:
-            self.by_name.setdefault(node.name, node)
             for name in node.output:
                 self.producer[name] = node
-            for name in node.input:
-                self.consumers[name].append(node)
 
-    def stored_factor(self, name: str) -> str | None:
-        """The initializer behind ``name`` (directly, or through Cast/Identity), if it is a float constant."""
+    def reads(self, name: str, initializer: str) -> bool:
+        """Whether the tensor ``name`` is ``initializer``, directly or through Cast/Identity nodes."""
         current = name
         for _ in range(8):
-            if current in self.initializers and current not in self.graph_inputs:
-                tensor = self.initializers[current]
-                return current if tensor.data_type in _FLOATS and len(tensor.dims) == 2 else None
+            if current == initializer:
+                return current in self.initializers and current not in self.graph_inputs
             node = self.producer.get(current)
             if node is None or node.op_type not in _PASS_THROUGH:
-                return None
+                return False
             current = node.input[0]
-        return None
+        return False
 
 
-def _orientation(node: onnx.NodeProto, constant_position: int) -> bool:
-    """Whether the stored factor read at ``constant_position`` is the transpose of the normal form.
+def _check_chain(graph: _Graph, first: onnx.NodeProto, second: onnx.NodeProto, record: ChainRecord) -> str | None:
+    """Why the recorded chain cannot be trained as recorded, or None when the graph agrees with its record.
 
-    Normal form: ``A`` ``[K, r]`` for the first node, ``B`` ``[r, N]`` for the second. A right-hand factor
-    (position 1) is consumed as ``op(T)`` = the normal form; a left-hand one (position 0) as ``op(T)`` =
-    its transpose. Gemm's ``transB``/``transA`` on the factor flips the stored orientation.
+    Right side: ``first`` reads ``A`` at input 1, ``second`` reads ``B`` at input 1 and ``first``'s output
+    at input 0. Left side: the factors at input 0, the hidden tensor at input 1. A Gemm ``transB`` (right)
+    or ``transA`` (left) would apply to the factor: rewrite never sets one there.
     """
-    if constant_position == 1:
-        return bool(node.op_type == "Gemm" and _attribute(node, "transB", 0))
-    transposed_by_op = node.op_type == "Gemm" and bool(_attribute(node, "transA", 0))
-    return not transposed_by_op
+    for node in (first, second):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            return f"node {node.name!r} is a {node.op_type} with {len(node.input)} inputs, not a MatMul or Gemm"
+    factor_position = 1 if record.weight_side == "right" else 0
+    hidden_position = 1 - factor_position
+    trans = "transB" if record.weight_side == "right" else "transA"
+    if second.input[hidden_position] != first.output[0]:
+        return f"node {second.name!r} does not read the chain's hidden tensor {first.output[0]!r}"
+    for node, factor in ((first, record.factor_a), (second, record.factor_b)):
+        if not graph.reads(node.input[factor_position], factor):
+            return f"node {node.name!r} does not read its recorded factor {factor!r} (an initializer)"
+        if node.op_type == "Gemm" and _attribute(node, trans, 0):
+            return f"node {node.name!r} has {trans}=1 on its factor"
+    a_tensor, b_tensor = graph.initializers[record.factor_a], graph.initializers[record.factor_b]
+    for tensor in (a_tensor, b_tensor):
+        if tensor.data_type not in _FLOATS or len(tensor.dims) != 2:
+            return f"factor {tensor.name!r} is not a 2-D float tensor"
+    if a_tensor.data_type != b_tensor.data_type:
+        return "the two factors are stored in different dtypes"
+    transposed = record.weight_side == "left"
+    a_shape = tuple(reversed(a_tensor.dims)) if transposed else tuple(a_tensor.dims)  # (K, r)
+    b_shape = tuple(reversed(b_tensor.dims)) if transposed else tuple(b_tensor.dims)  # (r, N)
+    if a_shape[1] != b_shape[0] or a_shape[1] != record.rank:
+        return f"factor shapes {list(a_shape)} and {list(b_shape)} do not chain at the recorded rank {record.rank}"
+    return None
 
 
 def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[PairSkip]]:
-    """The trainable factor pairs of a rewritten model, in graph order, and the chains left alone.
+    """The trainable factor pairs of a rewritten model, in graph order, and the recorded chains left alone.
+
+    Only chains recorded by ``onnxsvd rewrite`` are found (see :func:`require_records`).
 
     Returns:
         (pairs, skips).
     """
     graph = _Graph(model.graph)
-    found: dict[tuple[str, str], dict] = {}
-    order: list[tuple[str, str]] = []
+    chains: dict[tuple[str, int], dict[str, tuple[onnx.NodeProto, ChainRecord]]] = {}
     skips: list[PairSkip] = []
     for node in model.graph.node:
-        match = _FIRST_NODE.match(node.name)
-        if node.op_type not in ("MatMul", "Gemm") or match is None:
+        try:
+            record = read_record(node)
+        except RecordError as error:
+            skips.append(PairSkip(node.name, f"node {node.name!r}: {error}"))
             continue
-        site, tag = match.group("site"), match.group("tag")
-        label = site if tag == "svd" else f"{site}/{tag}"
-        second = graph.by_name.get(f"{site}/{tag}_b")
-        if second is None or second.op_type not in ("MatMul", "Gemm") or node.output[0] not in second.input[:2]:
-            skips.append(PairSkip(label, "no second node reading the first node's output"))
+        if record is None or record.role not in ("first", "second"):
             continue
-        first_constant = [i for i in (0, 1) if graph.stored_factor(node.input[i]) is not None]
-        second_constant = [i for i in (0, 1) if graph.stored_factor(second.input[i]) is not None]
-        if len(first_constant) != 1 or len(second_constant) != 1:
-            skips.append(PairSkip(label, "each node of the chain must read exactly one constant factor"))
+        roles = chains.setdefault((record.site, record.stage), {})
+        if record.role in roles:
+            skips.append(PairSkip(record.label, f"two nodes record the role '{record.role}'"))
             continue
-        a_position, b_position = first_constant[0], second_constant[0]
-        if second.input[1 - b_position] != node.output[0]:
-            skips.append(PairSkip(label, "the second node does not read the chain's hidden tensor"))
+        roles[record.role] = (node, record)
+    found: dict[tuple[str, str], dict] = {}
+    order: list[tuple[str, str]] = []
+    for roles in chains.values():
+        present = next(iter(roles.values()))[1]
+        if set(roles) != {"first", "second"}:
+            missing = "first" if "first" not in roles else "second"
+            skips.append(PairSkip(present.label, f"the chain has no node recording the role '{missing}'"))
             continue
-        a_name = graph.stored_factor(node.input[a_position])
-        b_name = graph.stored_factor(second.input[b_position])
-        assert a_name is not None and b_name is not None
-        a_transposed = _orientation(node, a_position)
-        b_transposed = _orientation(second, b_position)
-        a_tensor, b_tensor = graph.initializers[a_name], graph.initializers[b_name]
-        a_shape = tuple(reversed(a_tensor.dims)) if a_transposed else tuple(a_tensor.dims)  # (K, r)
-        b_shape = tuple(reversed(b_tensor.dims)) if b_transposed else tuple(b_tensor.dims)  # (r, N)
-        if a_shape[1] != b_shape[0]:
-            skips.append(PairSkip(label, f"factor shapes {list(a_shape)} and {list(b_shape)} do not chain"))
+        (first, record), (second, other) = roles["first"], roles["second"]
+        if dataclasses.replace(other, role=record.role) != record:
+            skips.append(PairSkip(record.label, "its two nodes record different factors"))
             continue
-        if a_tensor.data_type != b_tensor.data_type:
-            skips.append(PairSkip(label, "the two factors are stored in different dtypes"))
+        reason = _check_chain(graph, first, second, record)
+        if reason is not None:
+            skips.append(PairSkip(record.label, reason))
             continue
-        key = (a_name, b_name)
+        a_tensor = graph.initializers[record.factor_a]
+        b_tensor = graph.initializers[record.factor_b]
+        transposed = record.weight_side == "left"
+        key = (record.factor_a, record.factor_b)
         entry = found.get(key)
         if entry is None:
             entry = {
-                "sites": [], "outputs": [], "a_transposed": a_transposed, "b_transposed": b_transposed,
-                "k": int(a_shape[0]), "n": int(b_shape[1]), "rank": int(a_shape[1]), "dtype": a_tensor.data_type,
+                "sites": [], "outputs": [], "transposed": transposed,
+                "k": int(a_tensor.dims[1] if transposed else a_tensor.dims[0]),
+                "n": int(b_tensor.dims[0] if transposed else b_tensor.dims[1]),
+                "rank": record.rank, "dtype": a_tensor.data_type,
             }
             found[key] = entry
             order.append(key)
-        elif (entry["a_transposed"], entry["b_transposed"]) != (a_transposed, b_transposed):
-            skips.append(PairSkip(label, "shares its factors with a chain that reads them the other way round"))
+        elif entry["transposed"] != transposed:
+            skips.append(PairSkip(record.label, "shares its factors with a chain that reads them the other way round"))
             continue
-        entry["sites"].append(label)
+        entry["sites"].append(record.label)
         entry["outputs"].append(second.output[0])
     # A factor tensor in two different pairs cannot be trained as either without changing the other.
     counts: dict[str, int] = defaultdict(int)
@@ -206,8 +252,8 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
                 outputs=tuple(entry["outputs"]),
                 a_tensor=key[0],
                 b_tensor=key[1],
-                a_transposed=entry["a_transposed"],
-                b_transposed=entry["b_transposed"],
+                a_transposed=entry["transposed"],
+                b_transposed=entry["transposed"],
                 k=entry["k"],
                 n=entry["n"],
                 rank=entry["rank"],

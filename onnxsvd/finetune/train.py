@@ -45,7 +45,8 @@ from onnxsvd.data import InputData, load_inputs, model_inputs
 from onnxsvd.errors import TORCH_CUDA_INSTALL_HINT, TORCH_INSTALL_HINT, DataError, ModelError, ProviderError, UsageError
 from onnxsvd.finetune.config import FinetuneConfig
 from onnxsvd.finetune.report import EvaluationPoint, FinetuneReport
-from onnxsvd.finetune.sites import FactorPair, find_factor_pairs
+from onnxsvd.finetune.sites import FactorPair, find_factor_pairs, require_records
+from onnxsvd.graph.records import SOURCE_FINGERPRINT_KEY
 
 __all__ = ["FinetuneResult", "TrainingProgress", "finetune", "finetune_file", "DataSource"]
 
@@ -336,14 +337,91 @@ def _distilled_outputs(rewritten: onnx.ModelProto, teacher: onnx.ModelProto, wan
     return list(dict.fromkeys(wanted)) if wanted else names
 
 
-def _check_interfaces(rewritten: onnx.ModelProto, teacher: onnx.ModelProto) -> None:
-    ours = [value.name for value in model_inputs(rewritten)]
-    theirs = [value.name for value in model_inputs(teacher)]
-    if sorted(ours) != sorted(theirs):
+_Signature = dict[str, tuple[int, tuple[int | None, ...] | None]]
+
+
+def _signature(model: onnx.ModelProto, values: Iterable[onnx.ValueInfoProto]) -> _Signature:
+    """``{name: (element type, dims)}`` of graph inputs or outputs; a dim is its size, or None when symbolic;
+    dims are None when the value declares no shape. Initializers listed as inputs are left out."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    signature: _Signature = {}
+    for value in values:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims = None
+        if tensor.HasField("shape"):
+            dims = tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in tensor.shape.dim)
+        signature[value.name] = (tensor.elem_type, dims)
+    return signature
+
+
+def _describe(entry: tuple[int, tuple[int | None, ...] | None]) -> str:
+    elem_type, dims = entry
+    name = onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "undefined"
+    if dims is None:
+        return f"{name} (no shape)"
+    return f"{name} [{', '.join('?' if dim is None else str(dim) for dim in dims)}]"
+
+
+def _signature_differences(kind: str, ours: _Signature, theirs: _Signature) -> list[str]:
+    """What differs between the rewritten model's (``ours``) and the teacher's inputs or outputs."""
+    differences = []
+    missing, extra = [n for n in ours if n not in theirs], [n for n in theirs if n not in ours]
+    if missing:
+        differences.append(f"the teacher has no {kind} {', '.join(map(repr, missing))}")
+    if extra:
+        differences.append(f"the teacher has the {kind} {', '.join(map(repr, extra))}, the rewritten model has not")
+    for name in (n for n in ours if n in theirs):
+        (our_type, our_dims), (their_type, their_dims) = ours[name], theirs[name]
+        same = our_type == their_type
+        if same and our_dims is not None and their_dims is not None:
+            same = len(our_dims) == len(their_dims) and all(
+                a is None or b is None or a == b for a, b in zip(our_dims, their_dims, strict=True)
+            )
+        if not same:
+            differences.append(
+                f"{kind} {name!r} is {_describe(theirs[name])} in the teacher, {_describe(ours[name])} in the "
+                "rewritten model"
+            )
+    return differences
+
+
+def _check_teacher(rewritten: onnx.ModelProto, teacher: onnx.ModelProto, config: FinetuneConfig) -> list[str]:
+    """Refuse a teacher that is not the rewritten model's original; returns the report's notes.
+
+    The graph inputs and outputs must match by name, element type, rank and static dims (symbolic dims
+    match anything); then, when the rewritten model records its source's fingerprint, the teacher's must
+    equal it unless ``config.allow_other_teacher``.
+
+    Raises:
+        ModelError: the first check fails, or the fingerprints differ without ``allow_other_teacher``.
+    """
+    differences = _signature_differences(
+        "input", _signature(rewritten, rewritten.graph.input), _signature(teacher, teacher.graph.input)
+    ) + _signature_differences(
+        "output", _signature(rewritten, rewritten.graph.output), _signature(teacher, teacher.graph.output)
+    )
+    if differences:
         raise ModelError(
-            f"the teacher's inputs {theirs} differ from the rewritten model's {ours}; pass the original model "
-            "the rewritten one was made from as --teacher"
+            f"the teacher's inputs and outputs differ from the rewritten model's ({'; '.join(differences)}); pass "
+            "the original model the rewritten one was made from as --teacher"
         )
+    recorded = {prop.key: prop.value for prop in rewritten.metadata_props}.get(SOURCE_FINGERPRINT_KEY)
+    if recorded is None:
+        return [f"the rewritten model records no source fingerprint ({SOURCE_FINGERPRINT_KEY}); the teacher was "
+                "checked by its inputs and outputs only"]
+    actual = io.fingerprint(teacher)
+    if actual == recorded:
+        return []
+    if not config.allow_other_teacher:
+        raise ModelError(
+            f"the teacher is not the model the rewritten one was made from (its fingerprint is {actual}, the "
+            f"rewritten model records {recorded}); pass that model as --teacher, or --allow-other-teacher to "
+            "distil from another model with the same inputs and outputs on purpose"
+        )
+    return [f"the teacher (fingerprint {actual}) is not the model the rewritten one was made from ({recorded}); "
+            "distilled from it as --allow-other-teacher asks"]
 
 
 def _device(name: str) -> Any:
@@ -389,11 +467,13 @@ def finetune(
         The fine-tuned model (same nodes, names, shapes and dtypes as ``rewritten``) and its report.
 
     Raises:
-        UsageError: no factorized site in ``rewritten``, or too few samples to split.
+        UsageError: ``rewritten`` is not an onnxsvd rewrite, or too few samples to split.
+        ModelError: ``rewritten`` carries no chain records (an older onnxsvd), or none of its chains can be
+            trained; a teacher whose inputs or outputs differ from ``rewritten``'s, or (without
+            ``config.allow_other_teacher``) whose fingerprint is not the one ``rewritten`` records.
         UnsupportedOpError: an op the torch evaluator cannot run (one line naming it).
         ProviderError: ``device="cuda"`` where torch has no CUDA.
         DataError: data that does not fit the model.
-        ModelError: a teacher that does not match the rewritten model's inputs or outputs.
     """
     config = config or FinetuneConfig()
     torch = _import_torch()
@@ -402,16 +482,27 @@ def finetune(
     from onnxsvd.finetune.torch_graph import TorchGraph, check_supported
 
     device = _device(config.device)
+    require_records(rewritten)
     pairs, skips = find_factor_pairs(rewritten)
     if not pairs:
-        raise UsageError(
-            "the model has no factorized sites (node pairs '<site>/svd_a' → '<site>/svd_b'); rewrite it "
-            "with 'onnxsvd rewrite' first"
+        reasons = "; ".join(f"{skip.site}: {skip.reason}" for skip in skips[:3]) + ("; …" if len(skips) > 3 else "")
+        reasons = reasons or "no node records the role 'first' or 'second'"
+        raise ModelError(
+            f"none of the model's recorded factor chains can be trained ({reasons}); re-run 'onnxsvd rewrite' on "
+            "the original model and fine-tune its output as it is written"
         )
     check_supported(rewritten)
-    _check_interfaces(rewritten, teacher)
+    notes: list[str] = _check_teacher(rewritten, teacher, config)
     output_names = _distilled_outputs(rewritten, teacher, config.outputs)
     matched = _matched_activations(pairs, teacher) if config.match_activations else []
+    if config.match_activations:
+        chains = sum(len(pair.outputs) for pair in pairs)
+        if len(matched) < chains:
+            notes.append(
+                f"--match-activations: the teacher computes {len(matched)} of the {chains} chains' outputs under "
+                "the same name (the stages layout writes each stage's own output); "
+                + ("trained on the model outputs alone" if not matched else "the others are not matched")
+            )
     if matched:
         check_supported(teacher)
     inputs = _samples(data, rewritten)
@@ -439,7 +530,6 @@ def finetune(
         teacher_run = _ort_runner(teacher, config.threads)
         targets.record_teacher(teacher_run, output_names, config.eval_batch_size)
         targets.measure_variance(training)
-        notes: list[str] = []
         relational = targets.relational() if config.relation_weight > 0.0 else []
         if config.relation_weight > 0.0 and not relational:
             notes.append("--relation-weight needs an output without a sequence axis (like a pooled embedding); "

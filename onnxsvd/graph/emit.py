@@ -11,6 +11,9 @@ with ``layout="fused"`` the stages concatenated into one ``A`` and one ``B`` (tw
 or with ``layout="stages"`` one chain per stage summed by ``Add`` (the bias on stage 1, so trailing
 stages can be dropped). Factors are stored as initializers — never as a constant ``A·B`` subgraph, which
 a constant folder would make dense again. Sites that share a weight share its factors.
+
+Every node written carries a :class:`onnxsvd.graph.records.ChainRecord` (site, stage, role, weight side,
+factor initializer names, rank) in its ``metadata_props``: ``finetune`` reads the chains from them.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from onnx import helper, numpy_helper
 from onnxsvd.factorize import Factorization
 from onnxsvd.graph.cleanup import remove_dead_weights
 from onnxsvd.graph.match import Site
+from onnxsvd.graph.records import FUSED, ChainRecord, write_record
 
 if TYPE_CHECKING:
     from onnxsvd.io import DataFile
 
-__all__ = ["EmitOptions", "FactorTensors", "emit", "storage_dtype_for", "remove_dead_weights"]  # the last from cleanup
+# remove_dead_weights is cleanup's, exported here too.
+__all__ = ["ChainFactors", "EmitOptions", "FactorTensors", "emit", "storage_dtype_for", "remove_dead_weights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +107,25 @@ def _clean(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_./:-]", "_", name)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChainFactors:
+    """The factors of one chain (the fused chain, or one stage): the initializers and what the nodes read.
+
+    Attributes:
+        first_stored: initializer of the first factor (``A`` ``[K, r]``, or ``Aᵀ`` ``[r, K]`` on the left).
+        second_stored: initializer of the second factor (``B`` ``[r, N]``, or ``Bᵀ`` ``[N, r]``).
+        first: the tensor the first node reads (the initializer, or its Cast to the compute dtype).
+        second: the tensor the second node reads.
+        rank: r.
+    """
+
+    first_stored: str
+    second_stored: str
+    first: str
+    second: str
+    rank: int
+
+
 class FactorTensors:
     """Creates each group's factor initializers (and Casts, if stored in another dtype) once per side.
 
@@ -116,8 +140,9 @@ class FactorTensors:
         self.data_file = data_file
         self.names = _Names(model.graph)
         self.stored: dict[tuple[str, int, str, bool], str] = {}  # (group, stage, a/b, transposed) → initializer
-        self.made: dict[tuple[str, int, str, bool, int], str] = {}  # … and the compute dtype → name read
-        self.pieces: dict[tuple[str, str, bool, int], list[tuple[str, str]]] = {}
+        # … and the compute dtype → (initializer, the tensor the nodes read)
+        self.made: dict[tuple[str, int, str, bool, int], tuple[str, str]] = {}
+        self.pieces: dict[tuple[str, str, bool, int], list[ChainFactors]] = {}
         self.group_base: dict[str, str] = {}
         self.frame: dict[str, bool] = {}  # per group, the kn_transposed its factors were computed for
         self.pending_casts: list[onnx.NodeProto] = []  # Casts and Transposes of factors, not yet placed
@@ -129,14 +154,15 @@ class FactorTensors:
 
     def names_for(
         self, site: Site, factorization: Factorization | None, storage: int, layout: str
-    ) -> list[tuple[str, str]]:
-        """Per chain (one fused, or one per stage), the names of the two constants the site's nodes read.
+    ) -> list[ChainFactors]:
+        """Per chain (one fused, or one per stage), the factor initializers and the tensors the nodes read.
 
         A group's factors ``A`` ``[K, r]``, ``B`` ``[r, N]`` are those of the first of its sites seen here
         (the site it was factorized for, the first in graph order). A site reading the weight the other way
         round (:attr:`Site.kn_transposed` differs) has ``W_kn = Wᵀ ≈ Bᵀ·Aᵀ``: its first factor is ``Bᵀ``
         and its second ``Aᵀ``. Each factor is stored once; a site that needs it transposed reads it
-        through a ``Transpose`` node, so shared factors are never stored twice.
+        through a ``Transpose`` node, so shared factors are never stored twice. ``first_stored`` and
+        ``second_stored`` name the initializers the site's factors come from.
         """
         flipped = site.kn_transposed != self.frame.setdefault(site.group, site.kn_transposed)
         key = (site.group, site.weight_side, flipped, site.weight.compute_dtype)
@@ -147,17 +173,19 @@ class FactorTensors:
         pieces = [factorization.fused()] if layout == "fused" else list(factorization.stages)
         # Right form: the nodes read (A, B) of the site's own W_kn; the mirror reads (Aᵀ, Bᵀ).
         transposed = (site.weight_side == "left") != flipped
-        names: list[tuple[str, str]] = []
+        names: list[ChainFactors] = []
         for stage, (a, b) in enumerate(pieces):
             stage_id = -1 if layout == "fused" else stage
             roles = (("a", a), ("b", b)) if not flipped else (("b", b), ("a", a))  # A [K, r], B [r, N]
             first, second = (self._tensor(site, stage_id, which, value, transposed, storage) for which, value in roles)
-            names.append((first, second))
+            names.append(ChainFactors(first[0], second[0], first[1], second[1], int(a.shape[1])))
         self.pieces[key] = names
         return names
 
-    def _tensor(self, site: Site, stage: int, which: str, value: np.ndarray, transposed: bool, storage: int) -> str:
-        """Name of the tensor the site's node reads for factor ``which`` (``"a"``/``"b"``) of ``stage``.
+    def _tensor(
+        self, site: Site, stage: int, which: str, value: np.ndarray, transposed: bool, storage: int
+    ) -> tuple[str, str]:
+        """(initializer, tensor the site's node reads) for factor ``which`` (``"a"``/``"b"``) of ``stage``.
 
         ``value`` is the group's factor in its normal form; ``transposed`` asks for ``valueᵀ``: stored so
         when it is the first form asked for, else a ``Transpose`` of the stored form. A site computing in
@@ -170,11 +198,11 @@ class FactorTensors:
             return self.made[key]
         stored = self.stored.get((site.group, stage, which, transposed))
         if stored is None and (site.group, stage, which, not transposed) in self.stored:
-            counterpart = self._tensor(site, stage, which, value, not transposed, storage)
+            initializer, counterpart = self._tensor(site, stage, which, value, not transposed, storage)
             consumed = self.names.fresh(f"{counterpart}.T")
             self.pending_casts.append(helper.make_node("Transpose", [counterpart], [consumed], name=consumed))
-            self.made[key] = consumed
-            return consumed
+            self.made[key] = (initializer, consumed)
+            return initializer, consumed
         if stored is None:
             stored = self._initializer(site, stage, which, value.T if transposed else value, transposed, storage)
             self.stored[(site.group, stage, which, transposed)] = stored
@@ -182,8 +210,8 @@ class FactorTensors:
         if storage != compute:
             consumed = self.names.fresh(f"{stored}.cast")
             self.pending_casts.append(helper.make_node("Cast", [stored], [consumed], name=consumed, to=compute))
-        self.made[key] = consumed
-        return consumed
+        self.made[key] = (stored, consumed)
+        return stored, consumed
 
     def _initializer(
         self, site: Site, stage: int, which: str, value: np.ndarray, transposed: bool, storage: int
@@ -221,22 +249,30 @@ def _broadcast(node: onnx.NodeProto) -> int:
 
 def _chain_nodes(
     site: Site,
-    factors: Sequence[tuple[str, str]],
+    factors: Sequence[ChainFactors],
     names: _Names,
     opset: int,
     broadcast: int = 0,
 ) -> list[onnx.NodeProto]:
     """The nodes that compute ``site.output`` from ``site.activation`` through the factor tensors.
 
-    ``factors`` holds, per chain (one fused chain or one per stage), the names of the first and second
-    constant the nodes read (``A``/``B`` for the right form, ``Aᵀ``/``Bᵀ`` for the mirror).
-    ``broadcast`` is the site's own Gemm ``broadcast`` attribute (opset ≤ 6 only), kept on the node
-    that carries ``C``: Gemm-6 broadcasts ``C`` only when it is set.
+    ``factors`` holds, per chain (one fused chain or one per stage), the factors the nodes read (``A``/``B``
+    for the right form, ``Aᵀ``/``Bᵀ`` for the mirror). ``broadcast`` is the site's own Gemm ``broadcast``
+    attribute (opset ≤ 6 only), kept on the node that carries ``C``: Gemm-6 broadcasts ``C`` only when it
+    is set. Every node carries its :class:`ChainRecord`.
     """
     nodes: list[onnx.NodeProto] = []
     gemm = site.op_type == "Gemm"
     chain_outputs: list[str] = []
-    for position, (first, second) in enumerate(factors):
+
+    def add(node: onnx.NodeProto, stage: int, role: str, chain: ChainFactors) -> None:
+        record = ChainRecord(site.name, stage, role, site.weight_side, chain.first_stored, chain.second_stored,
+                             chain.rank)
+        write_record(node, record)
+        nodes.append(node)
+
+    for position, chain in enumerate(factors):
+        stage = FUSED if len(factors) == 1 else position + 1
         tag = "svd" if len(factors) == 1 else f"svd_s{position + 1}"
         hidden = names.fresh(f"{site.output}/{tag}_h")
         carries_bias = position == 0 and site.bias is not None
@@ -246,40 +282,71 @@ def _chain_nodes(
             # Old opsets need C on every Gemm; transpose the activation and use MatMul instead.
             transposed = names.fresh(f"{site.activation}/{tag}_t")
             transpose_name = names.fresh(f"{site.name}/{tag}_t")
-            nodes.append(helper.make_node("Transpose", [activation], [transposed], name=transpose_name))
+            add(helper.make_node("Transpose", [activation], [transposed], name=transpose_name), stage, "transpose",
+                chain)
             activation = transposed
         if site.weight_side == "right":
-            first_inputs, second_inputs = [activation, first], [hidden, second]
+            first_inputs, second_inputs = [activation, chain.first], [hidden, chain.second]
         else:
-            first_inputs, second_inputs = [first, activation], [second, hidden]
+            first_inputs, second_inputs = [chain.first, activation], [chain.second, hidden]
         first_name, second_name = names.fresh(f"{site.name}/{tag}_a"), names.fresh(f"{site.name}/{tag}_b")
         if gemm and opset >= 11:
             trans = {"transA": 1} if site.weight_side == "right" else {"transB": 1}
-            nodes.append(
-                helper.make_node(
-                    "Gemm", first_inputs, [hidden], name=first_name, **(trans if site.transpose_activation else {})
-                )
+            first = helper.make_node(
+                "Gemm", first_inputs, [hidden], name=first_name, **(trans if site.transpose_activation else {})
             )
         else:
-            nodes.append(helper.make_node("MatMul", first_inputs, [hidden], name=first_name))
+            first = helper.make_node("MatMul", first_inputs, [hidden], name=first_name)
+        add(first, stage, "first", chain)
         if gemm and carries_bias:
             attrs: dict[str, float | int] = {"beta": site.beta} if site.beta != 1.0 else {}
             if broadcast:
                 attrs["broadcast"] = broadcast
-            nodes.append(helper.make_node("Gemm", second_inputs + [site.bias], [out], name=second_name, **attrs))
+            second = helper.make_node("Gemm", second_inputs + [site.bias], [out], name=second_name, **attrs)
         elif gemm and opset >= 11:
-            nodes.append(helper.make_node("Gemm", second_inputs, [out], name=second_name))
+            second = helper.make_node("Gemm", second_inputs, [out], name=second_name)
         else:
-            nodes.append(helper.make_node("MatMul", second_inputs, [out], name=second_name))
+            second = helper.make_node("MatMul", second_inputs, [out], name=second_name)
+        add(second, stage, "second", chain)
         chain_outputs.append(out)
-    # Stages layout: Y = y_1 + y_2 + …, the last Add writing the site's output.
+    # Stages layout: Y = y_1 + y_2 + …, the last Add writing the site's output; each Add records the stage
+    # it adds.
     total = chain_outputs[0]
     for position, term in enumerate(chain_outputs[1:], start=1):
         last = position == len(chain_outputs) - 1
         out = site.output if last else names.fresh(f"{site.output}/svd_sum{position}")
-        nodes.append(helper.make_node("Add", [total, term], [out], name=names.fresh(f"{site.name}/svd_add{position}")))
+        node = helper.make_node("Add", [total, term], [out], name=names.fresh(f"{site.name}/svd_add{position}"))
+        add(node, position + 1, "sum", factors[position])
         total = out
     return nodes
+
+
+def _record_casts(
+    site: Site, pending: Sequence[onnx.NodeProto], factors: Sequence[ChainFactors]
+) -> list[onnx.NodeProto]:
+    """Record on each Cast (and Transpose) of factors that ``site``'s chains read the chain that reads it;
+    returns the others (those of sites emitted later).
+
+    Sites that share a weight share these nodes: each records the first site emitted that reads it. A site
+    reading a shared factor the other way round reads it through a ``Transpose`` (role ``transpose``),
+    maybe of a ``Cast``.
+    """
+    reads: dict[str, tuple[int, ChainFactors]] = {}
+    for position, chain in enumerate(factors):
+        reads.update({chain.first: (position, chain), chain.second: (position, chain)})
+    others: list[onnx.NodeProto] = []
+    for node in reversed(pending):  # a Transpose comes after the Cast it reads
+        found = reads.get(node.output[0])
+        if found is None:
+            others.append(node)
+            continue
+        position, chain = found
+        stage = FUSED if len(factors) == 1 else position + 1
+        role = "cast" if node.op_type == "Cast" else "transpose"
+        write_record(node, ChainRecord(site.name, stage, role, site.weight_side, chain.first_stored,
+                                       chain.second_stored, chain.rank))
+        reads[node.input[0]] = found
+    return list(reversed(others))
 
 
 def emit(
@@ -306,11 +373,13 @@ def emit(
     names = tensors.names
     opset = _opset(model)
     chains_for: dict[int, list[onnx.NodeProto]] = {}
+    unrecorded: list[onnx.NodeProto] = []  # Casts made in `prepare` for groups whose sites come later
     for site in sites:
         factor_names = tensors.names_for(
             site, factorizations.get(site.group), storage_dtypes[site.group], options.layout
         )
         broadcast = _broadcast(graph.node[site.node_index]) if opset < 7 else 0
+        unrecorded = _record_casts(site, unrecorded + tensors.pending_casts, factor_names)
         chains_for[site.node_index] = tensors.pending_casts + _chain_nodes(
             site, factor_names, names, opset, broadcast
         )

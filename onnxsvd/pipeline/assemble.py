@@ -11,6 +11,7 @@ import onnx
 from onnxsvd import io
 from onnxsvd.config import VERSION, RewriteConfig
 from onnxsvd.graph import EmitOptions, FactorTensors, Match, emit
+from onnxsvd.graph.records import SOURCE_FINGERPRINT_KEY
 from onnxsvd.pipeline.group import GroupOutcome
 from onnxsvd.pipeline.report import RewriteReport, SiteReport
 
@@ -65,10 +66,13 @@ def emit_outcomes(
     outcomes: list[GroupOutcome],
     config: RewriteConfig,
     tensors: FactorTensors | None = None,
+    source_fingerprint: str | None = None,
 ) -> onnx.ModelProto:
     """Emit every factorized group into ``model`` (mutated; node indices must be those matched).
 
     ``tensors`` holds the initializers of groups already prepared (their arrays dropped).
+    ``source_fingerprint`` (:func:`onnxsvd.io.fingerprint` of the model that was rewritten) is stamped in
+    the model's metadata as :data:`onnxsvd.graph.records.SOURCE_FINGERPRINT_KEY`.
     """
     factorized = [o for o in outcomes if o.factorized]
     if not factorized:
@@ -81,7 +85,7 @@ def emit_outcomes(
         EmitOptions(layout=config.layout),
         tensors,
     )
-    _stamp(model, config)
+    _stamp(model, config, source_fingerprint)
     return model
 
 
@@ -94,11 +98,14 @@ def assemble(
     started: float,
     tensors: FactorTensors | None = None,
     bytes_before: int | None = None,
+    source_fingerprint: str | None = None,
 ) -> RewriteResult:
     """Emit the factorized groups into ``model`` (a private copy) and build the report.
 
     ``params_before`` and ``bytes_before`` are :func:`onnxsvd.io.count_parameters` and
-    :func:`onnxsvd.io.count_bytes` of the model before any factor was added to it.
+    :func:`onnxsvd.io.count_bytes` of the model before any factor was added to it;
+    ``source_fingerprint`` is :func:`onnxsvd.io.fingerprint` of that model (stamped in the metadata, so
+    ``finetune`` can check its teacher).
     """
     # In graph order; a node holding a body comes before the skipped nodes inside it, in their order.
     reports: dict[tuple[int, int], SiteReport] = {}
@@ -118,7 +125,7 @@ def assemble(
             params_after=params,
             dense_bytes=skip.dense_bytes,
         )
-    emit_outcomes(model, outcomes, config, tensors)
+    emit_outcomes(model, outcomes, config, tensors, source_fingerprint)
     notes = []
     if config.stages > 1:
         notes.append(
@@ -152,13 +159,15 @@ def assemble(
     return RewriteResult(model, report)
 
 
-def _stamp(model: onnx.ModelProto, config: RewriteConfig) -> None:
-    """Record what produced the model in its metadata (existing entries are kept)."""
+def _stamp(model: onnx.ModelProto, config: RewriteConfig, source_fingerprint: str | None) -> None:
+    """Record what produced the model, and from which model, in its metadata (other entries are kept)."""
     entries = {
         "onnxsvd.version": VERSION,
         "onnxsvd.method": config.method,
         "onnxsvd.policy": config.policy.describe(),
     }
+    if source_fingerprint is not None:
+        entries[SOURCE_FINGERPRINT_KEY] = source_fingerprint
     existing = {prop.key: prop for prop in model.metadata_props}
     for key, value in entries.items():
         if key in existing:

@@ -75,7 +75,8 @@ def rewrite(
     started = time.perf_counter()
     if config.needs_statistics and statistics is None:
         raise UsageError(f"--method {config.method} needs calibration data: pass --stats stats.npz or --data DATA")
-    if statistics is not None and statistics.fingerprint != io.fingerprint(model):
+    source_fingerprint = io.fingerprint(model)
+    if statistics is not None and statistics.fingerprint != source_fingerprint:
         raise StatsError(
             "the statistics were collected on another model (fingerprint mismatch); "
             "re-run 'onnxsvd calibrate' on this model"
@@ -117,7 +118,8 @@ def rewrite(
                 progress(done, len(groups), outcome.sites[0].name)
     if speed_check is not None:
         outcomes = speed_check(model, outcomes, base)
-    result = assemble(model, match, outcomes, config, params_before, started, tensors, bytes_before=bytes_before)
+    result = assemble(model, match, outcomes, config, params_before, started, tensors, bytes_before=bytes_before,
+                      source_fingerprint=source_fingerprint)
     result.report.notes.extend(notes)
     return result
 

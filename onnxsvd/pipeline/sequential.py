@@ -219,7 +219,8 @@ def rewrite_sequential(
         if progress is not None:
             progress(step, len(order), f"level {level}")
     result = assemble(
-        working, match, [outcomes[key] for key in groups], config, params_before, started, bytes_before=bytes_before
+        working, match, [outcomes[key] for key in groups], config, params_before, started, bytes_before=bytes_before,
+        source_fingerprint=io.fingerprint(original),
     )
     result.report.notes.append(
         f"sequential: {len(order)} levels, {2 * len(order)} pruned model runs over the calibration data; "
