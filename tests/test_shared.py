@@ -306,3 +306,5 @@ def test_emitted_nodes_of_shared_factors_carry_records_and_finetune_trains_each_
     # initializers through Transpose nodes, so training the pair changes them too.
     assert sorted(pair.sites for pair in pairs) == [("layer0/a", "layer1/a"), ("layer0/b", "layer1/b")]
     assert sorted(skip.site for skip in skips) == ["layer0/bt", "layer1/bt"]
+    assert all("reads the shared factor" in skip.reason and "trained with the chains" in skip.reason
+               for skip in skips)
