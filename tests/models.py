@@ -27,6 +27,7 @@ __all__ = [
     "matmul_case",
     "gemm_case",
     "shared_weight_case",
+    "identity_shared_case",
     "tied_embedding_case",
     "run",
     "relative_error",
@@ -293,6 +294,46 @@ def shared_weight_case(rng: np.random.Generator, k: int = 24, n: int = 16) -> Ca
         "X2": _activation(rng, (2, 5, k), TensorProto.FLOAT),
     }
     return Case(model, feeds, {"first": weight.astype(np.float64), "second": weight.astype(np.float64)})
+
+
+def identity_shared_case(rng: np.random.Generator, dim: int = 48, layers: int = 4) -> Case:
+    """Weights shared across layers through separate ``Identity`` nodes, as some exporters write them.
+
+    Two stored weights ``Wa``, ``Wb`` ``[D, D]`` serve every layer: per layer ``h ← relu(h · Identity(Wa))``,
+    ``h ← h · Identity(Wb)`` and ``h ← h · Transpose(Identity(Wb))``. ``3·layers`` MatMul nodes read two
+    stored weights, each through its own chain; ``X`` is ``[2, 5, D]``.
+    """
+    wa = (rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32)
+    wb = (rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32)
+    nodes: list[onnx.NodeProto] = []
+    hidden = "X"
+    for layer in range(layers):
+        uses = [("a", "Wa", False), ("b", "Wb", False), ("bt", "Wb", True)]
+        for tag, stored, transposed in uses:
+            read = f"{stored}_id{layer}{tag}"
+            nodes.append(helper.make_node("Identity", [stored], [read], name=f"identity{layer}{tag}"))
+            if transposed:
+                nodes.append(helper.make_node("Transpose", [read], [f"{read}_t"], name=f"transpose{layer}{tag}"))
+                read = f"{read}_t"
+            out = f"h{layer}{tag}"
+            nodes.append(helper.make_node("MatMul", [hidden, read], [out], name=f"layer{layer}/{tag}"))
+            hidden = out
+            if tag == "a":
+                nodes.append(helper.make_node("Relu", [hidden], [f"{hidden}_relu"], name=f"relu{layer}"))
+                hidden = f"{hidden}_relu"
+    nodes.append(helper.make_node("Identity", [hidden], ["Y"], name="output"))
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 5, dim])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 5, dim])],
+        [numpy_helper.from_array(wa, "Wa"), numpy_helper.from_array(wb, "Wb")],
+    )
+    weights = {}
+    for layer in range(layers):
+        weights[f"layer{layer}/a"] = wa.astype(np.float64)
+        weights[f"layer{layer}/b"] = wb.astype(np.float64)
+        weights[f"layer{layer}/bt"] = wb.T.astype(np.float64)
+    return Case(model, {"X": _activation(rng, (2, 5, dim), TensorProto.FLOAT)}, weights)
 
 
 def tied_embedding_case(rng: np.random.Generator, vocab: int = 20, dim: int = 12) -> Case:

@@ -83,7 +83,7 @@ def test_inspect_table(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     expected = ["MatMul", "24×16", "384", "10", str(ranks["0.8"]), str(ranks["0.9"]), str(ranks["0.99"])]
     assert rows["first"] == ["first", *expected, "shared with second"]
     assert rows["second"] == ["second", *expected, "shared with first"]
-    assert rows["dynamic"] == ["dynamic", "MatMul", "both operands are dynamic (no constant weight)"]
+    assert rows["dynamic"] == ["dynamic", "MatMul", "-", "both operands are dynamic (no constant weight)"]
 
 
 def test_inspect_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -104,6 +104,9 @@ def test_inspect_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
             "op_type": "MatMul",
             "reason": "both operands are dynamic (no constant weight)",
             "shape": None,
+            "kind": "matmul",
+            "scope": "",
+            "params": 0,
         }
     ]
     assert data["params_in_sites"] == 384  # the shared weight counts once
@@ -113,8 +116,14 @@ def test_inspect_json_on_the_vit_lists_sites_and_skips(capsys: pytest.CaptureFix
     code, out, _ = cli(capsys, "inspect", VIT, "--json")
     assert code == 0
     data = json.loads(out)
-    assert len(data["sites"]) == 14 and len(data["skips"]) == 4
-    assert all("both operands are dynamic" in skip["reason"] for skip in data["skips"])
+    assert len(data["sites"]) == 14 and len(data["skips"]) == 5
+    position, *attention = data["skips"]
+    # The position embedding is a weight, added rather than multiplied: listed, with its parameters.
+    assert (position["op_type"], position["kind"], position["shape"], position["params"]) == (
+        "Add", "weights", [1, 16, 64], 16 * 64
+    )
+    assert all("both operands are dynamic" in skip["reason"] for skip in attention)
+    assert data["params_in_sites"] + data["params_in_skipped"] <= data["params_total"]
     for site in data["sites"]:
         k, n = site["shape"]
         assert site["break_even_rank"] == -(-k * n // (k + n))
@@ -553,7 +562,7 @@ def test_rewrite_summary_tells_kept_sites_from_nodes_that_are_not_sites(monkeypa
     monkeypatch.setattr(rewrite_cli, "stdout", console)
     rewrite_cli.render_rewrite(report)
     text = console.file.getvalue()
-    assert ("sites: 8 factorized, 1 kept dense; 1 other MatMul/Gemm node is not a site: "
+    assert ("sites: 8 factorized, 1 kept dense; 1 other node is not a site: "
             "both operands are dynamic (no constant weight)") in text
     rows = {cells[0]: cells for cells in (
         [cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")

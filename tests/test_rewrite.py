@@ -320,10 +320,18 @@ def test_one_weight_read_by_many_kinds_of_site(rng: np.random.Generator) -> None
         assert_reproduces(Case(model, feeds, {}), result.model)
         reports = {site.name: site for site in result.report.sites}
         assert all(site.action == "factorized" for site in reports.values())
-        assert reports["matmul"].shared_with == ["gemm"] and reports["gemm"].shared_with == ["matmul"]
-        # One factorization, read from both sides: A, B for the Gemm and Aᵀ, Bᵀ for the mirror.
-        assert reports["mirror"].shared_with == ["gemm_wt"] and reports["gemm_wt"].shared_with == ["mirror"]
-        assert "W" not in {tensor.name for tensor in result.model.graph.initializer}
+        # One factorization of W for every use that reads it as W or Wᵀ, whatever the Transpose between:
+        # the mirror, the Transpose'd MatMul and the transB Gemm read the same factors from the other end,
+        # and the fp64 use reads them through a Cast (fp32 → fp64 changes no value). α = 2 changes the
+        # value: that Gemm is factorized on its own.
+        one = ["matmul", "gemm", "mirror", "matmul_t", "double", "gemm_wt"]
+        for name in one:
+            assert reports[name].shared_with == [other for other in one if other != name]
+        assert reports["gemm_t"].shared_with == []
+        initializers = {tensor.name for tensor in result.model.graph.initializer}
+        assert "W" not in initializers
+        stored = [name for name in initializers if name.startswith("W.svd")]
+        assert len(stored) == 2 * 2 * (1 if layout == "fused" else 2)  # A and B per stage, for 2 values of W
 
 
 # -------------------------------------------------------------------------------------------- layouts

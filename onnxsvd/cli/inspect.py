@@ -25,7 +25,9 @@ def inspect_command(
     model: Path, as_json: bool, plot: Path | None, include: str | None, exclude: str | None, min_params: int
 ) -> None:
     """Show every MatMul/Gemm site: shape, parameters, break-even rank, the ranks keeping 80/90/99% of
-    the energy Σσ², and every node that would be skipped, with its reason."""
+    the energy Σσ², and every node that would be skipped, with its reason: MatMul/Gemm nodes that are not
+    sites, other nodes holding constant weights (LSTM, Conv, MatMulInteger…) and those inside If/Loop/Scan
+    bodies."""
     from onnxsvd import io
     from onnxsvd.pipeline.inspect import inspect_model, plot_format, plot_spectra
 
@@ -70,14 +72,19 @@ def inspect_command(
         skipped = Table(title="skipped")
         add_name_column(skipped, "node", [skip.name for skip in inspection.skips], stdout)
         skipped.add_column("op")
+        skipped.add_column("params", justify="right")
         skipped.add_column("reason", overflow="fold")
         for skip in inspection.skips:
-            skipped.add_row(skip.name, skip.op_type, skip.reason)
+            skipped.add_row(skip.name, skip.op_type, f"{skip.params:,}" if skip.params else "-", skip.reason)
         stdout.print(skipped)
-    share = inspection.params_in_sites / inspection.params_total if inspection.params_total else 0.0
-    stdout.print(
-        f"parameters: {inspection.params_total:,} in the model, {inspection.params_in_sites:,} "
-        f"({share:.0%}) in factorizable sites"
-    )
+    total = inspection.params_total
+    share = inspection.params_in_sites / total if total else 0.0
+    line = f"parameters: {total:,} in the model, {inspection.params_in_sites:,} ({share:.0%}) in factorizable sites"
+    if inspection.params_in_skipped:
+        line += (
+            f", {inspection.params_in_skipped:,} ({inspection.params_in_skipped / total if total else 0.0:.0%}) "
+            "in weights that only skipped nodes read"
+        )
+    stdout.print(line)
     if plot is not None:
         stdout.print(f"spectra plot: {plot}")

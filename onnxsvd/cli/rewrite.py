@@ -208,9 +208,10 @@ def _rank_cell(site: Any) -> str:
 
 
 def _site_counts(report: Any) -> str:
-    """Sites factorized and kept dense, apart from the MatMul/Gemm nodes that are not sites at all."""
+    """Sites factorized and kept dense, apart from the nodes that are not sites at all (a MatMul/Gemm
+    without a usable constant weight, another op holding weights, a node inside a subgraph)."""
     kept = [site for site in report.kept if site.shape]
-    others = [site for site in report.kept if not site.shape]  # no usable constant weight: not a site
+    others = [site for site in report.kept if not site.shape]
     text = f"sites: {len(report.factorized)} factorized, {len(kept)} kept dense"
     if others:
         reasons: dict[str, int] = {}
@@ -218,7 +219,7 @@ def _site_counts(report: Any) -> str:
             reasons[site.reason] = reasons.get(site.reason, 0) + 1
         why = "; ".join(reason if len(reasons) == 1 else f"{count}× {reason}" for reason, count in reasons.items())
         nodes = "node is not a site" if len(others) == 1 else "nodes are not sites"
-        text += f"; {len(others)} other MatMul/Gemm {nodes}: {why}"
+        text += f"; {len(others)} other {nodes}: {why}"
     return text
 
 

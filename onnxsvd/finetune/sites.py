@@ -141,6 +141,21 @@ class _Graph:
             current = node.input[0]
         return False
 
+    def reads_transposed(self, name: str, initializer: str) -> bool:
+        """Whether ``name`` is a ``Transpose`` of ``initializer`` (through Cast/Identity nodes on either side),
+        as rewrite emits for a site that reads shared factors the other way round."""
+        current = name
+        for _ in range(8):
+            node = self.producer.get(current)
+            if node is None:
+                return False
+            if node.op_type == "Transpose":
+                return self.reads(node.input[0], initializer)
+            if node.op_type not in _PASS_THROUGH:
+                return False
+            current = node.input[0]
+        return False
+
 
 def _check_chain(graph: _Graph, first: onnx.NodeProto, second: onnx.NodeProto, record: ChainRecord) -> str | None:
     """Why the recorded chain cannot be trained as recorded, or None when the graph agrees with its record.
@@ -159,6 +174,11 @@ def _check_chain(graph: _Graph, first: onnx.NodeProto, second: onnx.NodeProto, r
         return f"node {second.name!r} does not read the chain's hidden tensor {first.output[0]!r}"
     for node, factor in ((first, record.factor_a), (second, record.factor_b)):
         if not graph.reads(node.input[factor_position], factor):
+            if graph.reads_transposed(node.input[factor_position], factor):
+                return (
+                    f"reads the shared factor {factor!r} transposed (a use of a shared weight the other way "
+                    "round): it is trained with the chains that read it directly"
+                )
             return f"node {node.name!r} does not read its recorded factor {factor!r} (an initializer)"
         if node.op_type == "Gemm" and _attribute(node, trans, 0):
             return f"node {node.name!r} has {trans}=1 on its factor"

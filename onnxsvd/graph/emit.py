@@ -139,10 +139,13 @@ class FactorTensors:
         self.graph = model.graph
         self.data_file = data_file
         self.names = _Names(model.graph)
-        self.made: dict[tuple[str, str, int, str], tuple[str, str]] = {}
-        self.pieces: dict[tuple[str, str], list[ChainFactors]] = {}
+        self.stored: dict[tuple[str, int, str, bool], str] = {}  # (group, stage, a/b, transposed) → initializer
+        # … and the compute dtype → (initializer, the tensor the nodes read)
+        self.made: dict[tuple[str, int, str, bool, int], tuple[str, str]] = {}
+        self.pieces: dict[tuple[str, str, bool, int], list[ChainFactors]] = {}
         self.group_base: dict[str, str] = {}
-        self.pending_casts: list[onnx.NodeProto] = []
+        self.frame: dict[str, bool] = {}  # per group, the kn_transposed its factors were computed for
+        self.pending_casts: list[onnx.NodeProto] = []  # Casts and Transposes of factors, not yet placed
 
     def prepare(self, sites: Sequence[Site], factorization: Factorization, storage: int, layout: str) -> None:
         """Create the initializers every site of one group will read."""
@@ -152,54 +155,81 @@ class FactorTensors:
     def names_for(
         self, site: Site, factorization: Factorization | None, storage: int, layout: str
     ) -> list[ChainFactors]:
-        """Per chain (one fused, or one per stage), the factor initializers and the tensors the nodes read."""
-        key = (site.group, site.weight_side)
+        """Per chain (one fused, or one per stage), the factor initializers and the tensors the nodes read.
+
+        A group's factors ``A`` ``[K, r]``, ``B`` ``[r, N]`` are those of the first of its sites seen here
+        (the site it was factorized for, the first in graph order). A site reading the weight the other way
+        round (:attr:`Site.kn_transposed` differs) has ``W_kn = Wᵀ ≈ Bᵀ·Aᵀ``: its first factor is ``Bᵀ``
+        and its second ``Aᵀ``. Each factor is stored once; a site that needs it transposed reads it
+        through a ``Transpose`` node, so shared factors are never stored twice. ``first_stored`` and
+        ``second_stored`` name the initializers the site's factors come from.
+        """
+        flipped = site.kn_transposed != self.frame.setdefault(site.group, site.kn_transposed)
+        key = (site.group, site.weight_side, flipped, site.weight.compute_dtype)
         if key in self.pieces:
             return self.pieces[key]
         if factorization is None:
             raise KeyError(f"factors of {site.name!r} were neither prepared nor given")
         pieces = [factorization.fused()] if layout == "fused" else list(factorization.stages)
+        # Right form: the nodes read (A, B) of the site's own W_kn; the mirror reads (Aᵀ, Bᵀ).
+        transposed = (site.weight_side == "left") != flipped
         names: list[ChainFactors] = []
         for stage, (a, b) in enumerate(pieces):
             stage_id = -1 if layout == "fused" else stage
-            if site.weight_side == "right":
-                first = self._tensor(site, stage_id, "a", a, storage)  # A [K, r]
-                second = self._tensor(site, stage_id, "b", b, storage)  # B [r, N]
-            else:
-                first = self._tensor(site, stage_id, "a", a.T, storage)  # Aᵀ [r, K]
-                second = self._tensor(site, stage_id, "b", b.T, storage)  # Bᵀ [N, r]
+            roles = (("a", a), ("b", b)) if not flipped else (("b", b), ("a", a))  # A [K, r], B [r, N]
+            first, second = (self._tensor(site, stage_id, which, value, transposed, storage) for which, value in roles)
             names.append(ChainFactors(first[0], second[0], first[1], second[1], int(a.shape[1])))
         self.pieces[key] = names
         return names
 
-    def _tensor(self, site: Site, stage: int, which: str, value: np.ndarray, storage: int) -> tuple[str, str]:
+    def _tensor(
+        self, site: Site, stage: int, which: str, value: np.ndarray, transposed: bool, storage: int
+    ) -> tuple[str, str]:
         """(initializer, tensor the site's node reads) for factor ``which`` (``"a"``/``"b"``) of ``stage``.
 
-        ``value`` is the factor as the node consumes it (already transposed for the mirror form).
+        ``value`` is the group's factor in its normal form; ``transposed`` asks for ``valueᵀ``: stored so
+        when it is the first form asked for, else a ``Transpose`` of the stored form. A site computing in
+        another dtype than the storage reads it through a ``Cast`` (one per dtype: the sites of a group may
+        compute in different dtypes when a chain widens the weight, fp16 → fp32).
         """
-        key = (site.group, site.weight_side, stage, which)
+        compute = site.weight.compute_dtype
+        key = (site.group, stage, which, transposed, compute)
         if key in self.made:
             return self.made[key]
+        stored = self.stored.get((site.group, stage, which, transposed))
+        if stored is None and (site.group, stage, which, not transposed) in self.stored:
+            initializer, counterpart = self._tensor(site, stage, which, value, not transposed, storage)
+            consumed = self.names.fresh(f"{counterpart}.T")
+            self.pending_casts.append(helper.make_node("Transpose", [counterpart], [consumed], name=consumed))
+            self.made[key] = (initializer, consumed)
+            return initializer, consumed
+        if stored is None:
+            stored = self._initializer(site, stage, which, value.T if transposed else value, transposed, storage)
+            self.stored[(site.group, stage, which, transposed)] = stored
+        consumed = stored
+        if storage != compute:
+            consumed = self.names.fresh(f"{stored}.cast")
+            self.pending_casts.append(helper.make_node("Cast", [stored], [consumed], name=consumed, to=compute))
+        self.made[key] = (stored, consumed)
+        return stored, consumed
+
+    def _initializer(
+        self, site: Site, stage: int, which: str, value: np.ndarray, transposed: bool, storage: int
+    ) -> str:
+        """Store ``value`` (the factor as the nodes read it) as a fresh initializer in ``storage``."""
         base = self.group_base.get(site.group)
         if base is None:
             base = self.names.fresh(_clean(site.weight.tensor) + ".svd")
             self.group_base[site.group] = base
         stage_part = "" if stage < 0 else f"_s{stage + 1}"
-        side_part = "" if site.weight_side == "right" else "_t"
+        side_part = "_t" if transposed else ""
         name = self.names.fresh(f"{base}{stage_part}_{which}{side_part}")
         array = np.ascontiguousarray(value.astype(helper.tensor_dtype_to_np_dtype(storage)))
         if self.data_file is not None:
             self.graph.initializer.append(self.data_file.tensor(array, name))
         else:
             self.graph.initializer.append(numpy_helper.from_array(array, name))
-        consumed = name
-        if storage != site.weight.compute_dtype:
-            consumed = self.names.fresh(f"{name}.cast")
-            self.pending_casts.append(
-                helper.make_node("Cast", [name], [consumed], name=consumed, to=site.weight.compute_dtype)
-            )
-        self.made[key] = (name, consumed)
-        return name, consumed
+        return name
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -292,23 +322,31 @@ def _chain_nodes(
 
 
 def _record_casts(
-    site: Site, casts: Sequence[onnx.NodeProto], factors: Sequence[ChainFactors]
+    site: Site, pending: Sequence[onnx.NodeProto], factors: Sequence[ChainFactors]
 ) -> list[onnx.NodeProto]:
-    """Record on each Cast of ``site``'s factors the chain that reads it; returns the Casts of other sites.
+    """Record on each Cast (and Transpose) of factors that ``site``'s chains read the chain that reads it;
+    returns the others (those of sites emitted later).
 
-    Sites that share a weight share its Casts: a Cast records the first site emitted that reads it.
+    Sites that share a weight share these nodes: each records the first site emitted that reads it. A site
+    reading a shared factor the other way round reads it through a ``Transpose`` (role ``transpose``),
+    maybe of a ``Cast``.
     """
+    reads: dict[str, tuple[int, ChainFactors]] = {}
+    for position, chain in enumerate(factors):
+        reads.update({chain.first: (position, chain), chain.second: (position, chain)})
     others: list[onnx.NodeProto] = []
-    for cast in casts:
-        for position, chain in enumerate(factors):
-            if cast.input[0] in (chain.first_stored, chain.second_stored):
-                stage = FUSED if len(factors) == 1 else position + 1
-                write_record(cast, ChainRecord(site.name, stage, "cast", site.weight_side, chain.first_stored,
-                                               chain.second_stored, chain.rank))
-                break
-        else:
-            others.append(cast)
-    return others
+    for node in reversed(pending):  # a Transpose comes after the Cast it reads
+        found = reads.get(node.output[0])
+        if found is None:
+            others.append(node)
+            continue
+        position, chain = found
+        stage = FUSED if len(factors) == 1 else position + 1
+        role = "cast" if node.op_type == "Cast" else "transpose"
+        write_record(node, ChainRecord(site.name, stage, role, site.weight_side, chain.first_stored,
+                                       chain.second_stored, chain.rank))
+        reads[node.input[0]] = found
+    return list(reversed(others))
 
 
 def emit(

@@ -9,7 +9,14 @@ Every site is normalised to ``Y = X · W (+ bias)`` with ``W`` of shape ``[K, N]
   ``W_kn = (α·op(A))ᵀ``, and ``transB`` stays on the activation. ``C`` and ``β`` stay on the last node.
 
 The constant is an initializer or a ``Constant`` node, possibly behind ``Transpose``, ``Cast``,
-``Identity`` or ``DequantizeLinear``. Anything else is a :class:`Skip` with its reason.
+``Identity``, ``DequantizeLinear``, ``Reshape`` (to a constant shape) or ``Mul``/``Div`` by a constant
+scale (weight-only int8: ``int8 → Cast → Mul(scale)``). Anything else is a :class:`Skip` with its reason.
+
+Sharing is decided on the stored constant: every site whose chain applies the same value operations
+(casts, scales, dequantization, reshapes) to the same stored tensor is in one *group*, whatever
+``Identity`` and ``Transpose`` nodes lie between, and is factorized once. Within a group a site's
+``W_kn`` is either the group's value ``V`` or ``Vᵀ`` (:attr:`Site.kn_transposed`): the first site's
+orientation is the one factorized, and the others read the same factors from the other end.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -30,6 +38,8 @@ from onnxsvd.io import tensor_bytes
 __all__ = [
     "SITE_OPS",
     "CHAIN_OPS",
+    "WEIGHT_HOLDER_REASONS",
+    "MIN_WEIGHT_ELEMENTS",
     "WeightSource",
     "Site",
     "Skip",
@@ -43,7 +53,26 @@ __all__ = [
 
 #: Ops that can be sites, and ops allowed between a stored constant and the site.
 SITE_OPS = ("MatMul", "Gemm")
-CHAIN_OPS = ("Transpose", "Cast", "Identity", "DequantizeLinear")
+CHAIN_OPS = ("Transpose", "Cast", "Identity", "DequantizeLinear", "Reshape", "Mul", "Div")
+#: Ops that hold constant weights but are not sites (yet), and what ``inspect`` and the report say.
+WEIGHT_HOLDER_REASONS = {
+    "Conv": "Conv weights are not a site yet",
+    "ConvTranspose": "ConvTranspose weights are not a site yet",
+    "LSTM": "LSTM weights are not a site yet",
+    "GRU": "GRU weights are not a site yet",
+    "RNN": "RNN weights are not a site yet",
+    "Attention": "fused Attention weights are not a site yet",
+    "Einsum": "Einsum with a constant operand is not a site yet",
+    "MatMulInteger": "MatMulInteger (integer product) weights are not a site",
+    "ConvInteger": "ConvInteger (integer product) weights are not a site",
+    "QLinearMatMul": "QLinearMatMul (quantized product) weights are not a site",
+    "QLinearConv": "QLinearConv (quantized product) weights are not a site",
+    "MatMulNBits": "MatMulNBits weights are already packed in low-bit blocks; not a site",
+    "Gather": "an embedding table is looked up (Gather), not multiplied; not a site",
+}
+#: A constant input counts as a weight from this many values and two dimensions (shape tensors, biases
+#: and scalars do not).
+MIN_WEIGHT_ELEMENTS = 64
 FLOAT_TYPES = (
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.FLOAT16,
@@ -51,6 +80,15 @@ FLOAT_TYPES = (
     onnx.TensorProto.DOUBLE,
 )
 
+
+_T = onnx.TensorProto
+#: Casts every value of whose source dtype is exact in the target: uses that widen a weight (fp16 → fp32)
+#: share its factors with the uses that read it as stored.
+_EXACT_CASTS = {
+    (_T.FLOAT16, _T.FLOAT), (_T.FLOAT16, _T.DOUBLE), (_T.BFLOAT16, _T.FLOAT), (_T.BFLOAT16, _T.DOUBLE),
+    (_T.FLOAT, _T.DOUBLE),
+    *((small, wide) for small in (_T.INT8, _T.UINT8) for wide in (_T.FLOAT16, _T.BFLOAT16, _T.FLOAT, _T.DOUBLE)),
+}
 
 #: Short names of the float dtypes, as the CLI spells them (``--dtype fp16``).
 _FLOAT_NAMES = {
@@ -79,13 +117,14 @@ class WeightSource:
 
     Attributes:
         tensor: name of the initializer or ``Constant`` output that stores the value.
-        chain: indices of the ``Transpose``/``Cast``/``Identity``/``DequantizeLinear`` nodes from the
-            stored tensor to the site, nearest the storage first.
+        chain: indices of the chain nodes (:data:`CHAIN_OPS`) from the stored tensor to the site, nearest
+            the storage first.
         storage_dtype: ONNX dtype of the stored tensor.
         compute_dtype: ONNX dtype the site consumes.
         shape: the weight's shape as the site consumes it (2-D).
         stored_bytes: bytes of the weight as stored: the stored tensor in its own dtype (one byte per
-            int8 value, two per fp16), plus the scale and zero point of each ``DequantizeLinear``.
+            int8 value, two per fp16), plus the scale and zero point of each ``DequantizeLinear`` and the
+            scale of each ``Mul``/``Div``.
     """
 
     tensor: str
@@ -115,7 +154,11 @@ class Site:
         alpha: Gemm's α, folded into ``W_kn``.
         beta: Gemm's β, kept on the last node with ``C``.
         bias: Gemm's ``C`` input name, or None.
-        group: key shared by sites that consume the same normalised weight (factorized once).
+        group: key shared by sites that consume the same stored weight through the same value operations
+            (factorized once, factors shared), whatever ``Identity``/``Transpose`` nodes lie between.
+        kn_transposed: ``W_kn`` is the transpose of the group's value as stored (after the chain's value
+            operations, before its 2-D transposes). Sites of a group that differ in it read the group's
+            factors from opposite ends: ``W_knᵀ ≈ Bᵀ·Aᵀ``.
     """
 
     name: str
@@ -133,6 +176,7 @@ class Site:
     beta: float
     bias: str | None
     group: str
+    kn_transposed: bool = False
 
     @property
     def params(self) -> int:
@@ -168,10 +212,22 @@ class Site:
 
 @dataclasses.dataclass(frozen=True)
 class Skip:
-    """A MatMul/Gemm that is not a site, with the reason (shown by ``inspect``, listed in reports).
+    """A node that holds or reads a weight but is not a site, with the reason (shown by ``inspect``,
+    listed in reports).
 
-    ``dense_bytes`` is the weight's bytes as stored when it was a site left out by a filter or a shared
-    weight, else 0.
+    Attributes:
+        name: node name; inside an If/Loop/Scan body, the path ``<outer node>/<attribute>/<node>``.
+        op_type: the node's op.
+        node_index: position in ``graph.node`` of the node, or of the main-graph node holding its body.
+        reason: why it is not a site.
+        shape: the weight's shape (the largest constant input of a weight-holding node), or None.
+        dense_bytes: bytes of the weights as stored when the node has constant ones (a site left out by a
+            filter or a shared weight; every constant input of a weight-holding node), else 0.
+        kind: ``"matmul"`` (a MatMul/Gemm of the main graph), ``"weights"`` (another op with constant
+            weights: LSTM, Conv, MatMulInteger…) or ``"subgraph"`` (a node inside an If/Loop/Scan body).
+        scope: where a node inside a body is (``"then_branch of If 'gate'"``), else empty.
+        params: values in the node's constant weights (0 when it has none; ``K·N`` of a site left out).
+        weights: names of the stored tensors those values are in.
     """
 
     name: str
@@ -180,6 +236,10 @@ class Skip:
     reason: str
     shape: tuple[int, ...] | None = None
     dense_bytes: int = 0
+    kind: str = "matmul"
+    scope: str = ""
+    params: int = 0
+    weights: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,27 +321,74 @@ class GraphIndex:
         """True if ``name`` is a constant or a chain of supported ops over one."""
         return self.trace(name) is not None
 
+    def producer_node(self, name: str) -> tuple[int, onnx.NodeProto] | None:
+        """``(index in graph.node, node)`` of the node that writes ``name``, or None."""
+        position = self.producer.get(name)
+        return None if position is None else (position, self.graph.node[position])
+
     def trace(self, name: str) -> tuple[str, onnx.TensorProto, tuple[int, ...]] | None:
         """Follow ``name`` back through chain ops to a stored constant: (stored name, tensor, chain)."""
-        chain: list[int] = []
-        current = name
-        for _ in range(32):
-            tensor = self.constant_tensor(current)
-            if tensor is not None:
-                return current, tensor, tuple(reversed(chain))
-            producer = self.producer.get(current)
-            if producer is None:
-                return None
-            node = self.graph.node[producer]
-            if node.op_type not in CHAIN_OPS or not node.input:
-                return None
-            if node.op_type == "DequantizeLinear" and not all(
-                self.constant_tensor(extra) is not None for extra in node.input[1:] if extra
-            ):
-                return None
-            chain.append(producer)
-            current = node.input[0]
+        found = trace_constant(name, self.constant_tensor, self.producer_node)
+        if found is None:
+            return None
+        stored_name, stored, chain = found
+        if _chain_shape(stored, [self.graph.node[p] for p in chain], self.constant_tensor) is None:
+            return None  # a Reshape or a scale that does not fit the weight: not a weight chain
+        return stored_name, stored, chain
+
+
+def _value_input(node: onnx.NodeProto, constant_tensor: Callable[[str], onnx.TensorProto | None]) -> int | None:
+    """Which input of chain node ``node`` carries the weight (the others must be constants), or None."""
+    if node.op_type not in CHAIN_OPS or not node.input or not node.input[0]:
         return None
+    extras_constant = all(constant_tensor(extra) is not None for extra in node.input[1:] if extra)
+    if node.op_type == "DequantizeLinear":
+        return 0 if extras_constant else None
+    if node.op_type in ("Reshape", "Div"):
+        return 0 if len(node.input) >= 2 and constant_tensor(node.input[1]) is not None else None
+    if node.op_type == "Mul":
+        if len(node.input) != 2 or not node.input[1]:
+            return None
+        left, right = constant_tensor(node.input[0]), constant_tensor(node.input[1])
+        if left is not None and right is not None:  # both stored: the larger one is the weight
+            return 1 if _elements(right.dims) > _elements(left.dims) else 0
+        if right is not None:
+            return 0
+        return 1 if left is not None else None
+    return 0
+
+
+def trace_constant(
+    name: str,
+    constant_tensor: Callable[[str], onnx.TensorProto | None],
+    producer: Callable[[str], tuple[Any, onnx.NodeProto] | None],
+) -> tuple[str, onnx.TensorProto, tuple[Any, ...]] | None:
+    """Follow ``name`` back through chain ops to a stored constant in any scope.
+
+    Args:
+        name: the tensor a node reads.
+        constant_tensor: the stored tensor behind a name (initializer or ``Constant``), or None.
+        producer: ``(key, node)`` of the node writing a name, or None.
+
+    Returns:
+        (stored name, stored tensor, the chain nodes' keys nearest the storage first), or None.
+    """
+    chain: list[Any] = []
+    current = name
+    for _ in range(32):
+        tensor = constant_tensor(current)
+        if tensor is not None:
+            return current, tensor, tuple(reversed(chain))
+        found = producer(current)
+        if found is None:
+            return None
+        key, node = found
+        value_input = _value_input(node, constant_tensor)
+        if value_input is None:
+            return None
+        chain.append(key)
+        current = node.input[value_input]
+    return None
 
 
 def node_bodies(node: ir.Node) -> list[ir.Graph]:
@@ -306,8 +413,15 @@ def _stored_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.n
     return numpy_helper.to_array(tensor, base_dir or "")
 
 
+def _elements(dims: Iterable[int]) -> int:
+    count = 1
+    for dim in dims:
+        count *= int(dim)
+    return count
+
+
 def _dtype_of(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...]) -> int:
-    """The ONNX dtype that comes out of the chain."""
+    """The ONNX dtype that comes out of the chain (Mul/Div/Reshape/Transpose keep it)."""
     dtype = stored.data_type
     for position in chain:
         node = index.graph.node[position]
@@ -320,26 +434,144 @@ def _dtype_of(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...
     return dtype
 
 
+def _scale_inputs(node: onnx.NodeProto, constant_tensor: Callable[[str], onnx.TensorProto | None]) -> list[str]:
+    """The constant inputs of a chain node that are part of the weight: DequantizeLinear's scale and zero
+    point, Mul's or Div's scale (not Reshape's shape)."""
+    if node.op_type == "DequantizeLinear":
+        return [name for name in node.input[1:] if name]
+    if node.op_type in ("Mul", "Div"):
+        value_input = _value_input(node, constant_tensor)
+        return [] if value_input is None else [node.input[1 - value_input]]
+    return []
+
+
 def _stored_bytes(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...]) -> int:
-    """The stored tensor's bytes plus those of every ``DequantizeLinear`` scale and zero point on the way."""
+    """The stored tensor's bytes plus those of every scale and zero point on the way."""
     total = tensor_bytes(stored)
     for position in chain:
         node = index.graph.node[position]
-        if node.op_type == "DequantizeLinear":
-            extras = (index.constant_tensor(name) for name in node.input[1:] if name)
-            total += sum(tensor_bytes(extra) for extra in extras if extra is not None)
+        extras = (index.constant_tensor(name) for name in _scale_inputs(node, index.constant_tensor))
+        total += sum(tensor_bytes(extra) for extra in extras if extra is not None)
     return total
 
 
-def _shape_of(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...]) -> tuple[int, ...]:
+def _reshape_target(shape: tuple[int, ...], requested: Iterable[int], allow_zero: bool) -> tuple[int, ...] | None:
+    """Reshape's output shape for an input of ``shape`` (``0`` copies a dimension unless ``allowzero``,
+    ``-1`` is inferred), or None when it does not fit."""
+    target = [int(d) for d in requested]
+    if not allow_zero:
+        target = [shape[i] if d == 0 and i < len(shape) else d for i, d in enumerate(target)]
+    if target.count(-1) > 1 or any(d < -1 for d in target):
+        return None
+    known = _elements(d for d in target if d != -1)
+    total = _elements(shape)
+    if -1 in target:
+        if known == 0 or total % known:
+            return None
+        target[target.index(-1)] = total // known
+    return tuple(target) if _elements(target) == total else None
+
+
+def _reshape_request(
+    node: onnx.NodeProto, constant_tensor: Callable[[str], onnx.TensorProto | None]
+) -> list[int] | None:
+    """Reshape's requested shape, when it is a constant stored in the model."""
+    tensor = constant_tensor(node.input[1])
+    if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    return [int(d) for d in numpy_helper.to_array(tensor).reshape(-1)]
+
+
+def _chain_shape(
+    stored: onnx.TensorProto,
+    nodes: Iterable[onnx.NodeProto],
+    constant_tensor: Callable[[str], onnx.TensorProto | None],
+) -> tuple[int, ...] | None:
+    """The weight's shape after ``nodes``, or None where a Reshape or a scale does not fit it (a ``Mul`` by
+    a constant that broadcasts the weight to a larger shape is no weight chain)."""
     shape = tuple(int(d) for d in stored.dims)
-    for position in chain:
-        node = index.graph.node[position]
+    for node in nodes:
         if node.op_type == "Transpose":
             perm = _attribute(node, "perm", None)  # type: ignore[arg-type]
             perm = list(perm) if perm is not None else list(reversed(range(len(shape))))
+            if sorted(perm) != list(range(len(shape))):
+                return None
             shape = tuple(shape[p] for p in perm)
+        elif node.op_type == "Reshape":
+            requested = _reshape_request(node, constant_tensor)
+            allow_zero = bool(_attribute(node, "allowzero", 0))
+            target = None if requested is None else _reshape_target(shape, requested, allow_zero)
+            if target is None:
+                return None
+            shape = target
+        elif node.op_type in ("Mul", "Div"):
+            (scale_name,) = _scale_inputs(node, constant_tensor)
+            scale = constant_tensor(scale_name)
+            try:
+                broadcast = np.broadcast_shapes(shape, tuple(int(d) for d in scale.dims))  # type: ignore[union-attr]
+            except ValueError:
+                return None
+            if tuple(broadcast) != shape:
+                return None
     return shape
+
+
+def _shape_of(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...]) -> tuple[int, ...]:
+    shape = _chain_shape(stored, [index.graph.node[p] for p in chain], index.constant_tensor)
+    assert shape is not None, "trace() accepts only chains whose shapes fit"
+    return shape
+
+
+def _value_signature(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...]) -> tuple[str, bool]:
+    """What the chain does to the stored value, less its ``Identity`` nodes and 2-D transposes; and
+    whether those transposes leave the value transposed.
+
+    Two chains with one signature over one stored tensor give the same value, or its transpose (in maybe
+    different dtypes: a Cast that widens exactly, :data:`_EXACT_CASTS`, is left out; the ops after it
+    compute alike, since their constants' dtypes, hence names, would differ otherwise). Casts, scalar
+    scales and per-tensor dequantization commute with a transpose; a per-axis scale or
+    dequantization records whether the value was transposed when it applied, and a Reshape records it too
+    and starts a fresh frame. The signature never merges different values; it may keep apart some equal
+    ones (a per-axis scale applied on either side of a transpose).
+    """
+    steps: list[tuple] = []
+    flipped = False
+    shape = tuple(int(d) for d in stored.dims)
+    dtype = stored.data_type
+    for position in chain:
+        node = index.graph.node[position]
+        op = node.op_type
+        if op == "Identity":
+            continue
+        if op == "Transpose":
+            perm = _attribute(node, "perm", None)  # type: ignore[arg-type]
+            perm = list(perm) if perm is not None else list(reversed(range(len(shape))))
+            if perm == list(range(len(shape))):
+                continue
+            shape = tuple(shape[p] for p in perm)
+            if len(shape) == 2:
+                flipped = not flipped
+            else:
+                steps.append(("Transpose", tuple(perm)))
+        elif op == "Cast":
+            target = int(_attribute(node, "to", 0))
+            if (dtype, target) not in _EXACT_CASTS and dtype != target:
+                steps.append(("Cast", target))
+            dtype = target
+        elif op == "Reshape":
+            requested = _reshape_request(node, index.constant_tensor) or []
+            target = _reshape_target(shape, requested, bool(_attribute(node, "allowzero", 0)))
+            steps.append(("Reshape", flipped, shape, target))
+            flipped, shape = False, target or shape
+        else:  # DequantizeLinear, Mul, Div: elementwise with constant scales
+            if op == "DequantizeLinear":
+                dtype = _dtype_of(index, stored, (position,))
+            extras = _scale_inputs(node, index.constant_tensor)
+            sizes = [_elements(index.constant_tensor(name).dims) for name in extras]  # type: ignore[union-attr]
+            per_tensor = all(size == 1 for size in sizes)
+            attributes = tuple(sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in node.attribute))
+            steps.append((op, tuple(extras), attributes, None if per_tensor else flipped))
+    return repr(tuple(steps)), flipped
 
 
 def load_weight(index: GraphIndex, site: Site, base_dir: str | None = None) -> np.ndarray:
@@ -370,6 +602,15 @@ def _apply_chain_node(index: GraphIndex, node: onnx.NodeProto, value: np.ndarray
     if node.op_type == "Cast":
         target = onnx.helper.tensor_dtype_to_np_dtype(int(_attribute(node, "to", 1)))
         return value.astype(target)
+    if node.op_type == "Reshape":
+        requested = _reshape_request(node, index.constant_tensor) or []
+        target = _reshape_target(value.shape, requested, bool(_attribute(node, "allowzero", 0)))
+        return value.reshape(target)
+    if node.op_type in ("Mul", "Div"):
+        # In the value's own dtype, as the model computes it: the loaded weight is the one it multiplies by.
+        (scale_name,) = _scale_inputs(node, index.constant_tensor)
+        scale = _stored_array(index.constant_tensor(scale_name), base_dir).astype(value.dtype)
+        return value * scale if node.op_type == "Mul" else value / scale
     # DequantizeLinear: y = (x − zero_point) · scale, per tensor or along ``axis``.
     scale = _stored_array(index.constant_tensor(node.input[1]), base_dir).astype(np.float64)
     zero = (
@@ -415,8 +656,142 @@ def find_sites(model: onnx.ModelProto, config: RewriteConfig | None = None) -> M
             sites.append(result)
     kept_sites, shared_skips = _drop_shared_with_dense(index, sites)
     skips.extend(shared_skips)
-    skips.sort(key=lambda skip: skip.node_index)
+    skips.extend(_weight_holder_skips(index))
+    skips.extend(_subgraph_skips(index))
+    skips.sort(key=lambda skip: skip.node_index)  # stable: a body's nodes stay in their order
     return Match(sites=tuple(kept_sites), skips=tuple(skips))
+
+
+def _holder_reason(op_type: str) -> str:
+    return WEIGHT_HOLDER_REASONS.get(op_type, f"{op_type} reads a constant weight; only MatMul and Gemm are sites")
+
+
+def _constant_weights(
+    node: onnx.NodeProto,
+    trace: Callable[[str], tuple[str, onnx.TensorProto, tuple[Any, ...]] | None],
+) -> dict[str, onnx.TensorProto]:
+    """The stored tensors of ``node``'s inputs that are weights: constants (through chains) of at least
+    two dimensions and :data:`MIN_WEIGHT_ELEMENTS` values."""
+    found: dict[str, onnx.TensorProto] = {}
+    for name in node.input:
+        traced = trace(name) if name else None
+        if traced is None:
+            continue
+        stored_name, stored, _ = traced
+        if len(stored.dims) >= 2 and _elements(stored.dims) >= MIN_WEIGHT_ELEMENTS:
+            found.setdefault(stored_name, stored)
+    return found
+
+
+def _holder_skip(
+    name: str, node: onnx.NodeProto, position: int, weights: dict[str, onnx.TensorProto], reason: str, kind: str,
+    scope: str = "",
+) -> Skip:
+    largest = max(weights.values(), key=lambda tensor: _elements(tensor.dims))
+    params = sum(_elements(tensor.dims) for tensor in weights.values())
+    return Skip(
+        name, node.op_type, position, reason, tuple(int(d) for d in largest.dims),
+        sum(tensor_bytes(tensor) for tensor in weights.values()), kind, scope, params, tuple(weights),
+    )
+
+
+def _weight_holder_skips(index: GraphIndex) -> list[Skip]:
+    """Every main-graph node other than a MatMul/Gemm that reads constant weights: a skip with its reason,
+    so no weights go unmentioned. Chain nodes over a constant (a Transpose of a weight) are left to their
+    readers."""
+    skips: list[Skip] = []
+    for position, node in enumerate(index.graph.node):
+        if node.op_type in SITE_OPS or node.op_type == "Constant":
+            continue
+        if node.op_type in CHAIN_OPS and node.output and index.trace(node.output[0]) is not None:
+            continue
+        weights = _constant_weights(node, index.trace)
+        if weights:
+            reason = _holder_reason(node.op_type)
+            skips.append(_holder_skip(node_name(node, position), node, position, weights, reason, "weights"))
+    return skips
+
+
+class _BodyScope:
+    """Constants and producers of an If/Loop/Scan body, falling back to the scopes around it."""
+
+    def __init__(self, graph: onnx.GraphProto, outer: GraphIndex | _BodyScope) -> None:
+        self.graph = graph
+        self.outer = outer
+        self.initializers = {tensor.name: tensor for tensor in graph.initializer}
+        self.inputs = {value.name for value in graph.input}
+        self.producers = {name: node for node in graph.node for name in node.output if name}
+
+    def constant_tensor(self, name: str) -> onnx.TensorProto | None:
+        if name in self.inputs:
+            return None  # a body input shadows any outer name
+        if name in self.initializers:
+            return self.initializers[name]
+        node = self.producers.get(name)
+        if node is not None:
+            if node.op_type == "Constant":
+                return next((a.t for a in node.attribute if a.name == "value"), None)
+            return None
+        return self.outer.constant_tensor(name)
+
+    def producer_node(self, name: str) -> tuple[Any, onnx.NodeProto] | None:
+        if name in self.inputs or name in self.initializers:
+            return None
+        node = self.producers.get(name)
+        if node is not None:
+            return node, node
+        found = self.outer.producer_node(name)
+        return None if found is None else (found[1], found[1])
+
+    def trace(self, name: str) -> tuple[str, onnx.TensorProto, tuple[Any, ...]] | None:
+        found = trace_constant(name, self.constant_tensor, self.producer_node)
+        if found is None or _chain_shape(found[1], found[2], self.constant_tensor) is None:
+            return None
+        return found
+
+
+def _bodies(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """``(attribute name, body)`` of each subgraph held by ``node``."""
+    bodies = []
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            bodies.append((attribute.name, attribute.g))
+        bodies.extend((attribute.name, graph) for graph in attribute.graphs)
+    return bodies
+
+
+def _subgraph_skips(index: GraphIndex) -> list[Skip]:
+    """Nodes inside If/Loop/Scan bodies (at any depth) that read constant weights, defined in the body or
+    outside it: skips with their scope. Sites inside subgraphs are not supported yet."""
+    skips: list[Skip] = []
+
+    def visit(scope: GraphIndex | _BodyScope, holder: onnx.NodeProto, path: str, position: int) -> None:
+        for attribute, body in _bodies(holder):
+            inner = _BodyScope(body, scope)
+            where = f"{attribute} of {holder.op_type} {path!r}"
+            for number, node in enumerate(body.node):
+                name = f"{path}/{attribute}/{node_name(node, number)}"
+                if node.op_type == "Constant":
+                    continue
+                if node.op_type in CHAIN_OPS and node.output and inner.trace(node.output[0]) is not None:
+                    continue
+                if node.op_type in SITE_OPS:  # a weight of any size: outside a body it would be a site
+                    weights = {}
+                    for operand in node.input[:2]:
+                        traced = inner.trace(operand) if operand else None
+                        if traced is not None and len(traced[1].dims) == 2:
+                            weights.setdefault(traced[0], traced[1])
+                    reason = f"inside {where}: sites inside If/Loop/Scan bodies are not supported yet"
+                else:
+                    weights = _constant_weights(node, inner.trace)
+                    reason = f"inside {where}: {_holder_reason(node.op_type)}"
+                if weights:
+                    skips.append(_holder_skip(name, node, position, weights, reason, "subgraph", where))
+                visit(inner, node, name, position)
+
+    for position, node in enumerate(index.graph.node):
+        visit(index, node, node_name(node, position), position)
+    return skips
 
 
 def _filter_reason(site: Site, config: RewriteConfig) -> str:
@@ -479,8 +854,8 @@ def _match_node(index: GraphIndex, node: onnx.NodeProto, position: int) -> Site 
     source = WeightSource(
         stored_name, chain, stored.data_type, compute_dtype, shape, _stored_bytes(index, stored, chain)
     )
-    chain_key = ",".join(index.graph.node[p].output[0] for p in chain)
-    group = f"{stored_name}|{chain_key}|{int(transpose_weight)}|{alpha!r}"
+    signature, flipped = _value_signature(index, stored, chain)
+    group = f"{stored_name}|{signature}|{alpha!r}"
     return Site(
         name=name,
         op_type=op,
@@ -497,6 +872,7 @@ def _match_node(index: GraphIndex, node: onnx.NodeProto, position: int) -> Site 
         beta=beta,
         bias=bias,
         group=group,
+        kn_transposed=flipped != transpose_weight,
     )
 
 

@@ -40,7 +40,8 @@ FUSED = 0
 
 #: What a node does in its chain: the node reading ``A`` (``first``), the node reading ``B`` (``second``),
 #: the ``Add`` that sums a stage into the stages before it (``sum``), the ``Transpose`` of a Gemm's
-#: activation in old opsets (``transpose``), the ``Cast`` of a factor stored in another dtype (``cast``).
+#: activation in old opsets or of a shared factor that a site reads the other way round (``transpose``),
+#: the ``Cast`` of a factor stored in another dtype (``cast``).
 ROLES = ("first", "second", "sum", "transpose", "cast")
 
 _SIDES = ("right", "left")

@@ -121,16 +121,18 @@ def assemble(
     ``source_fingerprint`` is :func:`onnxsvd.io.fingerprint` of that model (stamped in the metadata, so
     ``finetune`` can check its teacher).
     """
-    reports: dict[int, SiteReport] = {}
+    # In graph order; a node holding a body comes before the skipped nodes inside it, in their order.
+    reports: dict[tuple[int, int], SiteReport] = {}
     for outcome in outcomes:
         for site, report in zip(outcome.sites, _site_reports(outcome), strict=True):
-            reports[site.node_index] = report
-    for skip in match.skips:
-        params = int(np.prod(skip.shape)) if skip.shape else 0
-        reports[skip.node_index] = SiteReport(
+            reports[(site.node_index, 0)] = report
+    for order, skip in enumerate(match.skips, start=1):
+        params = skip.params or (int(np.prod(skip.shape)) if skip.shape else 0)
+        matmul = skip.kind == "matmul"  # only a MatMul/Gemm of the main graph has a [K, N] normal form
+        reports[(skip.node_index, order)] = SiteReport(
             name=skip.name,
             op_type=skip.op_type,
-            shape=list(skip.shape) if skip.shape and len(skip.shape) == 2 else None,
+            shape=list(skip.shape) if matmul and skip.shape and len(skip.shape) == 2 else None,
             action="kept",
             reason=skip.reason,
             params_before=params,

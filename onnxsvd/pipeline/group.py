@@ -42,8 +42,10 @@ __all__ = [
     "TargetFn",
     "byte_cost",
     "factor_group",
+    "aligned_sites",
     "group_statistics",
     "metric_for",
+    "orientation_note",
     "svd_options",
     "weight_groups",
 ]
@@ -69,10 +71,24 @@ def metric_for(config: RewriteConfig, stats: ActivationStats | None) -> Metric:
     return whitening_metric(stats.gram, damping=config.damping)
 
 
+def aligned_sites(sites: list[Site]) -> list[Site]:
+    """The sites of a group that read its weight as the first site does (``W_kn``, not ``W_knᵀ``).
+
+    A group is factorized in its first site's orientation; only these sites' activations are in that
+    orientation's input space, so only their statistics make its metric.
+    """
+    return [site for site in sites if site.kn_transposed == sites[0].kn_transposed]
+
+
 def group_statistics(sites: list[Site], statistics: Statistics | None) -> ActivationStats | None:
+    """The statistics of a group's metric: its uses' inputs stacked, ``G = Σ_u X_uᵀX_u`` over the distinct
+    activations of the sites in the first site's orientation (:func:`aligned_sites`), so that
+    ``Σ_u ‖X_u (W − W')‖² = ‖Lᵀ (W − W')‖²``. Two sites reading one activation count it once."""
     if statistics is None:
         return None
-    parts = [statistics.activations.get(site.statistics_key) for site in sites]
+    aligned = aligned_sites(sites)
+    keys = list(dict.fromkeys(site.statistics_key for site in aligned))
+    parts = [statistics.activations.get(key) for key in keys]
     if any(part is None for part in parts):
         return None
     parts = [p for p in parts if p is not None]
@@ -82,6 +98,19 @@ def group_statistics(sites: list[Site], statistics: Statistics | None) -> Activa
             f"{sites[0].k}; re-run 'onnxsvd calibrate' on this model"
         )
     return combine(parts)
+
+
+def orientation_note(sites: list[Site], config: RewriteConfig) -> str:
+    """For an activation-aware group whose sites read the weight both ways round: which uses make the
+    metric (the others' inputs live in the other space), else empty."""
+    aligned = aligned_sites(sites)
+    if config.method == "svd" or len(aligned) == len(sites):
+        return ""
+    others = len(sites) - len(aligned)
+    return (
+        f"metric from the {len(aligned)} use(s) reading the weight as [{sites[0].k}, {sites[0].n}]; "
+        f"the {others} use(s) reading it transposed share the factors without their statistics"
+    )
 
 
 def _stage_ranks(config: RewriteConfig, total: int) -> list[int]:
@@ -254,6 +283,8 @@ def factor_group(
                 outcome.factorization, outcome.ranks = factorization, ranks
                 outcome.rank = factorization.rank
                 outcome.kept_energy, outcome.weight_error = factorization.kept_energy, error
+                note = orientation_note(sites, config)
+                outcome.reason = f"{reason}; {note}" if note else reason
     except FactorizationError as error:
         outcome.reason = str(error)
     outcome.seconds = time.perf_counter() - tick

@@ -57,20 +57,33 @@ class SiteSummary:
 
 @dataclasses.dataclass
 class SkipSummary:
+    """A node that is not a site, with the reason: a MatMul/Gemm (``kind="matmul"``), another op holding
+    constant weights (``"weights"``: LSTM, Conv, MatMulInteger…) or a node inside an If/Loop/Scan body
+    (``"subgraph"``, with its ``scope``). ``params`` counts the values of its constant weights."""
+
     name: str
     op_type: str
     reason: str
     shape: list[int] | None
+    kind: str = "matmul"
+    scope: str = ""
+    params: int = 0
 
 
 @dataclasses.dataclass
 class Inspection:
-    """What ``inspect`` shows: the sites, the skips, and the model's total parameters."""
+    """What ``inspect`` shows: the sites, the skips, and the model's parameters.
+
+    ``params_in_sites`` counts each stored weight once, however many sites read it, so it never exceeds
+    ``params_total``; ``params_in_skipped`` counts, once each, the stored weights that only nodes which
+    are not sites read (LSTM, Conv, bodies of If/Loop/Scan…).
+    """
 
     sites: list[SiteSummary]
     skips: list[SkipSummary]
     params_total: int
     params_in_sites: int
+    params_in_skipped: int = 0
 
     def to_dict(self, with_spectra: bool = False) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -123,15 +136,25 @@ def inspect_model(
             )
         )
     skips = [
-        SkipSummary(s.name, s.op_type, s.reason, list(s.shape) if s.shape is not None else None) for s in match.skips
+        SkipSummary(
+            s.name, s.op_type, s.reason, list(s.shape) if s.shape is not None else None, s.kind, s.scope, s.params
+        )
+        for s in match.skips
     ]
-    counted: set[str] = set()
-    in_sites = 0
+    # Each stored weight once: sites of one group, or groups over one stored tensor (a Gemm's α, a Cast
+    # to another dtype), hold the same values.
+    stored: dict[str, int] = {}
     for site in match.sites:
-        if site.group not in counted:
-            counted.add(site.group)
-            in_sites += site.params
-    return Inspection(summaries, skips, count_parameters(model), in_sites)
+        stored.setdefault(site.weight.tensor, site.params)
+    in_skipped: dict[str, int] = {}
+    for skip in match.skips:
+        for name in skip.weights:
+            if name not in stored:
+                tensor = index.constant_tensor(name)
+                in_skipped.setdefault(name, int(np.prod(tensor.dims)) if tensor is not None else 0)
+    return Inspection(
+        summaries, skips, count_parameters(model), sum(stored.values()), sum(in_skipped.values())
+    )
 
 
 #: What ``--plot`` writes, by the file's suffix.

@@ -15,17 +15,19 @@ __all__ = ["SiteReport", "RewriteReport"]
 
 @dataclasses.dataclass
 class SiteReport:
-    """One MatMul/Gemm: factorized, or kept dense with the reason.
+    """One MatMul/Gemm, factorized or kept dense with the reason; or another node holding weights that is
+    not a site (LSTM, Conv, a MatMul inside an If body…), kept with the reason.
 
     Attributes:
-        name: node name.
-        op_type: ``"MatMul"`` or ``"Gemm"``.
-        shape: ``[K, N]`` of the normal form (``None`` when the node had no usable weight).
+        name: node name (``<outer node>/<attribute>/<node>`` inside a subgraph).
+        op_type: the node's op.
+        shape: ``[K, N]`` of the normal form (``None`` when the node had no usable weight or is not a
+            MatMul/Gemm of the main graph).
         action: ``"factorized"`` or ``"kept"``.
         reason: why it was kept, or how the rank was chosen.
         rank: total rank (0 when kept).
         stage_ranks: rank of each residual stage.
-        params_before: ``K·N``.
+        params_before: ``K·N``; for another node, the values of its constant weights.
         params_after: ``r·(K+N)`` when factorized (shared factors are counted at every site reading
             them; the model totals count them once), else ``K·N``.
         dense_bytes: bytes of the weight as stored (int8 payload with its scale and zero point, two bytes a

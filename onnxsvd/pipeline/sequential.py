@@ -42,7 +42,7 @@ from onnxsvd.errors import FactorizationError
 from onnxsvd.factorize import Factorization, Metric, diagonal_metric, identity_metric, whitening_metric
 from onnxsvd.graph import GraphIndex, Site, find_sites
 from onnxsvd.pipeline.assemble import RewriteResult, assemble, emit_outcomes
-from onnxsvd.pipeline.group import GroupOutcome, SpeedCheck, factor_group, weight_groups
+from onnxsvd.pipeline.group import GroupOutcome, SpeedCheck, aligned_sites, factor_group, weight_groups
 
 __all__ = ["CrossStats", "site_levels", "rewrite_sequential"]
 
@@ -122,7 +122,10 @@ def _collect_cross(
 
 
 def _combined(sites: list[Site], stats: Mapping[str, CrossStats]) -> CrossStats:
-    parts = [stats[site.statistics_key] for site in dict((s.statistics_key, s) for s in sites).values()]
+    """The group's statistics: summed over the distinct activations of the sites that read the weight in
+    the first site's orientation (see :func:`onnxsvd.pipeline.group.aligned_sites`)."""
+    keys = dict.fromkeys(site.statistics_key for site in aligned_sites(sites))
+    parts = [stats[key] for key in keys]
     if len(parts) == 1:
         return parts[0]
     return CrossStats(combine(p.compressed for p in parts), sum(p.cross for p in parts))
