@@ -1,0 +1,511 @@
+"""Torch kernels for ONNX ops: the element-wise, reduction, shape and indexing ops of exported models.
+
+A builder takes ``(node, attributes, opset of the default domain)``, parses the attributes once and returns
+a kernel: a closure from the node's input tensors (``None`` for an omitted optional input) to its output
+tensors. Semantics follow the ONNX specification, opset-dependent forms included; an attribute value or
+variant a kernel cannot honour raises :class:`onnxsvd.errors.UnsupportedOpError` naming the op, the node
+and the variant (never a different result). The registry of ops is
+:data:`onnxsvd.finetune.torch_graph.OPS`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from onnxsvd.errors import UnsupportedOpError
+
+__all__ = ["Builder", "Kernel", "Tensor", "torch_dtype", "to_tensor", "int_list", "positive_axis"]
+
+Tensor = torch.Tensor
+#: A compiled node: input tensors (``None`` for an omitted optional input) → output tensors.
+Kernel = Callable[[list[Any]], Sequence[Any]]
+#: A builder: (node, attributes, opset of the default domain) → kernel.
+Builder = Callable[[onnx.NodeProto, dict[str, Any], int], Kernel]
+
+_TORCH_DTYPES: dict[int, torch.dtype] = {
+    onnx.TensorProto.FLOAT: torch.float32,
+    onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT16: torch.float16,
+    onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.INT64: torch.int64,
+    onnx.TensorProto.INT32: torch.int32,
+    onnx.TensorProto.INT16: torch.int16,
+    onnx.TensorProto.INT8: torch.int8,
+    onnx.TensorProto.UINT8: torch.uint8,
+    onnx.TensorProto.BOOL: torch.bool,
+}
+
+
+def torch_dtype(onnx_dtype: int) -> torch.dtype:
+    """The torch dtype of an ONNX tensor type.
+
+    Raises:
+        UnsupportedOpError: a type torch cannot hold here (strings, unsigned wider than 8 bits, float8…).
+    """
+    if onnx_dtype not in _TORCH_DTYPES:
+        name = onnx.TensorProto.DataType.Name(onnx_dtype)
+        raise UnsupportedOpError(f"tensor type {name} is not supported by the torch evaluator")
+    return _TORCH_DTYPES[onnx_dtype]
+
+
+def to_tensor(proto: onnx.TensorProto) -> Tensor:
+    if proto.data_type == onnx.TensorProto.BFLOAT16:
+        array = np.array(numpy_helper.to_array(proto), dtype=np.float32)  # a copy; 0-d stays 0-d
+        return torch.from_numpy(array).to(torch.bfloat16)
+    dtype = torch_dtype(proto.data_type)
+    array = np.array(numpy_helper.to_array(proto))  # a contiguous, writable copy; 0-d stays 0-d
+    return torch.from_numpy(array).to(dtype)
+
+
+def int_list(value: Tensor | None) -> list[int]:
+    """A 0-d or 1-d integer tensor (shapes, axes, indices of Slice) as Python ints."""
+    if value is None:
+        return []
+    return [int(v) for v in value.reshape(-1).tolist()]
+
+
+def positive_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels. Each builder parses the node's attributes once and returns a closure over them.
+
+
+def unary(function: Callable[[Tensor], Tensor]) -> Builder:
+    return lambda node, attrs, opset: lambda xs: (function(xs[0]),)
+
+
+def binary(function: Callable[[Tensor, Tensor], Tensor]) -> Builder:
+    return lambda node, attrs, opset: lambda xs: (function(xs[0], xs[1]),)
+
+
+def variadic(function: Callable[[Tensor, Tensor], Tensor]) -> Builder:
+    def build(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+        def run(xs: list[Any]) -> tuple[Tensor]:
+            present = [x for x in xs if x is not None]
+            result = present[0]
+            for other in present[1:]:
+                result = function(result, other)
+            return (result,)
+
+        return run
+
+    return build
+
+
+def divide(a: Tensor, b: Tensor) -> Tensor:
+    if a.is_floating_point() or b.is_floating_point():
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")  # ONNX integer division truncates toward zero
+
+
+def power(a: Tensor, b: Tensor) -> Tensor:
+    return torch.pow(a, b).to(a.dtype)  # ONNX Pow's output has the base's type
+
+
+def matmul(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    return lambda xs: (torch.matmul(xs[0], xs[1]),)
+
+
+def gemm(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    trans_a, trans_b = int(attrs.get("transA", 0)), int(attrs.get("transB", 0))
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        a = xs[0].transpose(0, 1) if trans_a else xs[0]  # [M, K]
+        b = xs[1].transpose(0, 1) if trans_b else xs[1]  # [K, N]
+        y = torch.matmul(a, b)  # [M, N]
+        if alpha != 1.0:
+            y = y * alpha
+        c = xs[2] if len(xs) > 2 else None
+        if c is not None:
+            y = y + (c * beta if beta != 1.0 else c)  # C broadcasts to [M, N]
+        return (y,)
+
+    return run
+
+
+def softmax_like(function: Callable[..., Tensor]) -> Builder:
+    def build(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+        if opset >= 13:
+            axis = int(attrs.get("axis", -1))
+            return lambda xs: (function(xs[0], dim=axis),)
+        axis = int(attrs.get("axis", 1))
+
+        def run(xs: list[Any]) -> tuple[Tensor]:
+            # Before opset 13 the input is coerced to 2-D at ``axis`` and normalised over the second part.
+            x = xs[0]
+            cut = positive_axis(axis, x.dim())
+            flat = x.reshape(math.prod(x.shape[:cut]), -1)
+            return (function(flat, dim=1).reshape(x.shape),)
+
+        return run
+
+    return build
+
+
+def layer_norm(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axis, epsilon = int(attrs.get("axis", -1)), float(attrs.get("epsilon", 1e-5))
+    want_stats = len(node.output) > 1 and any(node.output[1:])
+
+    def run(xs: list[Any]) -> tuple[Any, ...]:
+        x, scale = xs[0], xs[1]
+        bias = xs[2] if len(xs) > 2 else None
+        cut = positive_axis(axis, x.dim())
+        shape = tuple(x.shape[cut:])
+        weight = scale.expand(shape) if tuple(scale.shape) != shape else scale
+        offset = None if bias is None else (bias.expand(shape) if tuple(bias.shape) != shape else bias)
+        y = torch.nn.functional.layer_norm(x, shape, weight, offset, epsilon)
+        if not want_stats:
+            return (y,)
+        dims = tuple(range(cut, x.dim()))
+        mean = x.mean(dim=dims, keepdim=True)
+        inverse_std = torch.rsqrt(x.var(dim=dims, unbiased=False, keepdim=True) + epsilon)
+        return (y, mean, inverse_std)
+
+    return run
+
+
+def gelu(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    approximate = attrs.get("approximate", "none")
+    return lambda xs: (torch.nn.functional.gelu(xs[0], approximate=approximate),)
+
+
+_REDUCE_AXES_AS_INPUT = {"ReduceSum": 13}  # the others take ``axes`` as an input from opset 18
+
+
+def reduce_op(function: Callable[..., Tensor]) -> Builder:
+    def build(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+        keepdims = bool(attrs.get("keepdims", 1))
+        noop_when_empty = bool(attrs.get("noop_with_empty_axes", 0))
+        from_input = opset >= _REDUCE_AXES_AS_INPUT.get(node.op_type, 18)
+        attribute_axes = [int(a) for a in attrs.get("axes", [])]
+
+        def run(xs: list[Any]) -> tuple[Tensor]:
+            x = xs[0]
+            axes = int_list(xs[1] if len(xs) > 1 else None) if from_input else attribute_axes
+            if not axes:
+                if noop_when_empty:
+                    return (x,)
+                axes = list(range(x.dim()))
+            dims = sorted(positive_axis(a, x.dim()) for a in axes)
+            return (function(x, dims, keepdims),)
+
+        return run
+
+    return build
+
+
+def reduce_max(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
+    return torch.amax(x, dim=dims, keepdim=keepdims)
+
+
+def reduce_min(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
+    return torch.amin(x, dim=dims, keepdim=keepdims)
+
+
+def reduce_prod(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
+    for dim in sorted(dims, reverse=True):
+        x = torch.prod(x, dim=dim, keepdim=keepdims)
+    return x
+
+
+def reduce_l2(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
+    return torch.sqrt(torch.sum(x * x, dim=dims, keepdim=keepdims))
+
+
+def transpose(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    perm = attrs.get("perm")
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        order = [int(p) for p in perm] if perm is not None else list(reversed(range(x.dim())))
+        return (x.permute(order),)
+
+    return run
+
+
+def reshape(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    allow_zero = bool(attrs.get("allowzero", 0))
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x, shape = xs[0], int_list(xs[1])
+        if not allow_zero:
+            shape = [x.shape[i] if dim == 0 else dim for i, dim in enumerate(shape)]  # 0 copies the input's dim
+        return (x.reshape(shape),)
+
+    return run
+
+
+def shape_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    start, end = attrs.get("start"), attrs.get("end")
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        dims = list(xs[0].shape)
+        begin = 0 if start is None else int(start)
+        stop = len(dims) if end is None else int(end)
+        return (torch.tensor(dims[slice(begin, stop)], dtype=torch.int64),)
+
+    return run
+
+
+def size_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    return lambda xs: (torch.tensor(xs[0].numel(), dtype=torch.int64),)
+
+
+def gather(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axis = int(attrs.get("axis", 0))
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        data, indices = xs[0], xs[1].to(torch.int64)
+        cut = positive_axis(axis, data.dim())
+        size = data.shape[cut]
+        flat = torch.where(indices < 0, indices + size, indices).reshape(-1)  # negative indices count from the end
+        picked = torch.index_select(data, cut, flat.to(data.device))
+        shape = list(data.shape[:cut]) + list(indices.shape) + list(data.shape[cut + 1 :])
+        return (picked.reshape(shape),)
+
+    return run
+
+
+def gather_elements(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axis = int(attrs.get("axis", 0))
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        data, indices = xs[0], xs[1].to(torch.int64)
+        cut = positive_axis(axis, data.dim())
+        indices = torch.where(indices < 0, indices + data.shape[cut], indices)
+        return (torch.gather(data, cut, indices),)
+
+    return run
+
+
+def unsqueeze(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    attribute_axes = [int(a) for a in attrs.get("axes", [])]
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        axes = int_list(xs[1]) if opset >= 13 else attribute_axes
+        rank = x.dim() + len(axes)
+        for axis in sorted(positive_axis(a, rank) for a in axes):
+            x = x.unsqueeze(axis)
+        return (x,)
+
+    return run
+
+
+def squeeze(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    attribute_axes = attrs.get("axes")
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        if opset >= 13:
+            axes = int_list(xs[1]) if len(xs) > 1 and xs[1] is not None else None
+        else:
+            axes = [int(a) for a in attribute_axes] if attribute_axes is not None else None
+        if axes is None:
+            return (x.squeeze(),) if x.dim() else (x,)
+        kept = [size for i, size in enumerate(x.shape) if i not in {positive_axis(a, x.dim()) for a in axes}]
+        return (x.reshape(kept),)
+
+    return run
+
+
+def concat_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axis = int(attrs["axis"])
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        parts = [x for x in xs if x is not None]
+        dtype = parts[0].dtype
+        return (torch.cat([p.to(dtype) for p in parts], dim=axis),)
+
+    return run
+
+
+def _slice_one(x: Tensor, axis: int, start: int, end: int, step: int) -> Tensor:
+    size = x.shape[axis]
+    begin, stop, stride = slice(start, end, step).indices(size)  # Python's clamping is ONNX's
+    if stride > 0:
+        index = [slice(None)] * x.dim()
+        index[axis] = slice(begin, stop, stride)
+        return x[tuple(index)]
+    picks = torch.arange(begin, stop, stride, device=x.device)
+    return torch.index_select(x, axis, picks)
+
+
+def slice_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        if opset >= 10:
+            starts, ends = int_list(xs[1]), int_list(xs[2])
+            axes = int_list(xs[3]) if len(xs) > 3 and xs[3] is not None else list(range(len(starts)))
+            steps = int_list(xs[4]) if len(xs) > 4 and xs[4] is not None else [1] * len(starts)
+        else:
+            starts, ends = [int(v) for v in attrs["starts"]], [int(v) for v in attrs["ends"]]
+            axes = [int(v) for v in attrs.get("axes", range(len(starts)))]
+            steps = [1] * len(starts)
+        for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+            x = _slice_one(x, positive_axis(axis, x.dim()), start, end, step)
+        return (x,)
+
+    return run
+
+
+def split_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axis = int(attrs.get("axis", 0))
+    attribute_split = attrs.get("split")
+    outputs = len(node.output)
+    num_outputs = attrs.get("num_outputs")
+
+    def run(xs: list[Any]) -> Sequence[Tensor]:
+        x = xs[0]
+        cut = positive_axis(axis, x.dim())
+        if opset >= 13:
+            sizes = int_list(xs[1]) if len(xs) > 1 and xs[1] is not None else None
+        else:
+            sizes = [int(s) for s in attribute_split] if attribute_split is not None else None
+        if sizes is None:
+            count = int(num_outputs) if num_outputs is not None else outputs
+            chunk = -(-x.shape[cut] // count)  # the last chunk may be smaller (opset 18)
+            sizes = [min(chunk, x.shape[cut] - i * chunk) for i in range(count)]
+        return tuple(torch.split(x, sizes, dim=cut))
+
+    return run
+
+
+def cast_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    dtype = torch_dtype(int(attrs["to"]))
+    return lambda xs: (xs[0].to(dtype),)
+
+
+def cast_like(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    return lambda xs: (xs[0].to(xs[1].dtype),)
+
+
+def where_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x, y = xs[1], xs[2]
+        return (torch.where(xs[0].to(torch.bool), x, y.to(x.dtype)),)
+
+    return run
+
+
+def compare_op(function: Callable[[Tensor, Tensor], Tensor]) -> Builder:
+    return binary(function)
+
+
+def expand_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x, shape = xs[0], int_list(xs[1])
+        target = torch.broadcast_shapes(tuple(x.shape), tuple(shape))  # Expand broadcasts both ways
+        return (x.expand(target),)
+
+    return run
+
+
+def tile_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    return lambda xs: (xs[0].repeat(int_list(xs[1])),)
+
+
+def constant_of_shape(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    value = attrs.get("value")
+    fill = to_tensor(value).reshape(-1) if value is not None else torch.zeros(1, dtype=torch.float32)
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        return (torch.full(int_list(xs[0]), fill.item(), dtype=fill.dtype),)
+
+    return run
+
+
+def identity_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    return lambda xs: (xs[0],)
+
+
+def dropout(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    # Inference semantics: the input unchanged, and an all-true mask when one is asked for.
+    return lambda xs: (xs[0], torch.ones_like(xs[0], dtype=torch.bool))
+
+
+def range_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        start, limit, delta = xs
+        dtype = start.dtype
+        return (torch.arange(start.item(), limit.item(), delta.item(), dtype=dtype, device=start.device),)
+
+    return run
+
+
+def flatten(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axis = int(attrs.get("axis", 1))
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        cut = positive_axis(axis, x.dim())
+        return (x.reshape(math.prod(x.shape[:cut]), math.prod(x.shape[cut:])),)
+
+    return run
+
+
+def clip(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        if opset >= 11:
+            low = xs[1] if len(xs) > 1 else None
+            high = xs[2] if len(xs) > 2 else None
+        else:
+            low = torch.tensor(float(attrs.get("min", -math.inf)), dtype=x.dtype)
+            high = torch.tensor(float(attrs.get("max", math.inf)), dtype=x.dtype)
+        if low is not None:
+            x = torch.maximum(x, low.to(x.dtype))
+        if high is not None:
+            x = torch.minimum(x, high.to(x.dtype))
+        return (x,)
+
+    return run
+
+
+def leaky_relu(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    slope = float(attrs.get("alpha", 0.01))
+    return lambda xs: (torch.nn.functional.leaky_relu(xs[0], slope),)
+
+
+def hard_sigmoid(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
+    return lambda xs: (torch.clamp(xs[0] * alpha + beta, 0.0, 1.0),)
+
+
+def elu(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    alpha = float(attrs.get("alpha", 1.0))
+    return lambda xs: (torch.nn.functional.elu(xs[0], alpha),)
+
+
+def mean_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        present = [x for x in xs if x is not None]
+        total = present[0]
+        for other in present[1:]:
+            total = total + other
+        return (total / len(present),)
+
+    return run
+
+
+def arg_reduce(function: Callable[..., Tensor]) -> Builder:
+    def build(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+        axis, keepdims = int(attrs.get("axis", 0)), bool(attrs.get("keepdims", 1))
+        if int(attrs.get("select_last_index", 0)):
+            raise UnsupportedOpError(
+                f"op '{node.op_type}' with select_last_index=1 (node '{node.name}') is not supported by the "
+                "torch evaluator"
+            )
+        return lambda xs: (function(xs[0], dim=axis, keepdim=keepdims),)
+
+    return build
