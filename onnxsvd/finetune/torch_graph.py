@@ -52,6 +52,8 @@ OPS: dict[str, Builder] = {
     "Floor": kernels.unary(torch.floor),
     "Ceil": kernels.unary(torch.ceil),
     "Sign": kernels.unary(torch.sign),
+    "IsNaN": kernels.unary(torch.isnan),
+    "IsInf": kernels.is_inf,
     "Sin": kernels.unary(torch.sin),
     "Cos": kernels.unary(torch.cos),
     "Clip": kernels.clip,
@@ -84,6 +86,7 @@ OPS: dict[str, Builder] = {
     "Size": kernels.size_op,
     "Gather": kernels.gather,
     "GatherElements": kernels.gather_elements,
+    "GatherND": kernels.gather_nd,
     "Unsqueeze": kernels.unsqueeze,
     "Squeeze": kernels.squeeze,
     "Concat": kernels.concat_op,
@@ -135,11 +138,36 @@ def _unsupported(node: onnx.NodeProto, position: int, what: str | None = None) -
     )
 
 
+def _check_types(graph: onnx.GraphProto) -> None:
+    """Refuse a graph whose inputs, outputs or initializers have a type torch cannot hold here."""
+    named = [(value.name, value.type) for value in (*graph.input, *graph.output, *graph.value_info)]
+    for name, kind in named:
+        if kind.WhichOneof("value") != "tensor_type":
+            raise UnsupportedOpError(
+                f"tensor '{name}' is a {kind.WhichOneof('value') or 'value of no type'}, not a tensor; the torch "
+                "evaluator runs tensors only"
+            )
+        if kind.tensor_type.elem_type and kind.tensor_type.elem_type not in kernels.TORCH_DTYPES:
+            _refuse_type(name, kind.tensor_type.elem_type)
+    for tensor in graph.initializer:
+        if tensor.data_type not in kernels.TORCH_DTYPES:
+            _refuse_type(tensor.name, tensor.data_type)
+
+
+def _refuse_type(name: str, elem_type: int) -> None:
+    type_name = onnx.TensorProto.DataType.Name(elem_type)
+    raise UnsupportedOpError(
+        f"tensor '{name}' has type {type_name}, which the torch evaluator does not support "
+        f"(it supports {', '.join(kernels.supported_dtypes())})"
+    )
+
+
 def check_supported(model: onnx.ModelProto) -> None:
     """Refuse, before any work, a model the evaluator cannot run.
 
     Raises:
-        UnsupportedOpError: one line naming the first unsupported op and its node.
+        UnsupportedOpError: one line naming the first unsupported op and its node, or the first tensor
+            of a type torch cannot hold here (strings, unsigned integers wider than 8 bits, float8…).
     """
     for position, node in enumerate(model.graph.node):
         if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
@@ -147,6 +175,7 @@ def check_supported(model: onnx.ModelProto) -> None:
         subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
         if any(attribute.type in subgraphs for attribute in node.attribute):
             raise _unsupported(node, position, " with a subgraph")
+    _check_types(model.graph)
 
 
 def _constant_value(node: onnx.NodeProto, position: int) -> Tensor:

@@ -21,7 +21,18 @@ from onnx import numpy_helper
 
 from onnxsvd.errors import UnsupportedOpError
 
-__all__ = ["Builder", "Kernel", "Tensor", "torch_dtype", "to_tensor", "int_list", "positive_axis"]
+__all__ = [
+    "TORCH_DTYPES",
+    "Builder",
+    "Kernel",
+    "Tensor",
+    "torch_dtype",
+    "supported_dtypes",
+    "refuse",
+    "to_tensor",
+    "int_list",
+    "positive_axis",
+]
 
 Tensor = torch.Tensor
 #: A compiled node: input tensors (``None`` for an omitted optional input) → output tensors.
@@ -29,7 +40,7 @@ Kernel = Callable[[list[Any]], Sequence[Any]]
 #: A builder: (node, attributes, opset of the default domain) → kernel.
 Builder = Callable[[onnx.NodeProto, dict[str, Any], int], Kernel]
 
-_TORCH_DTYPES: dict[int, torch.dtype] = {
+TORCH_DTYPES: dict[int, torch.dtype] = {
     onnx.TensorProto.FLOAT: torch.float32,
     onnx.TensorProto.DOUBLE: torch.float64,
     onnx.TensorProto.FLOAT16: torch.float16,
@@ -49,10 +60,15 @@ def torch_dtype(onnx_dtype: int) -> torch.dtype:
     Raises:
         UnsupportedOpError: a type torch cannot hold here (strings, unsigned wider than 8 bits, float8…).
     """
-    if onnx_dtype not in _TORCH_DTYPES:
+    if onnx_dtype not in TORCH_DTYPES:
         name = onnx.TensorProto.DataType.Name(onnx_dtype)
         raise UnsupportedOpError(f"tensor type {name} is not supported by the torch evaluator")
-    return _TORCH_DTYPES[onnx_dtype]
+    return TORCH_DTYPES[onnx_dtype]
+
+
+def supported_dtypes() -> list[str]:
+    """The ONNX tensor types the evaluator holds, by name."""
+    return [onnx.TensorProto.DataType.Name(code) for code in TORCH_DTYPES]
 
 
 def to_tensor(proto: onnx.TensorProto) -> Tensor:
@@ -73,6 +89,14 @@ def int_list(value: Tensor | None) -> list[int]:
 
 def positive_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
+
+
+def refuse(node: onnx.NodeProto, variant: str) -> UnsupportedOpError:
+    """The one-line error for a variant of a supported op (an attribute value, a mode) that no kernel runs."""
+    label = node.name or f"{node.op_type} -> {node.output[0] if node.output else ''}"
+    return UnsupportedOpError(
+        f"op '{node.op_type}' (node '{label}') with {variant} is not supported by the torch evaluator"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,12 +228,27 @@ def reduce_op(function: Callable[..., Tensor]) -> Builder:
     return build
 
 
+def _reduce_extreme(x: Tensor, dims: list[int], keepdims: bool, largest: bool) -> Tensor:
+    if all(x.shape[d] > 0 for d in dims):
+        function = torch.amax if largest else torch.amin
+        return function(x, dim=dims, keepdim=keepdims)
+    # The extreme of an empty set is the identity of max (-inf, the lowest integer, False) or of min.
+    shape = torch.sum(x.to(torch.float32), dim=dims, keepdim=keepdims).shape
+    if x.dtype == torch.bool:
+        fill: float | int | bool = not largest
+    elif x.is_floating_point():
+        fill = -math.inf if largest else math.inf
+    else:
+        fill = torch.iinfo(x.dtype).min if largest else torch.iinfo(x.dtype).max
+    return torch.full(shape, fill, dtype=x.dtype, device=x.device)
+
+
 def reduce_max(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
-    return torch.amax(x, dim=dims, keepdim=keepdims)
+    return _reduce_extreme(x, dims, keepdims, largest=True)
 
 
 def reduce_min(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
-    return torch.amin(x, dim=dims, keepdim=keepdims)
+    return _reduce_extreme(x, dims, keepdims, largest=False)
 
 
 def reduce_prod(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
@@ -430,8 +469,17 @@ def identity_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kern
 
 
 def dropout(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
-    # Inference semantics: the input unchanged, and an all-true mask when one is asked for.
-    return lambda xs: (xs[0], torch.ones_like(xs[0], dtype=torch.bool))
+    # Inference semantics: the input unchanged, and an all-true mask when one is asked for. Training mode
+    # (an input from opset 12) draws random masks, which cannot match any reference: refused unless ratio 0.
+    def run(xs: list[Any]) -> tuple[Tensor, Tensor]:
+        training = opset >= 12 and len(xs) > 2 and xs[2] is not None and bool(xs[2])
+        if training:
+            ratio = float(xs[1]) if len(xs) > 1 and xs[1] is not None else 0.5
+            if ratio != 0.0:
+                raise refuse(node, f"training_mode=true and ratio {ratio:g} (a random mask)")
+        return (xs[0], torch.ones_like(xs[0], dtype=torch.bool))
+
+    return run
 
 
 def range_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
@@ -501,11 +549,54 @@ def mean_op(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
 def arg_reduce(function: Callable[..., Tensor]) -> Builder:
     def build(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
         axis, keepdims = int(attrs.get("axis", 0)), bool(attrs.get("keepdims", 1))
-        if int(attrs.get("select_last_index", 0)):
-            raise UnsupportedOpError(
-                f"op '{node.op_type}' with select_last_index=1 (node '{node.name}') is not supported by the "
-                "torch evaluator"
-            )
-        return lambda xs: (function(xs[0], dim=axis, keepdim=keepdims),)
+        last = bool(attrs.get("select_last_index", 0))
+
+        def run(xs: list[Any]) -> tuple[Tensor]:
+            x = xs[0]
+            if not last:
+                return (function(x, dim=axis, keepdim=keepdims),)
+            # The last of equal extremes is the first one in the reversed axis: index = n - 1 - index'.
+            cut = positive_axis(axis, x.dim())
+            reversed_index = function(torch.flip(x, dims=(cut,)), dim=cut, keepdim=keepdims)
+            return (x.shape[cut] - 1 - reversed_index,)
+
+        return run
 
     return build
+
+
+def is_inf(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    negative, positive = bool(attrs.get("detect_negative", 1)), bool(attrs.get("detect_positive", 1))
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        found = torch.zeros_like(x, dtype=torch.bool)
+        if positive:
+            found = found | torch.isposinf(x)
+        if negative:
+            found = found | torch.isneginf(x)
+        return (found,)
+
+    return run
+
+
+def gather_nd(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    batch_dims = int(attrs.get("batch_dims", 0))
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        # data [b..., d..., rest...], indices [b..., m..., k]: each index row picks data[b, i_1..i_k].
+        data, indices = xs[0], xs[1].to(torch.int64)
+        depth = indices.shape[-1]
+        batch = math.prod(data.shape[:batch_dims])
+        picked_dims = data.shape[batch_dims : batch_dims + depth]
+        flat_data = data.reshape(batch, *data.shape[batch_dims:])  # [B, d..., rest...]
+        rows = indices.reshape(batch, -1, depth)  # [B, M, k]
+        sizes = torch.tensor(picked_dims, dtype=torch.int64, device=rows.device)
+        rows = torch.where(rows < 0, rows + sizes, rows)  # negative indices count from the end
+        batch_index = torch.arange(batch, device=rows.device)[:, None].expand(batch, rows.shape[1])  # [B, M]
+        coordinates = tuple(c.to(data.device) for c in (batch_index, *rows.unbind(-1)))
+        picked = flat_data[coordinates]  # [B, M, rest...]
+        shape = tuple(indices.shape[:-1]) + tuple(data.shape[batch_dims + depth :])
+        return (picked.reshape(shape),)
+
+    return run
