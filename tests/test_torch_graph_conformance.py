@@ -163,3 +163,10 @@ def test_every_refusal_names_spec_cases() -> None:
     names = [case.name for cases in spec_cases().values() for case in cases]
     stale = [pattern for pattern in UNSUPPORTED if not any(re.fullmatch(pattern, name) for name in names)]
     assert stale == []
+
+
+def test_spec_cases_per_op() -> None:
+    """Print how many spec cases each op runs (``pytest -s``); every claimed op has at least one."""
+    counts = {op: sum(_claimed(case) for case in spec_cases().get(op, [])) for op in sorted(OPS)}
+    print(" ".join(f"{op}={count}" for op, count in counts.items()))
+    assert min(counts.values()) > 0

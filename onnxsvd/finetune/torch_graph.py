@@ -24,6 +24,7 @@ from onnx import helper
 
 from onnxsvd.errors import ModelError, UnsupportedOpError
 from onnxsvd.finetune import torch_kernels as kernels
+from onnxsvd.finetune import torch_nn_kernels as nn_kernels
 from onnxsvd.finetune.torch_kernels import Builder, Kernel, Tensor, torch_dtype
 
 __all__ = ["OPS", "TorchGraph", "supported_ops", "check_supported", "torch_dtype"]
@@ -70,6 +71,18 @@ OPS: dict[str, Builder] = {
     "Softmax": kernels.softmax_like(torch.softmax),
     "LogSoftmax": kernels.softmax_like(torch.log_softmax),
     "LayerNormalization": kernels.layer_norm,
+    # convolutional networks
+    "Conv": nn_kernels.conv,
+    "ConvTranspose": nn_kernels.conv_transpose,
+    "BatchNormalization": nn_kernels.batch_normalization,
+    "InstanceNormalization": nn_kernels.instance_normalization,
+    "GroupNormalization": nn_kernels.group_normalization,
+    "MaxPool": nn_kernels.max_pool,
+    "AveragePool": nn_kernels.average_pool,
+    "LpPool": nn_kernels.lp_pool,
+    "GlobalAveragePool": nn_kernels.global_pool("average"),
+    "GlobalMaxPool": nn_kernels.global_pool("max"),
+    "Pad": nn_kernels.pad,
     # reductions
     "ReduceMean": kernels.reduce_op(lambda x, dims, keep: torch.mean(x, dim=dims, keepdim=keep)),
     "ReduceSum": kernels.reduce_op(lambda x, dims, keep: torch.sum(x, dim=dims, keepdim=keep)),
