@@ -600,3 +600,303 @@ def gather_nd(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel
         return (picked.reshape(shape),)
 
     return run
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def softsign(x: Tensor) -> Tensor:
+    return x / (1 + x.abs())
+
+
+def mish(x: Tensor) -> Tensor:
+    return x * torch.tanh(torch.nn.functional.softplus(x))
+
+
+def selu(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    alpha = float(attrs.get("alpha", 1.67326319217681884765625))
+    gamma = float(attrs.get("gamma", 1.05070102214813232421875))
+    return lambda xs: (gamma * torch.where(xs[0] > 0, xs[0], alpha * torch.expm1(xs[0])),)
+
+
+def celu(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    alpha = float(attrs.get("alpha", 1.0))
+    return lambda xs: (torch.nn.functional.celu(xs[0], alpha),)
+
+
+def thresholded_relu(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    alpha = float(attrs.get("alpha", 1.0))
+    return lambda xs: (torch.where(xs[0] > alpha, xs[0], torch.zeros_like(xs[0])),)
+
+
+def hard_swish(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    # y = x · max(0, min(1, x / 6 + 1/2))
+    return lambda xs: (xs[0] * torch.clamp(xs[0] / 6 + 0.5, 0.0, 1.0),)
+
+
+def swish(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    alpha = float(attrs.get("alpha", 1.0))
+    return lambda xs: (xs[0] * torch.sigmoid(alpha * xs[0]),)
+
+
+def shrink(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    bias, lambd = float(attrs.get("bias", 0.0)), float(attrs.get("lambd", 0.5))
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        y = torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x)))
+        return (y.to(x.dtype),)
+
+    return run
+
+
+def prelu(a: Tensor, slope: Tensor) -> Tensor:
+    return torch.where(a < 0, a * slope, a)
+
+
+def mod(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    # fmod=1: the sign of the dividend (C's fmod); fmod=0: the sign of the divisor (Python's %).
+    function = torch.fmod if int(attrs.get("fmod", 0)) else torch.remainder
+    return lambda xs: (function(xs[0], xs[1]),)
+
+
+def bit_shift(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    left = _text(attrs["direction"]) == "LEFT"
+    function = torch.bitwise_left_shift if left else torch.bitwise_right_shift
+    return lambda xs: (function(xs[0], xs[1]),)
+
+
+def trilu(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    upper = bool(attrs.get("upper", 1))
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        k = int(xs[1]) if len(xs) > 1 and xs[1] is not None else 0
+        return ((torch.triu if upper else torch.tril)(xs[0], diagonal=k),)
+
+    return run
+
+
+def cumulative_sum(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    exclusive, reverse = bool(attrs.get("exclusive", 0)), bool(attrs.get("reverse", 0))
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        axis = positive_axis(int(xs[1]), x.dim())
+        if reverse:
+            x = torch.flip(x, dims=(axis,))
+        y = torch.cumsum(x, dim=axis).to(x.dtype)
+        if exclusive:  # shift by one: y_i = Σ_{j<i} x_j
+            y = y - x
+        if reverse:
+            y = torch.flip(y, dims=(axis,))
+        return (y,)
+
+    return run
+
+
+def top_k(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axis, largest = int(attrs.get("axis", -1)), bool(attrs.get("largest", 1))
+
+    def run(xs: list[Any]) -> tuple[Tensor, Tensor]:
+        x = xs[0]
+        k = int(xs[1].reshape(-1)[0]) if opset >= 10 else int(attrs["k"])
+        # A stable sort keeps equal values in index order: the spec wants the lower index first.
+        values, indices = torch.sort(x, dim=axis, descending=largest, stable=True)
+        return (values.narrow(axis, 0, k), indices.narrow(axis, 0, k))
+
+    return run
+
+
+def one_hot(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axis = int(attrs.get("axis", -1))
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        indices, depth, values = xs[0], int(xs[1].reshape(-1)[0]), xs[2]  # values: [off, on]
+        index = indices.to(torch.int64)
+        index = torch.where(index < 0, index + depth, index)  # negative indices count from the end
+        hot = index.unsqueeze(-1) == torch.arange(depth, device=index.device)  # [..., depth]; out of range: none
+        y = torch.where(hot, values[1], values[0])
+        cut = positive_axis(axis, indices.dim() + 1)
+        return (torch.movedim(y, -1, cut),)
+
+    return run
+
+
+def non_zero(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        if x.dim() == 0:
+            return (torch.zeros((0, int(bool(x))), dtype=torch.int64),)
+        return (torch.nonzero(x).transpose(0, 1).contiguous(),)  # [rank, count]
+
+    return run
+
+
+_SCATTER_REDUCTIONS = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+
+
+def scatter_nd(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    reduction = _text(attrs.get("reduction", "none"))
+    if reduction != "none" and reduction not in _SCATTER_REDUCTIONS:
+        raise refuse(node, f"reduction={reduction}")
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        # data [d_1..d_k, rest...], indices [m..., k], updates [m..., rest...]
+        data, indices, updates = xs[0], xs[1].to(torch.int64), xs[2]
+        depth = indices.shape[-1]
+        rows = indices.reshape(-1, depth)  # [M, k]
+        sizes = torch.tensor(data.shape[:depth], dtype=torch.int64, device=rows.device)
+        rows = torch.where(rows < 0, rows + sizes, rows)
+        strides = torch.tensor([math.prod(data.shape[i + 1 : depth]) for i in range(depth)], dtype=torch.int64,
+                               device=rows.device)
+        flat_index = (rows * strides).sum(dim=1).to(data.device)  # [M] positions in the first k axes
+        flat = data.reshape(math.prod(data.shape[:depth]), *data.shape[depth:]).clone()
+        source = updates.reshape(rows.shape[0], *data.shape[depth:]).to(data.dtype)
+        if reduction == "none":
+            flat[flat_index] = source
+        elif reduction == "add":
+            flat.index_add_(0, flat_index, source)
+        else:
+            flat.index_reduce_(0, flat_index, source, _SCATTER_REDUCTIONS[reduction], include_self=True)
+        return (flat.reshape(data.shape),)
+
+    return run
+
+
+def scatter_elements(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axis = int(attrs.get("axis", 0))
+    reduction = _text(attrs.get("reduction", "none"))
+    if reduction != "none" and reduction not in _SCATTER_REDUCTIONS:
+        raise refuse(node, f"reduction={reduction}")
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        data, indices, updates = xs[0], xs[1].to(torch.int64), xs[2].to(xs[0].dtype)
+        cut = positive_axis(axis, data.dim())
+        indices = torch.where(indices < 0, indices + data.shape[cut], indices).to(data.device)
+        if reduction == "none":
+            return (torch.scatter(data, cut, indices, updates),)
+        return (torch.scatter_reduce(data, cut, indices, updates, _SCATTER_REDUCTIONS[reduction]),)
+
+    return run
+
+
+def einsum(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    equation = _text(attrs["equation"]).replace(" ", "")
+    return lambda xs: (torch.einsum(equation, *xs),)
+
+
+def eye_like(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    dtype = torch_dtype(int(attrs["dtype"])) if "dtype" in attrs else None
+    k = int(attrs.get("k", 0))
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        rows, columns = x.shape
+        diagonal = torch.arange(columns)[None, :] - torch.arange(rows)[:, None] == k  # [rows, columns]
+        return (diagonal.to(dtype or x.dtype),)
+
+    return run
+
+
+def depth_to_space(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    block = int(attrs["blocksize"])
+    column_first = _text(attrs.get("mode", "DCR")) == "CRD"
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]  # [N, C, H, W] → [N, C / b², H b, W b]
+        n, c, h, w = x.shape
+        if column_first:
+            y = x.reshape(n, c // block**2, block, block, h, w).permute(0, 1, 4, 2, 5, 3)
+        else:
+            y = x.reshape(n, block, block, c // block**2, h, w).permute(0, 3, 4, 1, 5, 2)
+        return (y.reshape(n, c // block**2, h * block, w * block),)
+
+    return run
+
+
+def space_to_depth(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    block = int(attrs["blocksize"])
+    column_first = _text(attrs.get("mode", "DCR")) == "CRD"
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]  # [N, C, H, W] → [N, C b², H / b, W / b]
+        n, c, h, w = x.shape
+        y = x.reshape(n, c, h // block, block, w // block, block)
+        y = y.permute(0, 1, 3, 5, 2, 4) if column_first else y.permute(0, 3, 5, 1, 2, 4)
+        return (y.reshape(n, c * block**2, h // block, w // block),)
+
+    return run
+
+
+def lp_normalization(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axis, power = int(attrs.get("axis", -1)), int(attrs.get("p", 2))
+    if power not in (1, 2):
+        raise refuse(node, f"p={power} (1 or 2)")
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        norm = torch.linalg.vector_norm(x, ord=power, dim=axis, keepdim=True)
+        return (torch.where(norm == 0, torch.zeros_like(x), x / norm),)
+
+    return run
+
+
+def mean_variance_normalization(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axes = [int(a) for a in attrs.get("axes", [0, 2, 3])]
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        dims = tuple(positive_axis(a, x.dim()) for a in axes)
+        mean = x.mean(dim=dims, keepdim=True)
+        deviation = torch.sqrt((x * x).mean(dim=dims, keepdim=True) - mean * mean)
+        return ((x - mean) / (deviation + 1e-9),)  # the function body's ε
+
+    return run
+
+
+def rms_normalization(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axis, epsilon = int(attrs.get("axis", -1)), float(attrs.get("epsilon", 1e-5))
+    in_float32 = int(attrs.get("stash_type", 1)) == 1
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x, scale = xs[0], xs[1]
+        # y = x / √(mean(x²) + ε) · scale, the mean over the axes from ``axis`` on
+        dims = tuple(range(positive_axis(axis, x.dim()), x.dim()))
+        wide = x.float() if in_float32 else x
+        normalized = wide * torch.rsqrt((wide * wide).mean(dim=dims, keepdim=True) + epsilon)
+        return (normalized.to(x.dtype) * scale,)
+
+    return run
+
+
+def compress(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    axis = attrs.get("axis")
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x, condition = xs[0], xs[1].to(torch.bool)
+        if axis is None:
+            x = x.reshape(-1)
+            cut = 0
+        else:
+            cut = positive_axis(int(axis), x.dim())
+        kept = torch.nonzero(condition[: x.shape[cut]]).reshape(-1).to(x.device)
+        return (torch.index_select(x, cut, kept),)
+
+    return run
+
+
+def reduce_log_sum_exp(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
+    return torch.logsumexp(x, dim=dims, keepdim=keepdims).to(x.dtype)
+
+
+def reduce_log_sum(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
+    return torch.log(torch.sum(x, dim=dims, keepdim=keepdims))
+
+
+def reduce_l1(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
+    return torch.sum(x.abs(), dim=dims, keepdim=keepdims).to(x.dtype)
+
+
+def reduce_sum_square(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
+    return torch.sum(x * x, dim=dims, keepdim=keepdims).to(x.dtype)
