@@ -109,6 +109,8 @@ OPS: dict[str, Builder] = {
     "GlobalAveragePool": nn_kernels.global_pool("average"),
     "GlobalMaxPool": nn_kernels.global_pool("max"),
     "Pad": nn_kernels.pad,
+    "Resize": nn_kernels.resize,
+    "Upsample": nn_kernels.resize,
     # reductions
     "ReduceMean": kernels.reduce_op(lambda x, dims, keep: torch.mean(x, dim=dims, keepdim=keep)),
     "ReduceSum": kernels.reduce_op(lambda x, dims, keep: torch.sum(x, dim=dims, keepdim=keep)),

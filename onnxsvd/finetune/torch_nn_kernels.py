@@ -31,6 +31,7 @@ __all__ = [
     "lp_pool",
     "global_pool",
     "pad",
+    "resize",
 ]
 
 
@@ -361,3 +362,192 @@ def global_pool(kind: str) -> Builder:
         return run
 
     return build
+
+
+def _nearest_weights(ratio: float, rounding: str) -> list[float]:
+    """Weights of the two neighbours ``(base, base + 1)`` of a position ``base + ratio``, ratio in (0, 1]."""
+    if ratio == 1.0:
+        return [0.0, 1.0]
+    chosen = {
+        "round_prefer_floor": ratio > 0.5,
+        "round_prefer_ceil": ratio >= 0.5,
+        "floor": False,
+        "ceil": True,
+    }[rounding]
+    return [0.0, 1.0] if chosen else [1.0, 0.0]
+
+
+def _cubic_weights(ratio: float, a: float, scale: float, antialias: bool) -> list[float]:
+    def kernel(t: float) -> float:
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t**3 - (a + 3) * t**2 + 1
+        if t < 2:
+            return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a
+        return 0.0
+
+    if not antialias:
+        return [kernel(ratio + 1), kernel(ratio), kernel(1 - ratio), kernel(2 - ratio)]
+    scale = min(scale, 1.0)  # a wider kernel when downsampling
+    start = math.floor(-2 / scale) + 1
+    weights = [kernel(scale * (i - ratio)) for i in range(start, 2 - start)]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _linear_weights(ratio: float, scale: float, antialias: bool) -> list[float]:
+    if not antialias:
+        return [1 - ratio, ratio]
+    scale = min(scale, 1.0)
+    start = math.floor(-1 / scale) + 1
+    weights = [min(max(1 - abs((i - ratio) * scale), 0.0), 1.0) for i in range(start, 2 - start)]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+class _ResizeAxis:
+    """The interpolation of one axis as a matrix: ``y = W · x`` with ``W`` ``[O, I]``, plus the output
+    positions that fall outside the crop (``tf_crop_and_resize`` gives them ``extrapolation_value``)."""
+
+    def __init__(self, options: dict[str, Any], size: int, out: int, scale: float, roi: tuple[float, float]):
+        import numpy as np
+
+        mode, transform = options["mode"], options["coordinate_transformation_mode"]
+        weights = np.zeros((out, size))  # [O, I]
+        outside = np.zeros(out, dtype=bool)  # [O]
+        exact_out = scale * size
+        for position in range(out):
+            if transform == "align_corners":
+                original = 0.0 if exact_out == 1 else position * (size - 1) / (exact_out - 1)
+            elif transform == "asymmetric":
+                original = position / scale
+            elif transform == "tf_crop_and_resize":
+                start, stop = roi
+                if exact_out == 1:
+                    original = (stop - start) * (size - 1) / 2 + start * (size - 1)
+                else:
+                    original = position * (stop - start) * (size - 1) / (exact_out - 1) + start * (size - 1)
+                if original < 0 or original > size - 1:
+                    outside[position] = True
+                    continue
+            elif transform == "pytorch_half_pixel":
+                original = -0.5 if exact_out == 1 else (position + 0.5) / scale - 0.5
+            elif transform == "half_pixel":
+                original = (position + 0.5) / scale - 0.5
+            else:  # half_pixel_symmetric: the centre of the input maps to the centre of the output
+                offset = size / 2 * (1 - out / exact_out)
+                original = offset + (position + 0.5) / scale - 0.5
+            base = math.ceil(original) - 1  # the neighbour on the left; ratio in (0, 1]
+            ratio = original - base
+            if mode == "nearest":
+                taps = _nearest_weights(ratio, options["nearest_mode"])
+            elif mode == "linear":
+                taps = _linear_weights(ratio, scale, options["antialias"])
+            else:
+                taps = _cubic_weights(ratio, options["cubic_coeff_a"], scale, options["antialias"])
+            first = base - (len(taps) // 2 - 1)
+            indices = [first + i for i in range(len(taps))]
+            if options["exclude_outside"]:
+                taps = [t if 0 <= i < size else 0.0 for t, i in zip(taps, indices, strict=True)]
+                total = sum(taps)
+                taps = [t / total for t in taps] if total else taps
+            for tap, index in zip(taps, indices, strict=True):
+                weights[position, min(max(index, 0), size - 1)] += tap  # beyond the edges: the edge value
+        self.weights, self.outside = weights, outside
+
+
+def _resize_options(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> dict[str, Any]:
+    def text(name: str, default: str) -> str:
+        value = attrs.get(name, default)
+        return value.decode() if isinstance(value, bytes) else value
+
+    legacy = opset < 11 or node.op_type == "Upsample"  # Upsample and Resize-10: asymmetric, floor
+    options = {
+        "mode": text("mode", "nearest"),
+        "coordinate_transformation_mode": "asymmetric" if legacy else text("coordinate_transformation_mode",
+                                                                             "half_pixel"),
+        "nearest_mode": "floor" if legacy else text("nearest_mode", "round_prefer_floor"),
+        "cubic_coeff_a": float(attrs.get("cubic_coeff_a", -0.75)),
+        "exclude_outside": bool(attrs.get("exclude_outside", 0)),
+        "extrapolation_value": float(attrs.get("extrapolation_value", 0.0)),
+        "antialias": bool(attrs.get("antialias", 0)),
+        "keep_aspect_ratio_policy": text("keep_aspect_ratio_policy", "stretch"),
+    }
+    choices = {
+        "mode": ("nearest", "linear", "cubic"),
+        "coordinate_transformation_mode": ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel",
+                                           "align_corners", "asymmetric", "tf_crop_and_resize"),
+        "nearest_mode": ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil"),
+        "keep_aspect_ratio_policy": ("stretch", "not_larger", "not_smaller"),
+    }
+    for name, allowed in choices.items():
+        if options[name] not in allowed:
+            raise refuse(node, f"{name}={options[name]}")
+    if options["antialias"] and options["mode"] == "nearest":
+        raise refuse(node, "antialias=1 in nearest mode")
+    return options
+
+
+def resize(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    options = _resize_options(node, attrs, opset)
+    attribute_axes = attrs.get("axes")
+    attribute_scales = attrs.get("scales")  # Upsample-7
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x = xs[0]
+        rank = x.dim()
+        roi_values: list[float] = []
+        if node.op_type == "Upsample":
+            scales = [float(s) for s in (attribute_scales if opset < 9 else xs[1].reshape(-1).tolist())]
+            sizes = None
+        elif opset < 11:
+            scales, sizes = [float(s) for s in xs[1].reshape(-1).tolist()], None
+        else:
+            roi_values = _floats(xs[1] if len(xs) > 1 else None)
+            scales = _floats(xs[2] if len(xs) > 2 else None) or None
+            sizes = int_list(xs[3] if len(xs) > 3 else None) or None
+        axes = [positive_axis(int(a), rank) for a in attribute_axes] if attribute_axes is not None else None
+        axes = axes or list(range(rank))
+        shape = list(x.shape)
+        if sizes is not None:
+            factors = [out / shape[axis] for out, axis in zip(sizes, axes, strict=True)]
+            policy = options["keep_aspect_ratio_policy"]
+            if policy != "stretch":
+                one = min(factors) if policy == "not_larger" else max(factors)
+                factors = [one] * len(axes)
+                sizes = [int(one * shape[axis] + 0.5) for axis in axes]
+            outs = list(sizes)
+        elif scales is not None:
+            factors = list(scales)
+            outs = [int(math.floor(f * shape[axis])) for f, axis in zip(factors, axes, strict=True)]
+        else:
+            raise refuse(node, "neither scales nor sizes")
+        count = len(axes)
+        rois = [(roi_values[i], roi_values[count + i]) if roi_values else (0.0, 1.0) for i in range(count)]
+        compute = x if x.is_floating_point() else x.to(torch.float64)
+        outside = None
+        for axis, out, factor, roi in zip(axes, outs, factors, rois, strict=True):
+            if math.isclose(factor, 1.0) and out == shape[axis] and roi == (0.0, 1.0):
+                continue  # identity along this axis
+            plan = _ResizeAxis(options, shape[axis], out, factor, roi)
+            weights = torch.from_numpy(plan.weights).to(compute.dtype).to(compute.device)  # [O, I]
+            compute = torch.movedim(torch.movedim(compute, axis, -1) @ weights.T, -1, axis)
+            if plan.outside.any():
+                mask_shape = [1] * rank
+                mask_shape[axis] = out
+                mask = torch.from_numpy(plan.outside).reshape(mask_shape).to(compute.device)
+                outside = mask if outside is None else outside | mask
+        if outside is not None:
+            compute = torch.where(outside, torch.tensor(options["extrapolation_value"], dtype=compute.dtype), compute)
+        if not x.is_floating_point():  # saturating, rounded cast back to the integer type
+            info = torch.iinfo(x.dtype)
+            compute = torch.round(compute).clamp(info.min, info.max)
+        return (compute.to(x.dtype),)
+
+    return run
+
+
+def _floats(value: Tensor | None) -> list[float]:
+    if value is None:
+        return []
+    return [float(v) for v in value.reshape(-1).tolist()]
