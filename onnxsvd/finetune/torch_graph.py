@@ -25,6 +25,7 @@ from onnx import helper
 from onnxsvd.errors import ModelError, UnsupportedOpError
 from onnxsvd.finetune import torch_kernels as kernels
 from onnxsvd.finetune import torch_nn_kernels as nn_kernels
+from onnxsvd.finetune import torch_rnn_kernels as rnn_kernels
 from onnxsvd.finetune.torch_kernels import Builder, Kernel, Tensor, torch_dtype
 
 __all__ = ["OPS", "TorchGraph", "supported_ops", "check_supported", "torch_dtype"]
@@ -111,6 +112,10 @@ OPS: dict[str, Builder] = {
     "Pad": nn_kernels.pad,
     "Resize": nn_kernels.resize,
     "Upsample": nn_kernels.resize,
+    # recurrent networks
+    "RNN": rnn_kernels.recurrent,
+    "GRU": rnn_kernels.recurrent,
+    "LSTM": rnn_kernels.recurrent,
     # reductions
     "ReduceMean": kernels.reduce_op(lambda x, dims, keep: torch.mean(x, dim=dims, keepdim=keep)),
     "ReduceSum": kernels.reduce_op(lambda x, dims, keep: torch.sum(x, dim=dims, keepdim=keep)),
