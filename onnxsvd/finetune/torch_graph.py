@@ -92,10 +92,11 @@ OPS: dict[str, Builder] = {
     "Mish": kernels.unary(kernels.mish),
     "Softsign": kernels.unary(kernels.softsign),
     "Shrink": kernels.shrink,
-    "Softmax": kernels.softmax_like(torch.softmax),
+    "Softmax": kernels.softmax_like(kernels.softmax),
     "LogSoftmax": kernels.softmax_like(torch.log_softmax),
     "LayerNormalization": kernels.layer_norm,
     "RMSNormalization": kernels.rms_normalization,
+    "Attention": kernels.attention,
     "LpNormalization": kernels.lp_normalization,
     "MeanVarianceNormalization": kernels.mean_variance_normalization,
     # convolutional networks

@@ -157,6 +157,14 @@ def gemm(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
     return run
 
 
+def softmax(x: Tensor, dim: int) -> Tensor:
+    """Softmax; in a half type step by step (max, exp, sum, divide each rounded), as the spec computes it."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return torch.softmax(x, dim=dim)
+    shifted = torch.exp(x - x.amax(dim=dim, keepdim=True))
+    return shifted / shifted.sum(dim=dim, keepdim=True)
+
+
 def softmax_like(function: Callable[..., Tensor]) -> Builder:
     def build(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
         if opset >= 13:
@@ -900,3 +908,86 @@ def reduce_l1(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
 
 def reduce_sum_square(x: Tensor, dims: list[int], keepdims: bool) -> Tensor:
     return torch.sum(x * x, dim=dims, keepdim=keepdims).to(x.dtype)
+
+
+def attention(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    """ONNX Attention (opset 23+): scaled dot-product attention with masks, caches, GQA and softcap.
+
+    Letters: ``B`` batch, ``Hq``/``Hkv`` query and key-value heads, ``S``/``L`` query and key sequence
+    lengths, ``E``/``Ev`` head sizes. 3-D inputs ``[B, S, Hq·E]`` are split into heads first.
+    """
+    scale_attribute = attrs.get("scale")
+    causal = bool(attrs.get("is_causal", 0))
+    q_heads, kv_heads = attrs.get("q_num_heads"), attrs.get("kv_num_heads")
+    softcap = float(attrs.get("softcap", 0.0))
+    mode = int(attrs.get("qk_matmul_output_mode", 0))
+    precision = attrs.get("softmax_precision")
+    left, right = int(attrs.get("left_window_size", -1)), int(attrs.get("right_window_size", -1))
+
+    def heads(x: Tensor, count: int) -> Tensor:
+        return x.reshape(x.shape[0], x.shape[1], count, -1).transpose(1, 2)  # [B, S, H·E] → [B, H, S, E]
+
+    def run(xs: list[Any]) -> tuple[Tensor, ...]:
+        xs = list(xs) + [None] * (7 - len(xs))
+        q, k, v, mask, past_key, past_value, nonpad = xs[:7]
+        three_d = q.dim() == 3
+        if three_d:
+            q, k, v = heads(q, int(q_heads)), heads(k, int(kv_heads)), heads(v, int(kv_heads))
+        scale = float(scale_attribute) if scale_attribute is not None else 1 / math.sqrt(q.shape[-1])
+        root = torch.tensor(math.sqrt(scale), dtype=q.dtype)  # applied to Q and to K, as the function body
+        present_key = k if past_key is None else torch.cat([past_key, k], dim=2)  # [B, Hkv, L, E]
+        present_value = v if past_value is None else torch.cat([past_value, v], dim=2)
+        length_q, length_kv = q.shape[2], present_key.shape[2]
+        # The additive bias [.., S, L]: 0 where a query may attend a key, -inf where not.
+        bias = torch.zeros((length_q, length_kv), dtype=q.dtype)
+        if mask is not None:
+            if mask.shape[-1] < length_kv:  # a short mask is padded with "masked"
+                pad_value = False if mask.dtype == torch.bool else -math.inf
+                mask = torch.nn.functional.pad(mask, (0, length_kv - mask.shape[-1]), value=pad_value)
+            if mask.dtype == torch.bool:
+                mask = torch.where(mask, torch.tensor(0.0, dtype=q.dtype), torch.tensor(-math.inf, dtype=q.dtype))
+            bias = bias + mask
+        past = past_key.shape[2] if past_key is not None else 0
+        offset: Tensor | int = past
+        if past_key is None and nonpad is not None:
+            offset = (nonpad.reshape(-1, 1, 1, 1) - length_q).to(torch.int64)  # [B, 1, 1, 1] per batch
+        query = torch.arange(length_q).reshape(-1, 1)  # [S, 1]
+        key = torch.arange(length_kv).reshape(1, -1)  # [1, L]
+        negative = torch.tensor(-math.inf, dtype=q.dtype)
+        if causal:  # bottom-right aligned: query i attends key j ≤ i + offset
+            bias = bias + torch.where(key <= query + offset, torch.tensor(0.0, dtype=q.dtype), negative)
+        if left >= 0 or right >= 0:
+            difference = query + offset - key
+            allowed = torch.ones_like(difference, dtype=torch.bool)
+            if left >= 0:
+                allowed = allowed & (difference <= left)
+            if right >= 0:
+                allowed = allowed & (-difference <= right)
+            bias = bias + torch.where(allowed, torch.tensor(0.0, dtype=q.dtype), negative)
+        if nonpad is not None:
+            padding = torch.arange(length_kv)[None, :] < nonpad.reshape(-1, 1)  # [B, L]
+            bias = bias + torch.where(padding, torch.tensor(0.0, dtype=q.dtype), negative).reshape(
+                -1, 1, 1, length_kv)
+        k_all, v_all = present_key, present_value
+        if q.shape[1] != k_all.shape[1]:  # grouped-query attention: each KV head serves Hq / Hkv query heads
+            repeats = q.shape[1] // k_all.shape[1]
+            k_all, v_all = k_all.repeat_interleave(repeats, dim=1), v_all.repeat_interleave(repeats, dim=1)
+        scores = (q * root) @ (k_all * root).transpose(-1, -2)  # [B, Hq, S, L]
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        with_bias = scores + bias.to(scores.device)
+        exposed = with_bias if mode == 2 else scores
+        logits = with_bias.to(torch_dtype(int(precision))) if precision is not None else with_bias
+        # A row with no key to attend (all -inf) gives zero probabilities, not NaN.
+        blocked = torch.isneginf(torch.amax(bias.to(scores.device), dim=-1, keepdim=True))
+        safe = torch.where(torch.isneginf(logits.amax(dim=-1, keepdim=True)), torch.zeros_like(logits), logits)
+        probabilities = softmax(safe, dim=-1)
+        probabilities = torch.where(blocked, torch.zeros_like(probabilities), probabilities).to(q.dtype)
+        if mode == 3:
+            exposed = probabilities
+        y = probabilities @ v_all  # [B, Hq, S, Ev]
+        if three_d:
+            y = y.transpose(1, 2).reshape(y.shape[0], length_q, -1)  # [B, S, Hq·Ev]
+        return (y, present_key, present_value, exposed.to(q.dtype))
+
+    return run
