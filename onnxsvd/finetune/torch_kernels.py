@@ -766,7 +766,8 @@ def scatter_nd(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kerne
         elif reduction == "add":
             flat.index_add_(0, flat_index, source)
         else:
-            flat.index_reduce_(0, flat_index, source, _SCATTER_REDUCTIONS[reduction], include_self=True)
+            spread = flat_index.reshape(-1, *([1] * (source.dim() - 1))).expand_as(source)  # [M, rest...]
+            flat = torch.scatter_reduce(flat, 0, spread, source, _SCATTER_REDUCTIONS[reduction])
         return (flat.reshape(data.shape),)
 
     return run
