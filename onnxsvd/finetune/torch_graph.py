@@ -6,11 +6,15 @@ value the caller provides at run time (``provided`` names, fed through ``overrid
 initializer and every ``Constant`` node is a buffer (float) or a CPU tensor (integers, booleans: shape
 arithmetic stays on the host, and an operand is moved to the accelerator only where it meets one).
 
-The registry :data:`OPS` (op type → builder) is the one list of supported ops; a model with any other op,
-a non-default domain, or a subgraph (If, Loop, Scan) is refused up front with
-:class:`onnxsvd.errors.UnsupportedOpError` naming the op and the node. Semantics follow the ONNX
-specification, including the opset-dependent forms (attribute or input ``axes`` for Unsqueeze, Squeeze
-and the reductions; Slice, Clip and Softmax before and after their opset changes).
+The registry :data:`OPS` (op type → builder) is the one list of supported ops; the builders live by
+family in :mod:`~onnxsvd.finetune.torch_kernels` (element-wise, reductions, shapes, indexing, attention),
+:mod:`~onnxsvd.finetune.torch_nn_kernels` (convolutions, pools, normalisation, padding, resizing) and
+:mod:`~onnxsvd.finetune.torch_rnn_kernels` (RNN, GRU, LSTM). A model with any other op, a non-default
+domain, a subgraph (If, Loop, Scan), or a tensor of a type torch cannot hold is refused up front with
+:class:`onnxsvd.errors.UnsupportedOpError` naming the op and the node (or the tensor); a variant of a
+supported op that no kernel runs is refused the same way, naming the variant. Semantics follow the ONNX
+specification, including the opset-dependent forms; ``tests/test_torch_graph_conformance.py`` runs the
+specification's node test cases for every op in :data:`OPS`.
 """
 
 from __future__ import annotations
