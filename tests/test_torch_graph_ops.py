@@ -143,3 +143,13 @@ def test_unsupported_variant_is_one_line_naming_op_node_and_variant(op, shapes, 
     message = str(caught.value)
     assert "\n" not in message
     assert f"op '{op}' (node 'the_node') {variant} is not supported by the torch evaluator" in message
+
+
+def test_a_tensor_type_torch_cannot_hold_is_refused_up_front() -> None:
+    node = helper.make_node("Add", ["x", "x"], ["y"], name="add")
+    graph = helper.make_graph([node], "uint16", [helper.make_tensor_value_info("x", TensorProto.UINT16, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT16, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(UnsupportedOpError, match=r"^tensor 'x' has type UINT16, which the torch evaluator does not "
+                                                 r"support \(it supports FLOAT, DOUBLE"):
+        TorchGraph(model)

@@ -208,10 +208,12 @@ def _check_types(graph: onnx.GraphProto) -> None:
     """Refuse a graph whose inputs, outputs or initializers have a type torch cannot hold here."""
     named = [(value.name, value.type) for value in (*graph.input, *graph.output, *graph.value_info)]
     for name, kind in named:
-        if kind.WhichOneof("value") != "tensor_type":
+        held = kind.WhichOneof("value")
+        if held is None:  # an intermediate declared without a type: nothing to check
+            continue
+        if held != "tensor_type":
             raise UnsupportedOpError(
-                f"tensor '{name}' is a {kind.WhichOneof('value') or 'value of no type'}, not a tensor; the torch "
-                "evaluator runs tensors only"
+                f"'{name}' is a {held.removesuffix('_type')}, not a tensor; the torch evaluator runs tensors only"
             )
         if kind.tensor_type.elem_type and kind.tensor_type.elem_type not in kernels.TORCH_DTYPES:
             _refuse_type(name, kind.tensor_type.elem_type)
