@@ -935,28 +935,30 @@ def attention(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel
         if three_d:
             q, k, v = heads(q, int(q_heads)), heads(k, int(kv_heads)), heads(v, int(kv_heads))
         scale = float(scale_attribute) if scale_attribute is not None else 1 / math.sqrt(q.shape[-1])
-        root = torch.tensor(math.sqrt(scale), dtype=q.dtype)  # applied to Q and to K, as the function body
+        root = torch.tensor(math.sqrt(scale), dtype=q.dtype, device=q.device)  # on Q and on K, as the function body
         present_key = k if past_key is None else torch.cat([past_key, k], dim=2)  # [B, Hkv, L, E]
         present_value = v if past_value is None else torch.cat([past_value, v], dim=2)
         length_q, length_kv = q.shape[2], present_key.shape[2]
         # The additive bias [.., S, L]: 0 where a query may attend a key, -inf where not.
-        bias = torch.zeros((length_q, length_kv), dtype=q.dtype)
+        device = q.device
+        zero = torch.tensor(0.0, dtype=q.dtype, device=device)
+        negative = torch.tensor(-math.inf, dtype=q.dtype, device=device)
+        bias = torch.zeros((length_q, length_kv), dtype=q.dtype, device=device)
         if mask is not None:
             if mask.shape[-1] < length_kv:  # a short mask is padded with "masked"
                 pad_value = False if mask.dtype == torch.bool else -math.inf
                 mask = torch.nn.functional.pad(mask, (0, length_kv - mask.shape[-1]), value=pad_value)
             if mask.dtype == torch.bool:
-                mask = torch.where(mask, torch.tensor(0.0, dtype=q.dtype), torch.tensor(-math.inf, dtype=q.dtype))
-            bias = bias + mask
+                mask = torch.where(mask.to(device), zero, negative)
+            bias = bias + mask.to(device)
         past = past_key.shape[2] if past_key is not None else 0
         offset: Tensor | int = past
         if past_key is None and nonpad is not None:
-            offset = (nonpad.reshape(-1, 1, 1, 1) - length_q).to(torch.int64)  # [B, 1, 1, 1] per batch
-        query = torch.arange(length_q).reshape(-1, 1)  # [S, 1]
-        key = torch.arange(length_kv).reshape(1, -1)  # [1, L]
-        negative = torch.tensor(-math.inf, dtype=q.dtype)
+            offset = (nonpad.reshape(-1, 1, 1, 1) - length_q).to(torch.int64).to(device)  # [B, 1, 1, 1]
+        query = torch.arange(length_q, device=device).reshape(-1, 1)  # [S, 1]
+        key = torch.arange(length_kv, device=device).reshape(1, -1)  # [1, L]
         if causal:  # bottom-right aligned: query i attends key j ≤ i + offset
-            bias = bias + torch.where(key <= query + offset, torch.tensor(0.0, dtype=q.dtype), negative)
+            bias = bias + torch.where(key <= query + offset, zero, negative)
         if left >= 0 or right >= 0:
             difference = query + offset - key
             allowed = torch.ones_like(difference, dtype=torch.bool)
@@ -964,11 +966,10 @@ def attention(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel
                 allowed = allowed & (difference <= left)
             if right >= 0:
                 allowed = allowed & (-difference <= right)
-            bias = bias + torch.where(allowed, torch.tensor(0.0, dtype=q.dtype), negative)
+            bias = bias + torch.where(allowed, zero, negative)
         if nonpad is not None:
-            padding = torch.arange(length_kv)[None, :] < nonpad.reshape(-1, 1)  # [B, L]
-            bias = bias + torch.where(padding, torch.tensor(0.0, dtype=q.dtype), negative).reshape(
-                -1, 1, 1, length_kv)
+            padding = torch.arange(length_kv, device=device)[None, :] < nonpad.to(device).reshape(-1, 1)  # [B, L]
+            bias = bias + torch.where(padding, zero, negative).reshape(-1, 1, 1, length_kv)
         k_all, v_all = present_key, present_value
         if q.shape[1] != k_all.shape[1]:  # grouped-query attention: each KV head serves Hq / Hkv query heads
             repeats = q.shape[1] // k_all.shape[1]
@@ -976,11 +977,11 @@ def attention(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel
         scores = (q * root) @ (k_all * root).transpose(-1, -2)  # [B, Hq, S, L]
         if softcap > 0:
             scores = softcap * torch.tanh(scores / softcap)
-        with_bias = scores + bias.to(scores.device)
+        with_bias = scores + bias
         exposed = with_bias if mode == 2 else scores
         logits = with_bias.to(torch_dtype(int(precision))) if precision is not None else with_bias
         # A row with no key to attend (all -inf) gives zero probabilities, not NaN.
-        blocked = torch.isneginf(torch.amax(bias.to(scores.device), dim=-1, keepdim=True))
+        blocked = torch.isneginf(torch.amax(bias, dim=-1, keepdim=True))
         safe = torch.where(torch.isneginf(logits.amax(dim=-1, keepdim=True)), torch.zeros_like(logits), logits)
         probabilities = softmax(safe, dim=-1)
         probabilities = torch.where(blocked, torch.zeros_like(probabilities), probabilities).to(q.dtype)
