@@ -153,3 +153,40 @@ def test_a_tensor_type_torch_cannot_hold_is_refused_up_front() -> None:
     with pytest.raises(UnsupportedOpError, match=r"^tensor 'x' has type UINT16, which the torch evaluator does not "
                                                  r"support \(it supports FLOAT, DOUBLE"):
         TorchGraph(model)
+
+
+def test_finetune_trains_a_rewritten_cnn(rng: np.random.Generator) -> None:
+    """Conv → BatchNorm → Relu → MaxPool → GlobalAveragePool → Flatten → Gemm: the evaluator in training."""
+    import onnxsvd
+    from onnxsvd.finetune import FinetuneConfig, finetune
+
+    def constant(name: str, shape: tuple[int, ...], low: float | None = None) -> onnx.TensorProto:
+        values = rng.uniform(low, 2.0, shape) if low is not None else rng.standard_normal(shape) / 3
+        return numpy_helper.from_array(values.astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "bn_s", "bn_b", "bn_m", "bn_v"], ["n"]),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["p"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc1_w", "fc1_b"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("Gemm", ["a", "fc2_w", "fc2_b"], ["y"], transB=1),
+    ]
+    initializers = [
+        constant("conv_w", (16, 3, 3, 3)), constant("conv_b", (16,)), constant("bn_s", (16,)),
+        constant("bn_b", (16,)), constant("bn_m", (16,)), constant("bn_v", (16,), low=0.5),
+        constant("fc1_w", (32, 16)), constant("fc1_b", (32,)), constant("fc2_w", (10, 32)), constant("fc2_b", (10,)),
+    ]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", FLOAT, ["batch", 10])], initializer=initializers)
+    teacher = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(teacher, full_check=True)
+    rewritten = onnxsvd.rewrite(teacher, onnxsvd.RewriteConfig(policy=onnxsvd.RankPolicy("rank", 4, align=1)))
+    data = {"x": rng.standard_normal((48, 3, 8, 8)).astype(np.float32)}
+    config = FinetuneConfig(steps=15, lr=1e-2, eval_every=5, batch_size=16, threads=1)
+    result = finetune(rewritten.model, teacher, data, config)
+    assert result.report.pairs == 2
+    assert result.report.heldout_after < result.report.heldout_before
