@@ -190,3 +190,41 @@ def test_finetune_trains_a_rewritten_cnn(rng: np.random.Generator) -> None:
     result = finetune(rewritten.model, teacher, data, config)
     assert result.report.pairs == 2
     assert result.report.heldout_after < result.report.heldout_before
+
+
+def old_opset_model(node: onnx.NodeProto, inputs: dict[str, list[int]], initializers: list[onnx.TensorProto],
+                    outputs: int, opset: int) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [node], "old", [helper.make_tensor_value_info(name, FLOAT, shape) for name, shape in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.INT64 if name == "indices" else FLOAT, None)
+         for name in node.output[:outputs]], initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    model.graph.ClearField("output")
+    model.graph.output.extend(inferred.graph.output)
+    return model
+
+
+def test_opset_dependent_forms_match_ort(rng: np.random.Generator) -> None:
+    """Attribute forms before their inputs: Pad-2, TopK-1, Upsample-7 and -9, Resize-10, BatchNorm-7."""
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 3], np.float32), "scales")
+    stats = [numpy_helper.from_array(rng.uniform(0.5, 2, 3).astype(np.float32), name) for name in "sbmv"]
+    models = [
+        old_opset_model(helper.make_node("Pad", ["x"], ["y"], pads=[0, 1, 2, 0], mode="constant", value=1.5),
+                        {"x": [2, 3]}, [], 1, 7),
+        old_opset_model(helper.make_node("Pad", ["x"], ["y"], pads=[1, 2, 1, 0], mode="reflect"),
+                        {"x": [3, 4]}, [], 1, 7),
+        old_opset_model(helper.make_node("TopK", ["x"], ["y", "indices"], k=2, axis=1), {"x": [3, 5]}, [], 2, 7),
+        old_opset_model(helper.make_node("Upsample", ["x"], ["y"], scales=[1.0, 1.0, 2.0, 3.0], mode="nearest"),
+                        {"x": [1, 2, 3, 2]}, [], 1, 7),
+        old_opset_model(helper.make_node("Upsample", ["x", "scales"], ["y"], mode="linear"),
+                        {"x": [1, 2, 3, 2]}, [scales], 1, 9),
+        old_opset_model(helper.make_node("Resize", ["x", "scales"], ["y"], mode="nearest"),
+                        {"x": [1, 2, 3, 2]}, [scales], 1, 10),
+        old_opset_model(helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-3),
+                        {"x": [2, 3, 4]}, stats, 1, 7),
+    ]
+    for model in models:
+        onnx.checker.check_model(model)
+        assert_matches_ort(model, rng)
