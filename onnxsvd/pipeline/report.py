@@ -40,6 +40,13 @@ class SiteReport:
         factorized_ms: median time of its factor chain alone, on the same activation and provider.
         speedup: ``dense_ms / factorized_ms``; the chain is kept only when this is above 1.
         speed_provider: the provider those times are from (the one where the chain gains least).
+        base: the quantized base (``int4 b32 sym rtn``) when the site was quantized (``--quantize``), else
+            ``None``. ``factor_bytes`` is then ``base_bytes + correction_bytes``, ``kept_energy`` the share of
+            the quantization error's energy (in the method's metric) that the correction keeps, and
+            ``weight_error`` ``‖W − Ŵ − Σ A_i B_i‖_F / ‖W‖_F``.
+        base_bytes: bytes of the quantized base (packed values, scales, zero points).
+        correction_bytes: bytes of the correction's factors in their dtype.
+        base_error: ``‖W − Ŵ‖_F / ‖W‖_F``, the base's error before the correction.
     """
 
     name: str
@@ -61,6 +68,10 @@ class SiteReport:
     factorized_ms: float | None = None
     speedup: float | None = None
     speed_provider: str | None = None
+    base: str | None = None
+    base_bytes: int = 0
+    correction_bytes: int = 0
+    base_error: float | None = None
 
 
 @dataclasses.dataclass
