@@ -296,7 +296,7 @@ def _correction_cost(site: Site, config: RewriteConfig, base_bytes: int) -> Byte
     """What the correction may spend: the dense weight's bytes less the base's, per factor value."""
     storage = storage_dtype_for(site, config.dtype)
     weight = dtype_name(site.weight.storage_dtype)
-    label = f"{weight} weight less its {base_bytes:,} B base, {dtype_name(storage)} factors"
+    label = f"the {weight} weight less its {base_bytes:,} B quantized base; {dtype_name(storage)} factors"
     return ByteCost(site.dense_bytes - base_bytes, io.dtype_bytes(storage, 1), label)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import warnings
 from collections.abc import Iterator
 
 import ml_dtypes
@@ -69,12 +70,15 @@ class QuantizedWeight:
 
 @contextlib.contextmanager
 def _quiet_quantizer() -> Iterator[None]:
-    """ONNX Runtime's quantizer logs every node at INFO through its own handler: keep it to warnings."""
+    """ONNX Runtime's quantizer logs every node at INFO through its own handler: keep it to warnings. Its
+    HQQ path also hands torch a read-only view of the weight (torch warns; the view is only read)."""
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            yield
     finally:
         logger.setLevel(level)
 

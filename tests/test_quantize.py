@@ -1,0 +1,313 @@
+"""Quantized base + low-rank correction (issue 12, point 1): ONNX Runtime's MatMulNBits plus X·A·B."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxsvd.calibrate import calibrate
+from onnxsvd.config import QuantizeConfig, RankPolicy, RewriteConfig
+from onnxsvd.errors import UsageError
+from onnxsvd.files import RewriteJob, rewrite_file
+from onnxsvd.pipeline import rewrite, rewrite_quantized
+from onnxsvd.quantize import quantize_weight
+from tests.conftest import FULL_RANK
+from tests.models import (
+    BIAS_KINDS,
+    assert_valid,
+    gemm_case,
+    make_model,
+    matmul_case,
+    op_types,
+    relative_error,
+    run,
+    shared_weight_case,
+)
+from tests.test_calibrate import _batches, _correlated, _mlp
+from tests.test_cli import assert_one_line_error, cli
+
+INT4 = QuantizeConfig()
+#: fp32 rounding of a full-rank correction, relative to the output's largest value.
+FP32_ROUNDING = 2e-5
+
+
+def quantized(policy: RankPolicy = FULL_RANK, **options) -> RewriteConfig:
+    method = options.pop("method", "svd")
+    return RewriteConfig(policy=policy, method=method, quantize=QuantizeConfig(**options))
+
+
+def assert_quantized_graph(model: onnx.ModelProto) -> None:
+    """The full checker with com.microsoft declared, strict shape inference, no weight left unread."""
+    assert any(entry.domain == "com.microsoft" for entry in model.opset_import)
+    assert "MatMulNBits" in op_types(model)
+    assert_valid(model)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_full_correction_rank_reproduces_the_model(rng: np.random.Generator, bits: int, symmetric: bool) -> None:
+    case = matmul_case(rng, 64, 48, lead=(2, 3))
+    result = rewrite(case.model, quantized(bits=bits, symmetric=symmetric))
+    assert_quantized_graph(result.model)
+    site = result.report.sites[0]
+    assert site.action == "factorized" and site.rank == 48 and site.base.startswith(f"int{bits} b32")
+    assert relative_error(run(result.model, case.feeds)[0], run(case.model, case.feeds)[0]) < FP32_ROUNDING
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("weight_as", ["A", "B"])
+@pytest.mark.parametrize("bias", BIAS_KINDS)
+def test_gemm_sites_at_full_rank(
+    rng: np.random.Generator, trans_a: int, trans_b: int, weight_as: str, bias: str
+) -> None:
+    case = gemm_case(rng, 6, 40, 24, trans_a=trans_a, trans_b=trans_b, alpha=0.7, beta=1.3, bias=bias,
+                     weight_as=weight_as)
+    result = rewrite(case.model, quantized())
+    assert_quantized_graph(result.model)
+    assert result.report.sites[0].action == "factorized"
+    assert relative_error(run(result.model, case.feeds)[0], run(case.model, case.feeds)[0]) < FP32_ROUNDING
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 5), (2, 3, 4)])
+def test_weight_on_the_left_at_full_rank(rng: np.random.Generator, lead: tuple[int, ...]) -> None:
+    case = matmul_case(rng, 40, 24, lead=lead, side="left")
+    result = rewrite(case.model, quantized())
+    assert_quantized_graph(result.model)
+    assert op_types(result.model).count("Transpose") == 2
+    assert relative_error(run(result.model, case.feeds)[0], run(case.model, case.feeds)[0]) < FP32_ROUNDING
+
+
+def test_rank_zero_is_the_base_exactly_as_ort_dequantizes_it(rng: np.random.Generator) -> None:
+    case = matmul_case(rng, 64, 48, lead=(7,))
+    result = rewrite(case.model, quantized(RankPolicy(), correction=False))
+    assert op_types(result.model) == ["MatMulNBits"]
+    site = result.report.sites[0]
+    assert site.rank == 0 and site.correction_bytes == 0 and site.factor_bytes == site.base_bytes
+    # [48, 2, 16] packed int4 values and [48, 2] fp32 scales (symmetric: no zero points).
+    assert site.base_bytes == 48 * 2 * 16 + 48 * 2 * 4
+    dequantized = quantize_weight(case.weights["mm"], np.float32, INT4).dequantized  # Ŵ [K, N]
+    expected = case.feeds["X"].astype(np.float64) @ dequantized
+    assert relative_error(run(result.model, case.feeds)[0], expected) < 1e-6
+    assert site.base_error == pytest.approx(
+        np.linalg.norm(case.weights["mm"] - dequantized) / np.linalg.norm(case.weights["mm"]), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("k", [70, 80, 20])
+def test_a_block_that_does_not_divide_k_is_padded_by_the_quantizer(rng: np.random.Generator, k: int) -> None:
+    case = matmul_case(rng, k, 24)
+    result = rewrite(case.model, quantized())
+    blocks = -(-k // 32)
+    packed = [t for t in result.model.graph.initializer if t.name.endswith("_Q4")]
+    assert [list(t.dims) for t in packed] == [[24, blocks, 16]]
+    assert relative_error(run(result.model, case.feeds)[0], run(case.model, case.feeds)[0]) < FP32_ROUNDING
+
+
+def test_bad_quantize_options_are_one_line_usage_errors() -> None:
+    for options, words in (
+        ({"block_size": 24}, "--block must be one of 16, 32, 64, 128, 256"),
+        ({"bits": 3}, "--quantize takes int2, int4, int8"),
+        ({"accuracy_level": 5}, "--accuracy-level"),
+        ({"algorithm": "gptq"}, "Neural Compressor"),
+        ({"algorithm": "hqq"}, "--asymmetric"),
+    ):
+        with pytest.raises(UsageError, match=words):
+            QuantizeConfig(**options)
+
+
+def test_hqq_base_at_full_rank(rng: np.random.Generator) -> None:
+    pytest.importorskip("torch")
+    case = matmul_case(rng, 64, 32)
+    result = rewrite(case.model, quantized(algorithm="hqq", symmetric=False))
+    assert result.report.sites[0].base == "int4 b32 asym hqq"
+    assert relative_error(run(result.model, case.feeds)[0], run(case.model, case.feeds)[0]) < FP32_ROUNDING
+
+
+def test_accuracy_level_is_kept_on_the_node(rng: np.random.Generator) -> None:
+    case = matmul_case(rng, 64, 32, lead=(16,))
+    result = rewrite(case.model, quantized(RankPolicy("rank", 8), accuracy_level=4))
+    (node,) = [n for n in result.model.graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["accuracy_level"] == 4
+    assert relative_error(run(result.model, case.feeds)[0], run(case.model, case.feeds)[0]) < 0.2
+
+
+def test_fp16_model(rng: np.random.Generator) -> None:
+    case = matmul_case(rng, 64, 32, dtype=TensorProto.FLOAT16)
+    result = rewrite(case.model, quantized())
+    scales = [t for t in result.model.graph.initializer if t.name.endswith("_scales")]
+    assert [t.data_type for t in scales] == [TensorProto.FLOAT16]
+    assert relative_error(run(result.model, case.feeds)[0], run(case.model, case.feeds)[0]) < 5e-3
+
+
+def test_shared_weight_shares_its_base_and_correction(rng: np.random.Generator) -> None:
+    case = shared_weight_case(rng, k=32, n=16)
+    result = rewrite(case.model, quantized())
+    assert op_types(result.model).count("MatMulNBits") == 2
+    assert len(result.model.graph.initializer) == 4  # packed values, scales, A and B: shared by both sites
+    for actual, expected in zip(run(result.model, case.feeds), run(case.model, case.feeds), strict=True):
+        assert relative_error(actual, expected) < FP32_ROUNDING
+
+
+def _data_error(model: onnx.ModelProto, reference: onnx.ModelProto, x: np.ndarray) -> float:
+    actual, expected = run(model, {"x": x})[0], run(reference, {"x": x})[0]
+    return float(np.linalg.norm(actual.astype(np.float64) - expected) / np.linalg.norm(expected))
+
+
+def test_whitened_correction_beats_plain_on_anisotropic_inputs(rng: np.random.Generator) -> None:
+    model = _mlp(rng, widths=(64, 48))
+    x = _correlated(rng, 16, 8, 64)
+    statistics = calibrate(model, _batches({"x": x}, 8))
+    errors = {}
+    for method in ("svd", "asvd", "whiten"):
+        config = quantized(RankPolicy("rank", 8), method=method)
+        errors[method] = _data_error(rewrite(model, config, statistics).model, model, x)
+    base = _data_error(rewrite(model, quantized(RankPolicy(), correction=False)).model, model, x)
+    assert errors["whiten"] < 0.7 * errors["svd"] < base, errors
+    assert errors["whiten"] < errors["asvd"], errors
+
+
+def test_sequential_fits_the_inputs_the_quantized_model_gives(rng: np.random.Generator) -> None:
+    model = _mlp(rng, widths=(32, 48, 48, 16))
+    x = _correlated(rng, 16, 8, 32)
+    batches = _batches({"x": x}, 8)
+    statistics = calibrate(model, batches)
+    config = quantized(RankPolicy("rank", 8), method="whiten", bits=2)
+    one_shot = rewrite(model, config, statistics)
+    sequential = rewrite_quantized(model, config, batches=batches, sequential=True)
+    assert any(note.startswith("sequential: 3 levels") for note in sequential.report.notes)
+    assert [s.rank for s in sequential.report.sites] == [8, 8, 8]
+    assert _data_error(sequential.model, model, x) < _data_error(one_shot.model, model, x)
+    for method in ("svd", "asvd"):  # A from the method, B refitted to the quantized model's inputs
+        refitted = rewrite_quantized(model, quantized(RankPolicy("rank", 8), method=method, bits=2),
+                                     batches=batches, sequential=True)
+        assert_valid(refitted.model)
+
+
+def test_ratio_energy_and_global_allocation_set_the_correction_ranks(rng: np.random.Generator) -> None:
+    model = _mlp(rng, widths=(64, 48, 32))
+    x = _correlated(rng, 16, 8, 64)
+    statistics = calibrate(model, _batches({"x": x}, 8))
+    by_ratio = rewrite(model, quantized(RankPolicy("ratio", 0.25), method="whiten"), statistics).report
+    assert [s.rank for s in by_ratio.sites] == [6, 4]  # ⌊0.25·K·N/(K+N)⌋: 6 and 4, below --align 8
+    by_energy = rewrite(model, quantized(RankPolicy("energy", 0.5, align=1), method="whiten"), statistics).report
+    assert all(0.5 <= s.kept_energy for s in by_energy.sites)
+    config = RewriteConfig(policy=RankPolicy("ratio", 0.25), method="whiten", allocate="global", quantize=INT4)
+    allocated = rewrite(model, config, statistics).report
+    budget = 0.25 * (64 * 48 + 48 * 32)
+    assert sum(s.rank * sum(s.shape) for s in allocated.sites) <= budget
+    assert any(note.startswith("global allocation of the corrections") for note in allocated.notes)
+
+
+def test_the_byte_guard_counts_the_base(rng: np.random.Generator) -> None:
+    case = matmul_case(rng, 64, 8)
+    result = rewrite(case.model, quantized(RankPolicy("rank", 8)))
+    site = result.report.sites[0]
+    assert site.action == "kept" and "quantized base" in site.reason and "--allow-growth" in site.reason
+    assert op_types(result.model) == ["MatMul"]
+
+
+def test_a_dtype_ort_cannot_take_keeps_the_site_dense(rng: np.random.Generator, tmp_path: Path) -> None:
+    case = matmul_case(rng, 32, 16, dtype=TensorProto.DOUBLE)
+    result = rewrite(case.model, quantized())
+    site = result.report.sites[0]
+    assert site.action == "kept" and "fp32, fp16 or bf16, not float64" in site.reason
+    path = tmp_path / "model.onnx"
+    onnx.save(case.model, str(path))
+    with pytest.raises(UsageError, match="nothing was factorized"):
+        rewrite_file(RewriteJob(path, tmp_path / "out.onnx", quantized()))
+    assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def _qdq_model(rng: np.random.Generator) -> onnx.ModelProto:
+    return matmul_case(rng, 32, 16, source="dequant_channel").model
+
+
+def _matmul_integer_model(rng: np.random.Generator) -> onnx.ModelProto:
+    weight = rng.integers(-127, 128, size=(32, 16)).astype(np.int8)
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["X"], ["xq", "xs", "xz"]),
+        helper.make_node("MatMulInteger", ["xq", "W", "xz"], ["acc"], name="mmi"),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["accf", "xs"], ["Y"]),
+    ]
+    return make_model(
+        nodes, [helper.make_tensor_value_info("X", TensorProto.FLOAT, [3, 32])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3, 16])], [numpy_helper.from_array(weight, "W")],
+    )
+
+
+def _nbits_model(rng: np.random.Generator) -> onnx.ModelProto:
+    case = matmul_case(rng, 32, 16)
+    return rewrite(case.model, quantized(RankPolicy(), correction=False)).model
+
+
+@pytest.mark.parametrize("kind", ["qdq", "matmul_integer", "matmul_nbits"])
+def test_an_already_quantized_model_is_a_one_line_error(
+    rng: np.random.Generator, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    model = {"qdq": _qdq_model, "matmul_integer": _matmul_integer_model, "matmul_nbits": _nbits_model}[kind](rng)
+    result = rewrite(model, quantized())
+    assert all(site.action == "kept" and "already quantized" in site.reason for site in result.report.sites)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    code, out, err = cli(capsys, "rewrite", path, "-o", tmp_path / "q.onnx", "--quantize", "int4", "--rank", "8")
+    assert code == 2
+    assert_one_line_error(err, out)
+    assert "already quantized" in err and "nothing written" in err
+    assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_cli_quantized_rewrite_with_whitened_correction(
+    rng: np.random.Generator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _mlp(rng, widths=(64, 48, 32))
+    path, stats = tmp_path / "model.onnx", tmp_path / "s.npz"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "calib.npz", x=_correlated(rng, 16, 8, 64))
+    assert cli(capsys, "calibrate", path, "--data", tmp_path / "calib.npz", "-o", stats)[0] == 0
+    code, out, err = cli(
+        capsys, "rewrite", path, "-o", tmp_path / "q.onnx", "--quantize", "int4", "--block", "32", "--rank", "8",
+        "--method", "whiten", "--stats", stats, "--report", tmp_path / "r.json",
+    )
+    assert code == 0, err
+    assert "quantized: 2 weights" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    for site in report["sites"]:
+        assert site["base"] == "int4 b32 sym rtn" and site["rank"] == 8
+        assert site["correction_bytes"] == 8 * sum(site["shape"]) * 4
+        assert site["factor_bytes"] == site["base_bytes"] + site["correction_bytes"] < site["dense_bytes"]
+        assert 0 < site["kept_energy"] < 1
+    assert_valid(onnx.load(str(tmp_path / "q.onnx")))
+    code, out, err = cli(capsys, "rewrite", path, "-o", tmp_path / "q0.onnx", "--quantize", "int8", "--rank", "0")
+    assert code == 0, err
+    assert op_types(onnx.load(str(tmp_path / "q0.onnx"))).count("MatMul") == 0
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--block", "32"], "only apply with --quantize"),
+        (["--quantize", "int4", "--block", "24"], "--block must be one of"),
+        (["--quantize", "int3"], "--quantize"),
+        (["--quantize", "int4", "--layout", "stages"], "--layout stages"),
+        (["--quantize", "int4", "--quant-algo", "hqq", "--symmetric"], "--asymmetric"),
+    ],
+)
+def test_cli_quantize_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], words: str
+) -> None:
+    case = matmul_case(np.random.default_rng(0), 32, 16)
+    path = tmp_path / "model.onnx"
+    onnx.save(case.model, str(path))
+    code, out, err = cli(capsys, "rewrite", path, "-o", tmp_path / "q.onnx", *extra)
+    assert code == 2
+    assert_one_line_error(err, out)
+    assert words in err
+    assert os.listdir(tmp_path) == ["model.onnx"]
