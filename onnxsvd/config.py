@@ -29,6 +29,7 @@ __all__ = [
     "QUANT_TYPES",
     "QUANT_ALGORITHMS",
     "QUANT_BLOCK_SIZES",
+    "FACTOR_DTYPES",
     "QuantizeConfig",
     "RewriteConfig",
     "VALIDATE_BATCH_SIZE",
@@ -55,6 +56,9 @@ QUANT_TYPES: dict[str, int] = {"int2": 2, "int4": 4, "int8": 8}
 QUANT_ALGORITHMS = ("rtn", "hqq")
 #: Block sizes ONNX Runtime's block quantizer accepts (MLAS refuses any other).
 QUANT_BLOCK_SIZES = (16, 32, 64, 128, 256)
+#: ``--factor-dtype`` of a quantized site's correction (``auto``: the weight's own float dtype; ``int8``: one
+#: scale per rank component, behind ``DequantizeLinear``).
+FACTOR_DTYPES = ("auto", "fp32", "fp16", "int8")
 #: Provider names the CLI and the configs accept → ONNX Runtime execution providers.
 PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 #: Where the SVDs (and fine-tuning) run.
@@ -139,6 +143,8 @@ class QuantizeConfig:
             activations to int8 inside the kernel, so ORT computes ``X·Ŵ`` only approximately).
         algorithm: ``"rtn"`` (round to nearest) or ``"hqq"`` (half-quadratic, asymmetric only).
         correction: fit the low-rank correction; ``False`` quantizes only (``--rank 0``).
+        factor_dtype: storage of the correction's factors (``auto``, ``fp32``, ``fp16`` or ``int8``); each
+            residual stage is fitted after the earlier stages are rounded to it.
     """
 
     bits: int = 4
@@ -147,8 +153,11 @@ class QuantizeConfig:
     accuracy_level: int = 0
     algorithm: str = "rtn"
     correction: bool = True
+    factor_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise UsageError(f"unknown --factor-dtype {self.factor_dtype!r}; use one of {', '.join(FACTOR_DTYPES)}")
         if self.bits not in QUANT_TYPES.values():
             names = ", ".join(QUANT_TYPES)
             raise UsageError(f"--quantize takes {names} (MatMulNBits' 2, 4 or 8 bits), got {self.bits} bits")

@@ -294,6 +294,8 @@ def test_cli_quantized_rewrite_with_whitened_correction(
     "extra, words",
     [
         (["--block", "32"], "only apply with --quantize"),
+        (["--factor-dtype", "int8"], "--factor-dtype only apply with --quantize"),
+        (["--quantize", "int4", "--dtype", "fp16"], "--factor-dtype"),
         (["--quantize", "int4", "--block", "24"], "--block must be one of"),
         (["--quantize", "int3"], "--quantize"),
         (["--quantize", "int4", "--layout", "stages"], "--layout stages"),
@@ -311,3 +313,67 @@ def test_cli_quantize_usage_errors(
     assert_one_line_error(err, out)
     assert words in err
     assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+# ------------------------------------------------------------------ factor storage (issue 12, point 3)
+
+
+def _output_error(model: onnx.ModelProto, case) -> float:
+    expected = run(case.model, case.feeds)[0].astype(np.float64)
+    return float(np.linalg.norm(run(model, case.feeds)[0] - expected) / np.linalg.norm(expected))
+
+
+@pytest.mark.parametrize("factor_dtype, itemsize", [("fp32", 4), ("fp16", 2), ("int8", 1)])
+def test_factor_dtype_sets_the_correction_storage(rng: np.random.Generator, factor_dtype: str, itemsize: int) -> None:
+    case = matmul_case(rng, 96, 64, lead=(32,))
+    result = rewrite(case.model, quantized(RankPolicy("rank", 16), factor_dtype=factor_dtype))
+    site = result.report.sites[0]
+    scales = 2 * 16 * 4 if factor_dtype == "int8" else 0
+    assert site.correction_bytes == 16 * (96 + 64) * itemsize + scales
+    assert_quantized_graph(result.model)
+    ops = op_types(result.model)
+    assert ops.count("DequantizeLinear") == (2 if factor_dtype == "int8" else 0)
+    assert ops.count("Cast") == (2 if factor_dtype == "fp16" else 0)
+    base = _output_error(rewrite(case.model, quantized(RankPolicy(), correction=False)).model, case)
+    fp32 = _output_error(rewrite(case.model, quantized(RankPolicy("rank", 16), factor_dtype="fp32")).model, case)
+    assert _output_error(result.model, case) < base
+    assert _output_error(result.model, case) < 1.05 * fp32  # rounding the factors costs little
+
+
+def test_int8_factors_compute_what_the_fit_rounded_them_to(rng: np.random.Generator) -> None:
+    case = matmul_case(rng, 64, 48, lead=(9,))
+    config = RewriteConfig(policy=FULL_RANK, stage_ranks=(24, 24), quantize=QuantizeConfig(factor_dtype="int8"))
+    result = rewrite(case.model, config)
+    site = result.report.sites[0]
+    assert site.stage_ranks == [24, 24]
+    tensors = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    factors = []
+    for node in result.model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            payload, scale = tensors[node.input[0]], tensors[node.input[1]]
+            assert payload.dtype == np.int8 and scale.shape == (48,)
+            axis = helper.get_attribute_value(node.attribute[0])
+            factors.append(payload.astype(np.float64) * (scale[None, :] if axis == 1 else scale[:, None]))
+    a, b = factors  # [K, 48], [48, N]: the values the graph computes
+    weight = case.weights["mm"]
+    corrected = quantize_weight(weight, np.float32, INT4).dequantized + a @ b  # Ŵ + Â B̂: [K, N]
+    # The report's error is that of the factors as the fit rounded them; the graph's factors give the same.
+    assert np.linalg.norm(weight - corrected) / np.linalg.norm(weight) == pytest.approx(site.weight_error, rel=1e-3)
+    expected = case.feeds["X"].astype(np.float64) @ corrected
+    assert relative_error(run(result.model, case.feeds)[0], expected) < 1e-5
+
+
+def test_a_later_stage_fits_around_the_rounding_of_int8_factors(rng: np.random.Generator) -> None:
+    case = matmul_case(rng, 64, 48)
+    one = rewrite(case.model, RewriteConfig(policy=RankPolicy("rank", 48, align=1, allow_growth=True),
+                                            quantize=QuantizeConfig(factor_dtype="int8")))
+    two = rewrite(case.model, RewriteConfig(policy=RankPolicy("rank", 48, allow_growth=True), stage_ranks=(40, 8),
+                                            quantize=QuantizeConfig(factor_dtype="int8")))
+    # At full rank one int8 stage leaves all of its rounding; a second stage fits what the first's left.
+    assert two.report.sites[0].weight_error < one.report.sites[0].weight_error
+
+
+def test_dtype_is_refused_with_quantize(rng: np.random.Generator) -> None:
+    case = matmul_case(rng, 32, 16)
+    with pytest.raises(UsageError, match="--factor-dtype"):
+        rewrite(case.model, RewriteConfig(dtype="fp16", quantize=INT4))

@@ -14,6 +14,7 @@ from onnxsvd.cli.render import NARROW, add_name_column, human_bytes, progress_ba
 from onnxsvd.config import (
     ALLOCATIONS,
     DEVICES,
+    FACTOR_DTYPES,
     LAYOUTS,
     METHODS,
     QUANT_ALGORITHMS,
@@ -97,6 +98,9 @@ STAGE_RANKS = CommaList(int, example="32,16")
               help="--quantize: symmetric blocks, or a zero point per block [default: symmetric].")
 @click.option("--quant-algo", type=click.Choice(QUANT_ALGORITHMS),
               help="--quantize: rtn (round to nearest) or hqq (ORT's half-quadratic quantizer) [default: rtn].")
+@click.option("--factor-dtype", type=click.Choice(FACTOR_DTYPES),
+              help="--quantize: storage of the correction's factors (int8: a scale per rank component) "
+                   "[default: auto, the weight's own float dtype].")
 def rewrite_command(
     model: Path,
     output: Path | None,
@@ -140,6 +144,7 @@ def rewrite_command(
     accuracy_level: int | None,
     symmetric: bool | None,
     quant_algo: str | None,
+    factor_dtype: str | None,
 ) -> None:
     """Replace constant-weight MatMul/Gemm nodes by low-rank factor chains.
 
@@ -149,7 +154,7 @@ def rewrite_command(
     from onnxsvd.calibrate import CalibrateConfig
     from onnxsvd.files import RewriteJob, nothing_factorized, rewrite_file
 
-    quantization = _quantize_config(quantize, rank, block, accuracy_level, symmetric, quant_algo)
+    quantization = _quantize_config(quantize, rank, block, accuracy_level, symmetric, quant_algo, factor_dtype)
     if quantization is not None and not quantization.correction:
         rank = None  # --rank 0: quantize only; no rank policy applies
     config = RewriteConfig(
@@ -209,10 +214,11 @@ def _quantize_config(
     accuracy_level: int | None,
     symmetric: bool | None,
     quant_algo: str | None,
+    factor_dtype: str | None,
 ) -> QuantizeConfig | None:
     """The ``--quantize`` configuration, or None; its options without ``--quantize`` are a usage error."""
     given = {"--block": block, "--accuracy-level": accuracy_level, "--symmetric/--asymmetric": symmetric,
-             "--quant-algo": quant_algo}
+             "--quant-algo": quant_algo, "--factor-dtype": factor_dtype}
     if quantize is None:
         stray = [flag for flag, value in given.items() if value is not None]
         if stray:
@@ -226,6 +232,7 @@ def _quantize_config(
         accuracy_level=accuracy_level or 0,
         algorithm=algorithm,
         correction=rank != 0,
+        factor_dtype=factor_dtype or "auto",
     )
 
 

@@ -10,6 +10,8 @@ activation in normal form (``[..., K]``):
   with the weight on the right; ``W · X`` with the weight on the left, where K is the second-last axis;
   Gemm with ``A`` constant and no ``transB``).
 - weight on the left (``Y = W · X``): ``Y = Zᵀ`` (last two axes swapped back).
+- int8 factors (``--factor-dtype int8``): ``A`` and ``B`` are ``DequantizeLinear`` of int8 initializers with
+  one scale per rank component (``axis=1`` for ``A``, ``axis=0`` for ``B``).
 - Gemm's ``β·C`` is added last (``α`` is already in ``W_kn``, hence in the base and the branch).
 
 The MatMulNBits node is built as ONNX Runtime's quantizer builds it (domain ``com.microsoft``, attributes
@@ -28,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxsvd.factorize import Factorization
+from onnxsvd.factorize import Factorization, quantize_int8
 from onnxsvd.graph.cleanup import remove_dead_weights
 from onnxsvd.graph.emit import FactorTensors, _clean
 from onnxsvd.graph.match import Site
@@ -53,7 +55,8 @@ class QuantizedGroup:
         sites: the sites reading the weight (one base and one correction for all).
         weight: ONNX Runtime's quantized tensors of ``W_kn``.
         factorization: the correction ``E ≈ Σ A_i B_i`` (stages concatenated), ``None`` at rank 0.
-        storage: ONNX dtype of the correction factors.
+        storage: ONNX dtype of the correction factors (``INT8``: stored with a scale per rank component and
+            read through ``DequantizeLinear``).
     """
 
     sites: list[Site]
@@ -87,11 +90,42 @@ def _declare_domain(model: onnx.ModelProto) -> None:
 
 
 class _BaseTensors:
-    """The MatMulNBits initializers of each group, made once and shared by its sites."""
+    """The MatMulNBits initializers of each group (and its int8 factors), made once and shared by its sites."""
 
     def __init__(self, tensors: FactorTensors) -> None:
         self.tensors = tensors
         self.made: dict[str, list[str]] = {}
+        self.int8_made: dict[str, tuple[str, str]] = {}
+
+    def _initializer(self, wanted: str, array: np.ndarray) -> str:
+        name = self.tensors.names.fresh(wanted)
+        array = np.ascontiguousarray(array)
+        data_file = self.tensors.data_file
+        tensor = data_file.tensor(array, name) if data_file is not None else numpy_helper.from_array(array, name)
+        self.tensors.graph.initializer.append(tensor)
+        return name
+
+    def int8_factors(self, site: Site, factorization: Factorization) -> tuple[tuple[str, str], list[onnx.NodeProto]]:
+        """The names of ``A`` and ``B`` as the graph computes them (``DequantizeLinear`` of int8 with a scale
+        per rank component), and the nodes that make them (only for the group's first site)."""
+        if site.group in self.int8_made:
+            return self.int8_made[site.group], []
+        a, b = factorization.fused()  # [K, r], [r, N]: the values q·s the fit used
+        compute = helper.tensor_dtype_to_np_dtype(site.weight.compute_dtype)
+        base = _clean(site.weight.tensor) + ".lowrank"
+        nodes, outputs = [], []
+        for which, factor, axis in (("a", a, 1), ("b", b, 0)):
+            quantized, scale = quantize_int8(factor, axis, compute)  # int8 [K, r] / [r, N], scales [r]
+            payload = self._initializer(f"{base}_{which}_q", quantized)
+            scales = self._initializer(f"{base}_{which}_scale", scale)
+            value = self.tensors.names.fresh(f"{base}_{which}")
+            nodes.append(helper.make_node(
+                "DequantizeLinear", [payload, scales], [value], name=self.tensors.names.fresh(f"{base}_{which}_dq"),
+                axis=axis,
+            ))
+            outputs.append(value)
+        self.int8_made[site.group] = (outputs[0], outputs[1])
+        return self.int8_made[site.group], nodes
 
     def names(self, site: Site, weight: QuantizedWeight) -> list[str]:
         if site.group in self.made:
@@ -101,14 +135,7 @@ class _BaseTensors:
         arrays = [(f"{base}_Q{bits}", weight.packed), (f"{base}_scales", weight.scales)]
         if weight.zero_points is not None:
             arrays.append((f"{base}_zero_points", weight.zero_points))
-        names = []
-        for wanted, array in arrays:
-            name = self.tensors.names.fresh(wanted)
-            array = np.ascontiguousarray(array)
-            data_file = self.tensors.data_file
-            tensor = data_file.tensor(array, name) if data_file is not None else numpy_helper.from_array(array, name)
-            self.tensors.graph.initializer.append(tensor)
-            names.append(name)
+        names = [self._initializer(wanted, array) for wanted, array in arrays]
         self.made[site.group] = names
         return names
 
@@ -208,12 +235,14 @@ def emit_quantized(
     for group in groups:
         for site in group.sites:
             base_names = bases.names(site, group.weight)
-            factor_names = None
-            if group.factorization is not None:
+            factor_names, made = None, []
+            if group.factorization is not None and group.storage == onnx.TensorProto.INT8:
+                factor_names, made = bases.int8_factors(site, group.factorization)
+            elif group.factorization is not None:
                 # Every site computes in the normal form X_nf · A · B, whichever side its weight is on.
                 normal = dataclasses.replace(site, weight_side="right")
                 (factor_names,) = tensors.names_for(normal, group.factorization, group.storage, "fused")
-            casts, tensors.pending_casts = tensors.pending_casts, []
+            casts, tensors.pending_casts = made + tensors.pending_casts, []
             replaced[site.node_index] = casts + _site_nodes(
                 site, group, base_names, factor_names, tensors, ranks.get(site.name)
             )

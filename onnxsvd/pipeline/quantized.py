@@ -43,10 +43,12 @@ from onnxsvd.data import Batches
 from onnxsvd.errors import FactorizationError, StatsError, UsageError
 from onnxsvd.factorize import (
     Factorization,
+    FactorRounding,
     Metric,
     decompose,
     diagonal_metric,
     identity_metric,
+    round_int8,
     spectrum,
     split_rank,
     truncate,
@@ -82,7 +84,7 @@ from onnxsvd.pipeline.sequential import (
 from onnxsvd.quantize import QuantizedWeight, quantize_weight
 from onnxsvd.rank import AllocationSite, ByteCost, allocate_budget, allocate_energy, choose_rank, guard_rank
 
-__all__ = ["QuantOutcome", "rewrite_quantized"]
+__all__ = ["QuantOutcome", "correction_bytes", "factor_storage", "rewrite_quantized"]
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +221,7 @@ def _check_options(
     batches: Batches | None,
     sequential: bool,
 ) -> None:
+    opset = next((int(e.version) for e in model.opset_import if e.domain in ("", "ai.onnx")), 1)
     if sequential and batches is None:
         raise UsageError("--sequential needs calibration data: pass --data DATA")
     if not sequential and config.needs_statistics and statistics is None:
@@ -228,11 +231,14 @@ def _check_options(
             "the statistics were collected on another model (fingerprint mismatch); "
             "re-run 'onnxsvd calibrate' on this model"
         )
+    if config.dtype != "auto":
+        raise UsageError("with --quantize the correction's storage is --factor-dtype fp32|fp16|int8: drop --dtype")
+    if config.quantize.factor_dtype == "int8" and opset < 13:  # type: ignore[union-attr]
+        raise UsageError(f"--factor-dtype int8 needs opset 13 (DequantizeLinear per axis), the model has {opset}")
     if config.layout != "fused":
         raise UsageError("--quantize emits one fused correction branch per site: drop --layout stages")
     if sequential and config.allocate == "global":
         raise UsageError("--quantize with --sequential takes uniform ranks: drop --allocate global")
-    opset = next((int(e.version) for e in model.opset_import if e.domain in ("", "ai.onnx")), 1)
     if opset < 7:
         raise UsageError(f"--quantize needs opset 7 or later (broadcasting Add), the model has opset {opset}")
 
@@ -292,9 +298,37 @@ def _stage_ranks(config: RewriteConfig, total: int) -> list[int]:
     return split_rank(total, min(config.stages, total))
 
 
+def factor_storage(site: Site, config: RewriteConfig) -> int:
+    """ONNX dtype the correction's factors are stored in (``--factor-dtype``; ``auto``: the weight's own
+    float dtype; ``int8``: ``TensorProto.INT8``, with one scale per rank component in the compute dtype)."""
+    requested = config.quantize.factor_dtype  # type: ignore[union-attr]
+    return onnx.TensorProto.INT8 if requested == "int8" else storage_dtype_for(site, requested)
+
+
+def correction_bytes(site: Site, storage: int, rank: int) -> int:
+    """``r·(K+N)`` factor values in their dtype, plus the ``2·r`` scales of int8 factors."""
+    values = io.dtype_bytes(storage, rank * (site.k + site.n))
+    if storage == onnx.TensorProto.INT8:
+        values += io.dtype_bytes(site.weight.compute_dtype, 2 * rank)
+    return values
+
+
+def _fit_rounding(site: Site, storage: int) -> tuple[np.dtype, FactorRounding | None]:
+    """The dtype the factors are held in while fitting, and the storage's rounding beyond a cast."""
+    if storage != onnx.TensorProto.INT8:
+        return onnx.helper.tensor_dtype_to_np_dtype(storage), None
+    compute = onnx.helper.tensor_dtype_to_np_dtype(site.weight.compute_dtype)
+
+    def rounding(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return round_int8(a, 1, compute), round_int8(b, 0, compute)  # [K, r], [r, N]: a scale per component
+
+    return compute, rounding
+
+
 def _correction_cost(site: Site, config: RewriteConfig, base_bytes: int) -> ByteCost:
-    """What the correction may spend: the dense weight's bytes less the base's, per factor value."""
-    storage = storage_dtype_for(site, config.dtype)
+    """What the correction may spend: the dense weight's bytes less the base's, per factor value (int8
+    factors' ``2·r`` scales are counted in the report, not by this guard)."""
+    storage = factor_storage(site, config)
     weight = dtype_name(site.weight.storage_dtype)
     label = f"the {weight} weight less its {base_bytes:,} B quantized base; {dtype_name(storage)} factors"
     return ByteCost(site.dense_bytes - base_bytes, io.dtype_bytes(storage, 1), label)
@@ -317,7 +351,7 @@ def _fit_group(
     quantize = config.quantize
     assert quantize is not None
     tick = time.perf_counter()
-    storage = storage_dtype_for(site, config.dtype)
+    storage = factor_storage(site, config)
     outcome = QuantOutcome(sites=sites, storage=storage)
     try:
         unknown = [s.name for s in sites if s.name in activation_rank_of and activation_rank_of[s.name] is None]
@@ -391,20 +425,22 @@ def _correction(
     ranks = list(config.stage_ranks) if config.stage_ranks is not None and rank_override is None else (
         _stage_ranks(config, decision.rank)
     )
-    factorization = truncate(decomposition, ranks, onnx.helper.tensor_dtype_to_np_dtype(cost_storage(site, config)))
+    storage = factor_storage(site, config)
+    held, rounding = _fit_rounding(site, storage)
+    factorization = truncate(decomposition, ranks, held, rounding)
     if refit is not None:
         factorization = refit(sites, weight, dequantized, factorization)
-    correction = io.dtype_bytes(cost_storage(site, config), factorization.rank * (site.k + site.n))
+        if rounding is not None:  # the refitted B goes back to its storage too
+            factorization = Factorization(
+                stages=tuple((a, rounding(a, b)[1]) for a, b in factorization.stages),
+                kept_energy=factorization.kept_energy,
+            )
+    correction = correction_bytes(site, storage, factorization.rank)
     how = (
         f"{config.quantize.label} base {base:,} B + rank {factorization.rank} correction {correction:,} B "  # type: ignore[union-attr]
         f"({decision.reason})"
     )
     return factorization, ranks, how
-
-
-def cost_storage(site: Site, config: RewriteConfig) -> int:
-    """ONNX dtype of the correction's factors (``--dtype``; ``auto``: the weight's own float dtype)."""
-    return storage_dtype_for(site, config.dtype)
 
 
 def _global_ranks(
@@ -494,7 +530,7 @@ def _report(
         names = [s.name for s in outcome.sites]
         for member in outcome.sites:
             done = outcome.quantized
-            correction = io.dtype_bytes(outcome.storage, outcome.rank * (member.k + member.n)) if done else 0
+            correction = correction_bytes(member, outcome.storage, outcome.rank) if done else 0
             base = outcome.weight.base_bytes if outcome.weight is not None else 0
             reports[member.node_index] = SiteReport(
                 name=member.name,
@@ -550,7 +586,7 @@ def _summary(outcomes: list[QuantOutcome], config: RewriteConfig) -> str:
     done = [o for o in outcomes if o.quantized]
     dense = sum(site.dense_bytes for o in done for site in o.sites[:1])
     base = sum(o.weight.base_bytes for o in done if o.weight is not None)
-    correction = sum(io.dtype_bytes(o.storage, o.rank * (o.sites[0].k + o.sites[0].n)) for o in done)
+    correction = sum(correction_bytes(o.sites[0], o.storage, o.rank) for o in done)
     share = (base + correction) / dense if dense else math.nan
     return (
         f"quantized: {len(done)} weights with ONNX Runtime's quantizer ({config.quantize.label}, "  # type: ignore[union-attr]
