@@ -377,3 +377,41 @@ def test_dtype_is_refused_with_quantize(rng: np.random.Generator) -> None:
     case = matmul_case(rng, 32, 16)
     with pytest.raises(UsageError, match="--factor-dtype"):
         rewrite(case.model, RewriteConfig(dtype="fp16", quantize=INT4))
+
+
+def test_external_data_output_streams_the_base_and_factors(rng: np.random.Generator, tmp_path: Path) -> None:
+    case = matmul_case(rng, 64, 48, lead=(5,))
+    path = tmp_path / "model.onnx"
+    onnx.save(case.model, str(path))
+    config = quantized(RankPolicy("rank", 8), factor_dtype="int8")
+    report = rewrite_file(RewriteJob(path, tmp_path / "q.onnx", config, external_data=True))
+    assert report.sites[0].action == "factorized"
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "q.onnx", "q.onnx.data"]
+    written = onnx.load(str(tmp_path / "q.onnx"), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in written.graph.initializer if t.dims)
+    in_memory = rewrite(case.model, config).model
+    np.testing.assert_allclose(_ort(tmp_path / "q.onnx", case.feeds), run(in_memory, case.feeds)[0], rtol=1e-6,
+                               atol=1e-6)
+
+
+def _ort(model: onnx.ModelProto | Path, feeds: dict, level: str = "basic", nbits_accuracy: str | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    if nbits_accuracy is not None:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", nbits_accuracy)
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_int8_factors_through_ort_full_optimization(rng: np.random.Generator) -> None:
+    """ONNX Runtime fuses A's DequantizeLinear and MatMul into a MatMulNBits whose accuracy level defaults to
+    4 (int8 activations); with ``session.qdq_matmulnbits_accuracy_level=0`` it computes the fitted branch."""
+    case = matmul_case(rng, 64, 48, lead=(5,))
+    model = rewrite(case.model, quantized(RankPolicy("rank", 8), factor_dtype="int8")).model
+    exact = _ort(model, case.feeds)
+    np.testing.assert_array_equal(_ort(model, case.feeds, "all", "0"), exact)
+    assert relative_error(_ort(model, case.feeds, "all"), exact) < 0.05
