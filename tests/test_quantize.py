@@ -415,3 +415,21 @@ def test_int8_factors_through_ort_full_optimization(rng: np.random.Generator) ->
     exact = _ort(model, case.feeds)
     np.testing.assert_array_equal(_ort(model, case.feeds, "all", "0"), exact)
     assert relative_error(_ort(model, case.feeds, "all"), exact) < 0.05
+
+
+def test_cli_sequential_quantized_rewrite(
+    rng: np.random.Generator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _mlp(rng, widths=(32, 48, 16))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "calib.npz", x=_correlated(rng, 8, 8, 32))
+    code, out, err = cli(capsys, "rewrite", path, "-o", tmp_path / "q.onnx", "--quantize", "int4", "--rank", "8",
+                         "--method", "whiten", "--data", tmp_path / "calib.npz", "--sequential")
+    assert code == 0, err
+    assert "sequential: 2 levels" in out
+    assert op_types(onnx.load(str(tmp_path / "q.onnx"))).count("MatMulNBits") == 2
+    with pytest.raises(UsageError, match="rewrite_quantized"):
+        from onnxsvd.pipeline.sequential import rewrite_sequential
+
+        rewrite_sequential(model, quantized(), _batches({"x": _correlated(rng, 8, 8, 32)}, 8))
