@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -15,7 +16,7 @@ from onnxsvd.calibrate import calibrate
 from onnxsvd.config import QuantizeConfig, RankPolicy, RewriteConfig
 from onnxsvd.errors import UsageError
 from onnxsvd.files import RewriteJob, rewrite_file
-from onnxsvd.pipeline import rewrite, rewrite_quantized
+from onnxsvd.pipeline import rewrite, rewrite_quantized, rewrite_sequential
 from onnxsvd.quantize import quantize_weight
 from tests.conftest import FULL_RANK
 from tests.models import (
@@ -395,8 +396,6 @@ def test_external_data_output_streams_the_base_and_factors(rng: np.random.Genera
 
 
 def _ort(model: onnx.ModelProto | Path, feeds: dict, level: str = "basic", nbits_accuracy: str | None = None):
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -430,6 +429,4 @@ def test_cli_sequential_quantized_rewrite(
     assert "sequential: 2 levels" in out
     assert op_types(onnx.load(str(tmp_path / "q.onnx"))).count("MatMulNBits") == 2
     with pytest.raises(UsageError, match="rewrite_quantized"):
-        from onnxsvd.pipeline.sequential import rewrite_sequential
-
         rewrite_sequential(model, quantized(), _batches({"x": _correlated(rng, 8, 8, 32)}, 8))
