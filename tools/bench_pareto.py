@@ -106,10 +106,23 @@ ROWS = {
     "onnxsvd_int4_b128_r0": ("onnxsvd int4 b128, no correction", onnxsvd_quantized(0, "svd", block=128), None),
     "onnxsvd_int4_b128_whiten_r16": ("onnxsvd int4 b128 + whiten rank 16", onnxsvd_quantized(16, "whiten", block=128),
                                      "onnxsvd_int4_b128_r0"),
+    "onnxsvd_int4_b128_whiten_r16_int8": ("onnxsvd int4 b128 + whiten rank 16, int8 factors",
+                                          onnxsvd_quantized(16, "whiten", block=128, factor_dtype="int8"),
+                                          "onnxsvd_int4_b128_r0"),
+    "onnxsvd_int4_b128_whiten_r8_fp16": ("onnxsvd int4 b128 + whiten rank 8, fp16 factors",
+                                         onnxsvd_quantized(8, "whiten", block=128, factor_dtype="fp16"),
+                                         "onnxsvd_int4_b128_r0"),
+    "onnxsvd_int4_b32_whiten_r16_int8": ("onnxsvd int4 b32 + whiten rank 16, int8 factors",
+                                         onnxsvd_quantized(16, "whiten", factor_dtype="int8"), "onnxsvd_int4_b32_r0"),
     "onnxsvd_int4_b32_whiten_seq_r16": ("onnxsvd int4 b32 + whiten rank 16, sequential",
                                         onnxsvd_quantized(16, "whiten", sequential=True), "onnxsvd_int4_b32_r0"),
 }
-DEFAULT_ROWS = [name for name in ROWS if name != "onnxsvd_int4_b32_whiten_seq_r16"]
+#: The rows of a plain run; ``--rows all`` adds the sequential fit and the smaller-factor variants.
+DEFAULT_ROWS = [
+    name for name in ROWS
+    if name not in ("onnxsvd_int4_b32_whiten_seq_r16", "onnxsvd_int4_b128_whiten_r16_int8",
+                    "onnxsvd_int4_b128_whiten_r8_fp16", "onnxsvd_int4_b32_whiten_r16_int8")
+]
 
 
 def linear_bytes(model: onnx.ModelProto, other_bytes: int) -> int:
@@ -127,6 +140,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--tag", default="", help="suffix of the output files (pareto<tag>.json, .md, .png)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     names = DEFAULT_ROWS if args.rows == "default" else list(ROWS) if args.rows == "all" else args.rows.split(",")
@@ -169,7 +183,9 @@ def main() -> int:
                 "ms": timing.rewritten.p50_ms,
                 **extra,
             }
-            if base is not None and base in paths:
+            if base is not None and base not in paths:
+                row["vs_base"] = None  # its base row was not run
+            elif base is not None:
                 against = time_models(paths[base], out, feeds, "cpu", args.warmup, args.iters, args.threads)
                 row["vs_base"] = {"base": base, "speedup": against.speedup,
                                   "p10_p90": [against.speedup_p10, against.speedup_p90]}
@@ -186,10 +202,11 @@ def main() -> int:
         "onnxruntime": __import__("onnxruntime").__version__,
         "rows": rows,
     }
-    (args.out / "pareto.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_markdown(summary, args.out / "pareto.md")
-    plot(rows, args.out / "pareto.png")
-    print(f"wrote {args.out / 'pareto.json'}, pareto.md, pareto.png")
+    stem = f"pareto{args.tag}"
+    (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_markdown(summary, args.out / f"{stem}.md")
+    plot(rows, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.json, .md and .png")
     return 0
 
 
