@@ -24,6 +24,7 @@ _EXPORTS = {
     "inspect_model": "onnxsvd.pipeline.inspect",
     "RankPolicy": "onnxsvd.config",
     "RewriteConfig": "onnxsvd.config",
+    "QuantizeConfig": "onnxsvd.config",
     "OnnxSvdError": "onnxsvd.errors",
     "RewriteReport": "onnxsvd.pipeline.report",
     "SiteReport": "onnxsvd.pipeline.report",
@@ -32,12 +33,14 @@ _EXPORTS = {
     "rewrite_sequential": "onnxsvd.pipeline.sequential",
     "RewriteJob": "onnxsvd.files",
     "rewrite_file": "onnxsvd.files",
+    "rewrite_quantized": "onnxsvd.pipeline.quantized",
 }
 
 __all__ = [
     "__version__",
     "Inspection",
     "OnnxSvdError",
+    "QuantizeConfig",
     "RankPolicy",
     "RewriteConfig",
     "RewriteJob",
@@ -47,16 +50,18 @@ __all__ = [
     "inspect_model",
     "rewrite",
     "rewrite_file",
+    "rewrite_quantized",
     "rewrite_sequential",
 ]
 
 if TYPE_CHECKING:
-    from onnxsvd.config import RankPolicy, RewriteConfig
+    from onnxsvd.config import QuantizeConfig, RankPolicy, RewriteConfig
     from onnxsvd.errors import OnnxSvdError
     from onnxsvd.files import RewriteJob, rewrite_file
     from onnxsvd.pipeline.assemble import RewriteResult
     from onnxsvd.pipeline.inspect import Inspection, inspect_model
     from onnxsvd.pipeline.oneshot import rewrite
+    from onnxsvd.pipeline.quantized import rewrite_quantized
     from onnxsvd.pipeline.report import RewriteReport, SiteReport
     from onnxsvd.pipeline.sequential import rewrite_sequential
 

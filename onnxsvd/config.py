@@ -26,6 +26,11 @@ __all__ = [
     "SVD_SOLVERS",
     "ALLOCATIONS",
     "RankPolicy",
+    "QUANT_TYPES",
+    "QUANT_ALGORITHMS",
+    "QUANT_BLOCK_SIZES",
+    "FACTOR_DTYPES",
+    "QuantizeConfig",
     "RewriteConfig",
     "VALIDATE_BATCH_SIZE",
     "PROFILE_RUNS",
@@ -43,6 +48,17 @@ LAYOUTS = ("fused", "stages")
 STORAGE_DTYPES = ("auto", "fp32", "fp16")
 SVD_SOLVERS = ("auto", "exact", "randomized")
 ALLOCATIONS = ("uniform", "global")
+#: ``--quantize`` → bits of ONNX Runtime's MatMulNBits (its CPU kernel runs 2, 4 and 8 bits in 1.32).
+QUANT_TYPES: dict[str, int] = {"int2": 2, "int4": 4, "int8": 8}
+#: ``--quant-algo``: ``rtn`` is ONNX Runtime's default block quantizer (round to nearest, its C++ kernels),
+#: ``hqq`` its half-quadratic quantizer (torch, asymmetric only). ORT's GPTQ and its neural-compressor RTN
+#: go through Intel Neural Compressor, which is not a dependency: not offered.
+QUANT_ALGORITHMS = ("rtn", "hqq")
+#: Block sizes ONNX Runtime's block quantizer accepts (MLAS refuses any other).
+QUANT_BLOCK_SIZES = (16, 32, 64, 128, 256)
+#: ``--factor-dtype`` of a quantized site's correction (``auto``: the weight's own float dtype; ``int8``: one
+#: scale per rank component, behind ``DequantizeLinear``).
+FACTOR_DTYPES = ("auto", "fp32", "fp16", "int8")
 #: Provider names the CLI and the configs accept → ONNX Runtime execution providers.
 PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 #: Where the SVDs (and fine-tuning) run.
@@ -109,6 +125,64 @@ class RankPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """A quantized base for every site, with a low-rank correction of its error (``--quantize``).
+
+    Each site's weight is quantized by ONNX Runtime's own weight quantizer into a ``MatMulNBits`` node
+    (blocks of ``block_size`` values along K, one scale per block and column); the correction ``X·A·B`` is
+    fitted to ``E = W − Ŵ``, ``Ŵ`` the weight exactly as ONNX Runtime dequantizes it, in the rewrite's
+    data metric, and added to the node's output.
+
+    Attributes:
+        bits: 2, 4 or 8 (``--quantize int2|int4|int8``).
+        block_size: values per quantization block along K (16, 32, 64, 128 or 256). A K that the block
+            does not divide is padded by the quantizer; the last block is then partly zeros.
+        symmetric: symmetric blocks (zero point at the middle of the range, no zero-point tensor) or
+            asymmetric ones (a zero point per block).
+        accuracy_level: MatMulNBits' ``accuracy_level`` (0: unset, the kernel's default; 4 quantizes the
+            activations to int8 inside the kernel, so ORT computes ``X·Ŵ`` only approximately).
+        algorithm: ``"rtn"`` (round to nearest) or ``"hqq"`` (half-quadratic, asymmetric only).
+        correction: fit the low-rank correction; ``False`` quantizes only (``--rank 0``).
+        factor_dtype: storage of the correction's factors (``auto``, ``fp32``, ``fp16`` or ``int8``); each
+            residual stage is fitted after the earlier stages are rounded to it.
+    """
+
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 0
+    algorithm: str = "rtn"
+    correction: bool = True
+    factor_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise UsageError(f"unknown --factor-dtype {self.factor_dtype!r}; use one of {', '.join(FACTOR_DTYPES)}")
+        if self.bits not in QUANT_TYPES.values():
+            names = ", ".join(QUANT_TYPES)
+            raise UsageError(f"--quantize takes {names} (MatMulNBits' 2, 4 or 8 bits), got {self.bits} bits")
+        if self.block_size not in QUANT_BLOCK_SIZES:
+            sizes = ", ".join(map(str, QUANT_BLOCK_SIZES))
+            raise UsageError(f"--block must be one of {sizes} (ONNX Runtime's block quantizer), got {self.block_size}")
+        if self.accuracy_level not in range(5):
+            raise UsageError(f"--accuracy-level must be 0–4 (MatMulNBits' accuracy_level), got {self.accuracy_level}")
+        if self.algorithm not in QUANT_ALGORITHMS:
+            raise UsageError(
+                f"unknown --quant-algo {self.algorithm!r}; use one of {', '.join(QUANT_ALGORITHMS)} (ORT's GPTQ "
+                "needs Intel Neural Compressor, which onnxsvd does not use)"
+            )
+        if self.algorithm == "hqq" and self.symmetric:
+            raise UsageError("--quant-algo hqq is asymmetric in ONNX Runtime: add --asymmetric")
+
+    @property
+    def label(self) -> str:
+        """``int4 b32 sym rtn``: the base in a few words, for reports."""
+        kind = "sym" if self.symmetric else "asym"
+        level = f" acc{self.accuracy_level}" if self.accuracy_level else ""
+        return f"int{self.bits} b{self.block_size} {kind} {self.algorithm}{level}"
+
+
+@dataclasses.dataclass(frozen=True)
 class RewriteConfig:
     """Everything ``rewrite`` needs besides the model and calibration statistics.
 
@@ -136,6 +210,8 @@ class RewriteConfig:
             ranks chosen by discarded energy in the metric times measured sensitivity).
         sensitivity_ratios: per-layer ratios at which each site is truncated alone to measure its
             sensitivity (global allocation with calibration data).
+        quantize: quantize each site's weight with ONNX Runtime and fit the rank policy's factors to the
+            quantization error instead of the weight (see :class:`QuantizeConfig`); ``None``: low rank only.
     """
 
     policy: RankPolicy = RankPolicy()
@@ -155,6 +231,7 @@ class RewriteConfig:
     jobs: int = 0
     allocate: str = "uniform"
     sensitivity_ratios: tuple[float, ...] = (0.25, 0.5)
+    quantize: QuantizeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.allocate not in ALLOCATIONS:

@@ -17,6 +17,7 @@ __all__ = [
     "DataError",
     "StatsError",
     "FactorizationError",
+    "QuantizationError",
     "ValidationGateError",
     "ProviderError",
     "UnsupportedOpError",
@@ -60,6 +61,10 @@ class StatsError(OnnxSvdError):
 
 class FactorizationError(OnnxSvdError):
     """A factorization could not be computed (the site stays dense and the report says why)."""
+
+
+class QuantizationError(FactorizationError):
+    """ONNX Runtime's quantizer could not quantize a weight (the site stays dense and the report says why)."""
 
 
 class ValidationGateError(OnnxSvdError):

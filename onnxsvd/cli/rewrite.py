@@ -11,7 +11,19 @@ from rich.table import Table
 
 from onnxsvd.cli.options import PROVIDER_LIST, CommaList, rank_policy, selection_options
 from onnxsvd.cli.render import NARROW, add_name_column, human_bytes, progress_bar, stdout
-from onnxsvd.config import ALLOCATIONS, DEVICES, LAYOUTS, METHODS, STORAGE_DTYPES, SVD_SOLVERS, RewriteConfig
+from onnxsvd.config import (
+    ALLOCATIONS,
+    DEVICES,
+    FACTOR_DTYPES,
+    LAYOUTS,
+    METHODS,
+    QUANT_ALGORITHMS,
+    QUANT_TYPES,
+    STORAGE_DTYPES,
+    SVD_SOLVERS,
+    QuantizeConfig,
+    RewriteConfig,
+)
 from onnxsvd.errors import TORCH_CUDA_INSTALL_HINT, ProviderError, UsageError
 
 __all__ = ["rewrite_command", "render_rewrite"]
@@ -76,6 +88,19 @@ STAGE_RANKS = CommaList(int, example="32,16")
               help="Weights factorized in parallel (0: from the cores).")
 @click.option("--external-data/--no-external-data", default=None,
               help="Write weights to <output>.data [default: when the input does, or above 2 GB].")
+@click.option("--quantize", type=click.Choice(tuple(QUANT_TYPES)),
+              help="Quantize each weight with ONNX Runtime (MatMulNBits) and fit the rank policy's factors to "
+                   "the quantization error; --rank 0 quantizes only.")
+@click.option("--block", type=int, help="--quantize: values per quantization block along K [default: 32].")
+@click.option("--accuracy-level", type=int,
+              help="--quantize: MatMulNBits accuracy_level, 0–4 (4: int8 activations inside the kernel) [default: 0].")
+@click.option("--symmetric/--asymmetric", default=None,
+              help="--quantize: symmetric blocks, or a zero point per block [default: symmetric].")
+@click.option("--quant-algo", type=click.Choice(QUANT_ALGORITHMS),
+              help="--quantize: rtn (round to nearest) or hqq (ORT's half-quadratic quantizer) [default: rtn].")
+@click.option("--factor-dtype", type=click.Choice(FACTOR_DTYPES),
+              help="--quantize: storage of the correction's factors (int8: a scale per rank component) "
+                   "[default: auto, the weight's own float dtype].")
 def rewrite_command(
     model: Path,
     output: Path | None,
@@ -114,6 +139,12 @@ def rewrite_command(
     device: str,
     jobs: int,
     allocate: str,
+    quantize: str | None,
+    block: int | None,
+    accuracy_level: int | None,
+    symmetric: bool | None,
+    quant_algo: str | None,
+    factor_dtype: str | None,
 ) -> None:
     """Replace constant-weight MatMul/Gemm nodes by low-rank factor chains.
 
@@ -123,6 +154,9 @@ def rewrite_command(
     from onnxsvd.calibrate import CalibrateConfig
     from onnxsvd.files import RewriteJob, nothing_factorized, rewrite_file
 
+    quantization = _quantize_config(quantize, rank, block, accuracy_level, symmetric, quant_algo, factor_dtype)
+    if quantization is not None and not quantization.correction:
+        rank = None  # --rank 0: quantize only; no rank policy applies
     config = RewriteConfig(
         policy=rank_policy(rank, ratio, energy, align, allow_growth),
         stages=stages,
@@ -140,6 +174,7 @@ def rewrite_command(
         device=device,
         jobs=jobs,
         allocate=allocate,
+        quantize=quantization,
     )
     if device == "cuda":
         _require_torch_cuda()
@@ -170,6 +205,35 @@ def rewrite_command(
         what = "nothing would be factorized" if dry_run else "nothing was factorized"
         copy = "" if dry_run else f"; {output} is an unchanged copy of the input"
         click.echo(f"onnxsvd: warning: {what}: {unchanged}{copy}", err=True)
+
+
+def _quantize_config(
+    quantize: str | None,
+    rank: int | None,
+    block: int | None,
+    accuracy_level: int | None,
+    symmetric: bool | None,
+    quant_algo: str | None,
+    factor_dtype: str | None,
+) -> QuantizeConfig | None:
+    """The ``--quantize`` configuration, or None; its options without ``--quantize`` are a usage error."""
+    given = {"--block": block, "--accuracy-level": accuracy_level, "--symmetric/--asymmetric": symmetric,
+             "--quant-algo": quant_algo, "--factor-dtype": factor_dtype}
+    if quantize is None:
+        stray = [flag for flag, value in given.items() if value is not None]
+        if stray:
+            raise UsageError(f"{', '.join(stray)} only apply with --quantize int4|int8|int2; add it or drop them")
+        return None
+    algorithm = quant_algo or "rtn"
+    return QuantizeConfig(
+        bits=QUANT_TYPES[quantize],
+        block_size=32 if block is None else block,
+        symmetric=(algorithm != "hqq") if symmetric is None else symmetric,
+        accuracy_level=accuracy_level or 0,
+        algorithm=algorithm,
+        correction=rank != 0,
+        factor_dtype=factor_dtype or "auto",
+    )
 
 
 def _speed_check(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from onnxsvd.factorize.lowrank import (
     Decomposition,
     Factorization,
+    FactorRounding,
     Metric,
     SvdOptions,
     decompose,
@@ -17,9 +18,11 @@ from onnxsvd.factorize.lowrank import (
     truncate,
     whitening_metric,
 )
+from onnxsvd.factorize.rounding import quantize_int8, round_int8
 
 __all__ = [
     "Decomposition",
+    "FactorRounding",
     "Factorization",
     "Metric",
     "SvdOptions",
@@ -27,7 +30,9 @@ __all__ = [
     "diagonal_metric",
     "factorize",
     "identity_metric",
+    "quantize_int8",
     "randomized_svd",
+    "round_int8",
     "spectrum",
     "split_rank",
     "truncate",

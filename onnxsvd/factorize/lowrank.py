@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ __all__ = [
     "SvdOptions",
     "Decomposition",
     "Factorization",
+    "FactorRounding",
     "identity_metric",
     "diagonal_metric",
     "whitening_metric",
@@ -486,7 +487,17 @@ def _stage_factors(
     return a, b
 
 
-def truncate(decomposition: Decomposition, stage_ranks: Sequence[int], storage_dtype: np.dtype) -> Factorization:
+#: Rounds one stage's factors to what their storage gives back: ``(A [K, r], B [r, N]) → (Â, B̂)`` (int8 storage,
+#: :func:`onnxsvd.factorize.rounding.round_int8`); ``None`` is a cast to the storage dtype alone.
+FactorRounding = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray]"]
+
+
+def truncate(
+    decomposition: Decomposition,
+    stage_ranks: Sequence[int],
+    storage_dtype: np.dtype,
+    rounding: FactorRounding | None = None,
+) -> Factorization:
     """Factor a decomposed weight into residual stages of the given ranks.
 
     Stage 1 is the top ``r_1`` components of ``Lᵀ W``. Stage i factors the residual
@@ -497,6 +508,8 @@ def truncate(decomposition: Decomposition, stage_ranks: Sequence[int], storage_d
         decomposition: from :func:`decompose`.
         stage_ranks: ``[r_1, …, r_k]``, each ≥ 1.
         storage_dtype: numpy dtype the factors are stored in (float32, float16, ml_dtypes.bfloat16…).
+        rounding: the storage's rounding of one stage's factors, when it is more than a cast (int8 factors:
+            the factors hold the values ``q·s`` the graph computes, in ``storage_dtype``).
 
     Returns:
         The factors, rounded to ``storage_dtype``.
@@ -521,6 +534,8 @@ def truncate(decomposition: Decomposition, stage_ranks: Sequence[int], storage_d
             if note is not None:
                 notes.append(f"stage {index + 1}: {note}")
         a, b = _stage_factors(u, s, vt, rank, metric)  # [K, r], [r, N]
+        if rounding is not None:
+            a, b = rounding(a, b)
         a_stored = a.astype(storage_dtype)
         b_stored = b.astype(storage_dtype)
         stages.append((a_stored, b_stored))

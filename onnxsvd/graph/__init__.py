@@ -5,21 +5,37 @@ from __future__ import annotations
 
 from onnxsvd.graph.cleanup import RemoveDeadWeightsPass
 from onnxsvd.graph.emit import EmitOptions, FactorTensors, emit, remove_dead_weights, storage_dtype_for
-from onnxsvd.graph.match import GraphIndex, Match, Site, Skip, WeightSource, dtype_name, find_sites, load_weight
+from onnxsvd.graph.emit_quant import QUANTIZED_OPS, QuantizedGroup, activation_ranks, emit_quantized
+from onnxsvd.graph.match import (
+    GraphIndex,
+    Match,
+    Site,
+    Skip,
+    WeightSource,
+    dtype_name,
+    find_sites,
+    load_weight,
+    node_name,
+)
 
 __all__ = [
     "EmitOptions",
     "FactorTensors",
     "GraphIndex",
     "Match",
+    "QUANTIZED_OPS",
+    "QuantizedGroup",
     "RemoveDeadWeightsPass",
     "Site",
     "Skip",
     "WeightSource",
+    "activation_ranks",
     "dtype_name",
     "emit",
+    "emit_quantized",
     "find_sites",
     "load_weight",
+    "node_name",
     "remove_dead_weights",
     "storage_dtype_for",
 ]

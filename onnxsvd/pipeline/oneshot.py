@@ -35,6 +35,7 @@ from onnxsvd.pipeline.group import (
     svd_options,
     weight_groups,
 )
+from onnxsvd.pipeline.quantized import rewrite_quantized
 
 __all__ = ["rewrite"]
 
@@ -73,6 +74,13 @@ def rewrite(
         StatsError: statistics of another model.
     """
     config = config or RewriteConfig()
+    if config.quantize is not None:  # a quantized base with a low-rank correction of its error
+        if speed_check is not None:
+            raise UsageError("--keep-dense-if-slower does not time quantized sites yet: drop it with --quantize")
+        return rewrite_quantized(
+            model, config, statistics, base_dir=str(base_dir) if base_dir is not None else None,
+            progress=progress, batches=batches, data_file=data_file,
+        )
     started = time.perf_counter()
     if config.needs_statistics and statistics is None:
         raise UsageError(f"--method {config.method} needs calibration data: pass --stats stats.npz or --data DATA")

@@ -44,6 +44,13 @@ class SiteReport:
         speed_provider: the provider those times are from (the one where the chain gains least).
         notes: what the site's SVDs needed beyond the first driver (an SVD fallback: which driver failed,
             how, and which one gave the factors); empty when nothing did.
+        base: the quantized base (``int4 b32 sym rtn``) when the site was quantized (``--quantize``), else
+            ``None``. ``factor_bytes`` is then ``base_bytes + correction_bytes``, ``kept_energy`` the share of
+            the quantization error's energy (in the method's metric) that the correction keeps, and
+            ``weight_error`` ``‖W − Ŵ − Σ A_i B_i‖_F / ‖W‖_F``.
+        base_bytes: bytes of the quantized base (packed values, scales, zero points).
+        correction_bytes: bytes of the correction's factors in their dtype.
+        base_error: ``‖W − Ŵ‖_F / ‖W‖_F``, the base's error before the correction.
     """
 
     name: str
@@ -66,6 +73,10 @@ class SiteReport:
     speedup: float | None = None
     speed_provider: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    base: str | None = None
+    base_bytes: int = 0
+    correction_bytes: int = 0
+    base_error: float | None = None
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ from onnxsvd.calibrate.collect import ActivationSpec, expose, rows_of, session_f
 from onnxsvd.calibrate.stats import ActivationStats, combine
 from onnxsvd.config import Progress, RewriteConfig
 from onnxsvd.data import Batches
-from onnxsvd.errors import FactorizationError
+from onnxsvd.errors import FactorizationError, UsageError
 from onnxsvd.factorize import Factorization, Metric, diagonal_metric, identity_metric, whitening_metric
 from onnxsvd.graph import GraphIndex, Site, find_sites
 from onnxsvd.pipeline.assemble import RewriteResult, assemble, emit_outcomes
@@ -187,6 +187,8 @@ def rewrite_sequential(
     Returns:
         The rewritten model and its report; the report's notes give the levels and their cost.
     """
+    if config.quantize is not None:
+        raise UsageError("a quantized rewrite runs sequentially through rewrite_quantized(..., sequential=True)")
     started = time.perf_counter()
     params_before, bytes_before = io.count_parameters(model), io.count_bytes(model)
     original = model

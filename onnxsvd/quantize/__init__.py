@@ -1,0 +1,8 @@
+"""Weight quantization through ONNX Runtime's own quantizer: one weight in, its MatMulNBits tensors and
+the weight exactly as ONNX Runtime dequantizes it out. No packing is done here."""
+
+from __future__ import annotations
+
+from onnxsvd.quantize.ort import QuantizedWeight, quantize_weight
+
+__all__ = ["QuantizedWeight", "quantize_weight"]
