@@ -74,6 +74,13 @@ class RewriteJob:
             raise UsageError("--sequential needs calibration data: pass --data DATA")
         if self.stats is not None and self.data is not None:
             raise UsageError("give either --stats or --data, not both")
+        if self.config.allocate == "global" and self.data is None:
+            raise UsageError(
+                "--allocate global measures each site's sensitivity by running calibration batches, which a "
+                "statistics file does not hold: pass --data DATA (not --stats)"
+            )
+        if self.config.allocate == "global" and self.sequential:
+            raise UsageError("--sequential does not allocate ranks globally: drop --allocate global or --sequential")
         if self.config.needs_statistics and self.stats is None and self.data is None:
             raise UsageError(
                 f"--method {self.config.method} needs calibration data: pass --stats stats.npz or --data DATA"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxsvd.config import RankPolicy, RewriteConfig
 from onnxsvd.errors import UsageError
@@ -21,6 +23,7 @@ from onnxsvd.rank import (
     smallest_feasible_ratio,
     uniform_ranks,
 )
+from tests.models import make_model
 from tests.test_calibrate import _batches, _correlated, _mlp
 
 
@@ -156,3 +159,87 @@ def test_global_rewrite_meets_the_budget_and_beats_uniform(rng: np.random.Genera
 def test_global_allocation_refuses_a_fixed_rank(rng: np.random.Generator) -> None:
     with pytest.raises(UsageError, match="allocate global"):
         rewrite(_mlp(rng), RewriteConfig(policy=RankPolicy("rank", 4), allocate="global"))
+
+
+def _model_with_a_dead_branch(rng: np.random.Generator) -> onnx.ModelProto:
+    """x [B, S, 24] → fc0 → Relu → fc1 → y, plus a site ``side`` whose output is multiplied by 0 and added:
+    truncating ``side`` alone cannot move the outputs, so its sensitivity cannot be measured."""
+
+    def weight(k: int, n: int) -> np.ndarray:
+        u, _ = np.linalg.qr(rng.standard_normal((k, k)))
+        v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        return ((u[:, : min(k, n)] * np.exp(-np.arange(min(k, n)) / 6.0)) @ v[: min(k, n), :]).astype(np.float32)
+
+    tensors = [
+        numpy_helper.from_array(weight(24, 48), "w0"),
+        numpy_helper.from_array(weight(24, 48), "ws"),
+        numpy_helper.from_array(weight(48, 32), "w1"),
+        numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h0"], name="fc0"),
+        helper.make_node("MatMul", ["x", "ws"], ["s0"], name="side"),
+        helper.make_node("Mul", ["s0", "zero"], ["s1"], name="mute"),
+        helper.make_node("Add", ["h0", "s1"], ["h1"], name="join"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+        helper.make_node("MatMul", ["h2", "w1"], ["y"], name="fc1"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 6, 24])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 6, 32])],
+        tensors,
+    )
+
+
+def test_an_estimated_sensitivity_is_reported_with_its_reason(rng: np.random.Generator) -> None:
+    model = _model_with_a_dead_branch(rng)
+    batches = _batches({"x": _correlated(rng, 32, 6, 24)}, 16)
+    config = RewriteConfig(policy=RankPolicy("ratio", 0.5), allocate="global")
+    result = rewrite(model, config, batches=batches)
+    sites = {site.name: site for site in result.report.sites}
+    assert sites["side"].sensitivity_estimated
+    assert sites["side"].sensitivity_reason.startswith("truncating it alone to ranks")
+    assert "did not change the outputs" in sites["side"].sensitivity_reason
+    measured = [sites[name].sensitivity for name in ("fc0", "fc1")]
+    assert not sites["fc0"].sensitivity_estimated and not sites["fc1"].sensitivity_estimated
+    assert all(value is not None and value > 0 for value in measured)
+    assert sites["side"].sensitivity == pytest.approx(float(np.median(measured)))
+    (note,) = [note for note in result.report.notes if note.startswith("estimated sensitivities")]
+    assert "1 of 3 sites could not be measured" in note and "side: truncating it alone" in note
+    report = result.report.to_dict()
+    fields = {site["name"]: site for site in report["sites"]}
+    assert fields["side"]["sensitivity_estimated"] is True and fields["fc0"]["sensitivity_estimated"] is False
+    assert result.report.policy == "ratio 0.5 of all sites' parameters together (global allocation)"
+
+
+def test_global_allocation_without_batches_is_refused(rng: np.random.Generator) -> None:
+    # A statistics file holds no batches: allocating without measured sensitivities was silently worse.
+    from onnxsvd.calibrate import calibrate
+
+    model = _mlp(rng, widths=(24, 48, 48, 16))
+    statistics = calibrate(model, _batches({"x": _correlated(rng, 32, 6, 24)}, 16))
+    config = RewriteConfig(policy=RankPolicy("ratio", 0.5), method="whiten", allocate="global")
+    with pytest.raises(UsageError, match=r"pass --data DATA \(not --stats\)"):
+        rewrite(model, config, statistics)
+
+
+def test_global_ranks_are_aligned_floored_and_under_break_even(rng: np.random.Generator) -> None:
+    model = _mlp(rng, widths=(24, 48, 48, 16))
+    batches = _batches({"x": _correlated(rng, 32, 6, 24)}, 16)
+    for ratio in (0.45, 0.6, 0.8):
+        result = rewrite(model, RewriteConfig(policy=RankPolicy("ratio", ratio), allocate="global"), batches=batches)
+        for site in result.report.sites:
+            if site.action == "factorized":
+                assert site.rank % 8 == 0 and site.rank >= 8, (ratio, site.name, site.rank)
+                assert site.rank * (site.shape[0] + site.shape[1]) < site.shape[0] * site.shape[1]
+        sites = [site for site in result.report.sites if site.action == "factorized"]
+        assert sum(site.params_after for site in sites) <= np.floor(ratio * sum(s.params_before for s in sites))
+
+
+def test_a_global_budget_under_the_floors_is_refused_in_one_line(rng: np.random.Generator) -> None:
+    model = _mlp(rng, widths=(24, 48, 48, 16))
+    batches = _batches({"x": _correlated(rng, 32, 6, 24)}, 16)
+    with pytest.raises(UsageError, match=r"use --ratio 0\.\d+ or more") as refused:
+        rewrite(model, RewriteConfig(policy=RankPolicy("ratio", 0.05), allocate="global"), batches=batches)
+    assert "\n" not in str(refused.value)

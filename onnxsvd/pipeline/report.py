@@ -40,6 +40,13 @@ class SiteReport:
         factorized_ms: median time of its factor chain alone, on the same activation and provider.
         speedup: ``dense_ms / factorized_ms``; the chain is kept only when this is above 1.
         speed_provider: the provider those times are from (the one where the chain gains least).
+        rank_note: how the policy's rank was rounded (aligned down or up, left unaligned and why, raised
+            to the floor); also in ``reason``. ``None`` when it was taken as it came.
+        sensitivity: global allocation: α, the factor from the site's discarded energy to the model's
+            output error (``None`` without global allocation, or when the site was not allocated).
+        sensitivity_estimated: True when ``sensitivity`` was not measured but estimated (the median of
+            the measured ones); ``sensitivity_reason`` says why it could not be measured.
+        sensitivity_reason: why the sensitivity is estimated (``None`` when it was measured).
     """
 
     name: str
@@ -61,6 +68,10 @@ class SiteReport:
     factorized_ms: float | None = None
     speedup: float | None = None
     speed_provider: str | None = None
+    rank_note: str | None = None
+    sensitivity: float | None = None
+    sensitivity_estimated: bool = False
+    sensitivity_reason: str | None = None
 
 
 @dataclasses.dataclass
