@@ -181,7 +181,8 @@ def test_rewrite_at_full_rank_reproduces_the_model(capsys: pytest.CaptureFixture
 def test_dry_run_writes_no_model(capsys: pytest.CaptureFixture[str], workdir: Path) -> None:
     report_path = workdir / "report.json"
     code, out, _ = cli(
-        capsys, "rewrite", workdir / "model.onnx", "-o", workdir / "out.onnx", "--dry-run", "--report", report_path
+        capsys, "rewrite", workdir / "model.onnx", "-o", workdir / "out.onnx", "--dry-run", "--report", report_path,
+        "--min-rank", "1",
     )
     assert code == 0
     assert sorted(os.listdir(workdir)) == ["model.onnx", "report.json"]

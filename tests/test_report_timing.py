@@ -27,7 +27,7 @@ def test_per_site_seconds_leave_out_the_one_time_start_up(monkeypatch: pytest.Mo
         return svd(matrix, options)
 
     monkeypatch.setattr(lowrank, "_svd", slow_first)
-    config = RewriteConfig(policy=RankPolicy("ratio", 0.5), jobs=1)
+    config = RewriteConfig(policy=RankPolicy("ratio", 0.5, min_rank=1), jobs=1)
     report = rewrite(onnx.load(str(MODELS / "digits_mlp.onnx")), config).report
     seconds = [site.seconds for site in report.factorized]
     assert len(seconds) == 3 and max(seconds) < START_UP / 2, seconds
