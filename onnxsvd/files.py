@@ -174,6 +174,8 @@ _UNCHANGED_FIXES = (
     ("--exclude", "a narrower --exclude"),
     ("--min-params", "a lower --min-params"),
     ("than dense", "no --keep-dense-if-slower"),
+    ("--min-rank", "a lower --min-rank (or a larger --ratio)"),
+    ("--min-share", "a lower --min-share"),
 )
 _RANK_FIX = "a smaller --rank/--ratio/--energy or --allow-growth"
 
