@@ -237,7 +237,16 @@ def test_global_ranks_are_aligned_floored_and_under_break_even(rng: np.random.Ge
         assert sum(site.params_after for site in sites) <= np.floor(ratio * sum(s.params_before for s in sites))
 
 
-def test_a_global_budget_under_the_floors_is_refused_in_one_line(rng: np.random.Generator) -> None:
+def test_a_global_budget_under_the_floors_is_refused_in_one_line(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxsvd.pipeline import allocation
+
+    def not_reached(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the budget is refused before any SVD or sensitivity run")
+
+    monkeypatch.setattr(allocation, "spectrum", not_reached)
+    monkeypatch.setattr(allocation, "measure_sensitivities", not_reached)
     model = _mlp(rng, widths=(24, 48, 48, 16))
     batches = _batches({"x": _correlated(rng, 32, 6, 24)}, 16)
     with pytest.raises(UsageError, match=r"use --ratio 0\.\d+ or more") as refused:

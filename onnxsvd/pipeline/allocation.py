@@ -243,14 +243,23 @@ def global_ranks(
                 f"--min-rank {floor}: kept dense, outside the budget"
             )
             continue
+        limits[key] = limit
+    if config.policy.kind == "ratio" and limits:
+        # Refuse a budget too small for the floors before any SVD or sensitivity run (the spectra do not
+        # change what the lowest ranks cost).
+        shapes = [
+            AllocationSite(key, groups[key][0].k, groups[key][0].n, np.zeros(1), min_rank=floor, rank_limit=limit)
+            for key, limit in limits.items()
+        ]
+        allocate_budget(shapes, config.policy.value, config.policy.align)
+    for key in list(limits):
         try:
-            weight = load_weight(index, site, base_dir)
-            goal, metric = target(sites, weight)
+            weight = load_weight(index, groups[key][0], base_dir)
+            goal, metric = target(groups[key], weight)
             spectra[key] = spectrum(goal, metric)  # only the singular values are kept: [min(K, N)]
         except FactorizationError as error:
             dense[key] = str(error)
-            continue
-        limits[key] = limit
+            del limits[key]
     if not spectra:
         return GlobalPlan({}, dense, {}, {}, {}, [])
     measured = measure_sensitivities(
