@@ -73,8 +73,8 @@ def floor_options(function: Any) -> Any:
     for option in reversed(
         [
             click.option("--min-rank", type=int, metavar="R",
-                         help="Keep a layer dense when its ratio, energy or allocated rank is under R "
-                              "[default: --align]."),
+                         help="Keep a layer dense when its ratio or allocated rank is under R (an energy "
+                              "rank is raised to R) [default: --align]."),
             click.option("--min-share", type=float, default=MIN_SHARE, show_default=True,
                          help="Keep a site dense when it holds less than this share of the largest site's "
                               "parameters (0: off)."),

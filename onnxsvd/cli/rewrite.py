@@ -69,7 +69,7 @@ STAGE_RANKS = CommaList(int, example="32,16")
                    "without it that is an error and nothing is written.")
 @click.option("--allocate", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
               help="uniform: each layer by the policy; global: one --ratio/--energy budget over all sites "
-                   "(ranks by whitened discarded energy × measured sensitivity with --data).")
+                   "(ranks by discarded energy × sensitivity measured on --data, which it needs).")
 @click.option("--svd", "svd_solver", type=click.Choice(SVD_SOLVERS), default="auto", show_default=True,
               help="exact, randomized (range finder), or auto: randomized when the rank is well below min(K, N).")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
