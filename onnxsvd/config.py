@@ -20,6 +20,8 @@ __all__ = [
     "Progress",
     "check_provider_names",
     "RANK_POLICIES",
+    "LOW_KEPT_ENERGY",
+    "MIN_SHARE",
     "METHODS",
     "LAYOUTS",
     "STORAGE_DTYPES",
@@ -42,7 +44,11 @@ __all__ = [
 VERSION = "0.1.0"
 
 #: Registries: the values each option accepts.
-RANK_POLICIES = ("rank", "ratio", "energy")
+RANK_POLICIES = ("rank", "ratio", "energy", "full")
+#: Sites whose truncation keeps less than this share of Σσ² (in their metric) are flagged in the summary.
+LOW_KEPT_ENERGY = 0.5
+#: The default ``--min-share``: a site with less than this share of the largest site's parameters stays dense.
+MIN_SHARE = 0.01
 METHODS = ("svd", "asvd", "whiten")
 LAYOUTS = ("fused", "stages")
 STORAGE_DTYPES = ("auto", "fp32", "fp16")
@@ -90,18 +96,23 @@ class RankPolicy:
 
     Attributes:
         kind: ``"ratio"`` (kept fraction of the layer's parameters, ``r = ⌊ρ·K·N/(K+N)⌋``),
-            ``"rank"`` (a fixed rank) or ``"energy"`` (smallest rank keeping β of ``Σσ²``).
-        value: ρ in (0, 1], the rank (≥ 1), or β in (0, 1].
+            ``"rank"`` (a fixed rank), ``"energy"`` (smallest rank keeping β of ``Σσ²``) or ``"full"``
+            (every site at its full rank ``min(K, N)``: exact, growth allowed; ``--rank full``).
+        value: ρ in (0, 1], the rank (≥ 1), or β in (0, 1]; unused by ``"full"``.
         align: round ranks to a multiple of this (GEMM kernels like multiples of 8); 1 disables it.
         allow_growth: factorize even when the chain is no smaller in bytes than the weight as stored
             (``r·(K+N)`` factor values against the stored weight; ``r·(K+N) ≥ K·N`` for a float weight
             whose factors keep its dtype).
+        min_rank: the rank floor (``--min-rank``): a ratio, energy or globally allocated rank under it
+            keeps the layer dense (an energy rank is raised to it where that is under break-even);
+            ``None``: ``align``. A fixed ``--rank`` and ``--rank full`` are not floored.
     """
 
     kind: str = "ratio"
     value: float = 0.5
     align: int = 8
     allow_growth: bool = False
+    min_rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in RANK_POLICIES:
@@ -111,16 +122,32 @@ class RankPolicy:
         if self.kind == "energy" and not 0.0 < self.value <= 1.0:
             raise UsageError(f"--energy must be in (0, 1] (kept share of Σσ²), got {self.value:g}")
         if self.kind == "rank" and (self.value < 1 or self.value != int(self.value)):
-            raise UsageError(f"--rank must be a positive integer, got {self.value:g}")
+            raise UsageError(f"--rank must be a positive integer or 'full', got {self.value:g}")
         if self.align < 1:
             raise UsageError(f"--align must be at least 1, got {self.align}")
+        if self.min_rank is not None and self.min_rank < 1:
+            raise UsageError(f"--min-rank must be at least 1, got {self.min_rank}")
+        if self.kind == "full" and not self.allow_growth:
+            object.__setattr__(self, "allow_growth", True)  # a full-rank chain may be larger: that is asked
 
-    def describe(self) -> str:
-        """One line for summaries: what the policy means."""
+    @property
+    def floor(self) -> int:
+        """The rank floor: ``min_rank``, or ``align`` when it is not given."""
+        return self.min_rank if self.min_rank is not None else self.align
+
+    def describe(self, allocate: str = "uniform") -> str:
+        """One line for summaries: what the policy means (``allocate="global"``: one budget over all
+        sites, not a per-layer ratio)."""
+        if allocate == "global" and self.kind == "ratio":
+            return f"ratio {self.value:g} of all sites' parameters together (global allocation)"
+        if allocate == "global" and self.kind == "energy":
+            return f"energy {self.value:g} of all sites' Σσ² together (global allocation)"
         if self.kind == "ratio":
             return f"ratio {self.value:g} (kept fraction of each layer's parameters)"
         if self.kind == "energy":
             return f"energy {self.value:g} (kept share of Σσ² per layer)"
+        if self.kind == "full":
+            return "full rank min(K, N) (exact)"
         return f"rank {int(self.value)}"
 
 
@@ -201,6 +228,8 @@ class RewriteConfig:
         include: regular expression; only sites whose node name matches are considered.
         exclude: regular expression; sites whose node name matches are kept dense.
         min_params: sites with fewer weight parameters stay dense.
+        min_share: sites (weight groups) with less than this share of the largest site's parameters stay
+            dense, with the reason (``--min-share``; 0 disables it; not applied by ``--rank full``).
         dtype: storage dtype of the factors: ``"auto"`` (the weight's own), ``"fp32"`` or ``"fp16"``.
         svd: ``"exact"``, ``"randomized"`` or ``"auto"`` (randomized when the rank is known up front and
             well below ``min(K, N)``).
@@ -225,6 +254,7 @@ class RewriteConfig:
     include: str | None = None
     exclude: str | None = None
     min_params: int = 0
+    min_share: float = MIN_SHARE
     dtype: str = "auto"
     svd: str = "auto"
     device: str = "cpu"
@@ -260,6 +290,14 @@ class RewriteConfig:
             raise UsageError(f"--ridge must be ≥ 0, got {self.ridge:g}")
         if self.damping < 0.0:
             raise UsageError(f"--damping must be ≥ 0, got {self.damping:g}")
+        if not 0.0 <= self.min_share < 1.0:
+            raise UsageError(
+                f"--min-share must be in [0, 1) (a share of the largest site's parameters), got {self.min_share:g}"
+            )
+        if self.allocate == "global" and self.policy.kind in ("rank", "full"):
+            raise UsageError("--allocate global takes --ratio (a budget over all sites) or --energy, not a fixed rank")
+        if self.allocate == "global" and self.stage_ranks is not None:
+            raise UsageError("--allocate global chooses the ranks: do not give --stage-ranks with it")
         if self.min_params < 0:
             raise UsageError(f"--min-params must be ≥ 0, got {self.min_params}")
         for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):

@@ -74,6 +74,13 @@ class RewriteJob:
             raise UsageError("--sequential needs calibration data: pass --data DATA")
         if self.stats is not None and self.data is not None:
             raise UsageError("give either --stats or --data, not both")
+        if self.config.allocate == "global" and self.data is None:
+            raise UsageError(
+                "--allocate global measures each site's sensitivity by running calibration batches, which a "
+                "statistics file does not hold: pass --data DATA (not --stats)"
+            )
+        if self.config.allocate == "global" and self.sequential:
+            raise UsageError("--sequential does not allocate ranks globally: drop --allocate global or --sequential")
         if self.config.needs_statistics and self.stats is None and self.data is None:
             raise UsageError(
                 f"--method {self.config.method} needs calibration data: pass --stats stats.npz or --data DATA"
@@ -167,6 +174,8 @@ _UNCHANGED_FIXES = (
     ("--exclude", "a narrower --exclude"),
     ("--min-params", "a lower --min-params"),
     ("than dense", "no --keep-dense-if-slower"),
+    ("--min-rank", "a lower --min-rank (or a larger --ratio)"),
+    ("--min-share", "a lower --min-share"),
 )
 _RANK_FIX = "a smaller --rank/--ratio/--energy or --allow-growth"
 

@@ -138,6 +138,8 @@ class SweepConfig:
                 "include": self.rewrite.include,
                 "exclude": self.rewrite.exclude,
                 "min_params": self.rewrite.min_params,
+                "min_rank": self.rewrite.policy.floor,
+                "min_share": self.rewrite.min_share,
             },
             "calibration": {
                 "batch_size": self.calibration.batch_size,

@@ -190,7 +190,8 @@ def test_rewrite_at_full_rank_reproduces_the_model(capsys: pytest.CaptureFixture
 def test_dry_run_writes_no_model(capsys: pytest.CaptureFixture[str], workdir: Path) -> None:
     report_path = workdir / "report.json"
     code, out, _ = cli(
-        capsys, "rewrite", workdir / "model.onnx", "-o", workdir / "out.onnx", "--dry-run", "--report", report_path
+        capsys, "rewrite", workdir / "model.onnx", "-o", workdir / "out.onnx", "--dry-run", "--report", report_path,
+        "--min-rank", "1",
     )
     assert code == 0
     assert sorted(os.listdir(workdir)) == ["model.onnx", "report.json"]
@@ -595,3 +596,55 @@ def test_every_torch_install_hint_carries_the_constraints_pin() -> None:
     for source in (root / "onnxsvd").rglob("*.py"):
         for line in source.read_text().splitlines():
             assert "pip install 'onnxsvd[torch]'" not in line or "constraints" in line, f"{source}: {line}"
+
+
+def test_global_allocation_from_a_statistics_file_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    stats = tmp_path / "s.npz"
+    code, out, err = cli(capsys, "calibrate", MLP, "--data", MODELS / "digits_calib.npz", "-o", stats)
+    assert code == 0, err
+    code, out, err = cli(capsys, "rewrite", MLP, "--dry-run", "--method", "whiten", "--stats", stats,
+                         "--allocate", "global")
+    assert code == 2
+    assert_one_line_error(err, out)
+    assert "measures each site's sensitivity" in err and "pass --data DATA (not --stats)" in err
+
+
+def test_rank_full_rewrites_every_site_exactly(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    output, report = tmp_path / "full.onnx", tmp_path / "full.json"
+    code, out, err = cli(capsys, "rewrite", MLP, "-o", output, "--rank", "full", "--report", report)
+    assert code == 0, err
+    sites = {site["name"]: site for site in json.loads(report.read_text())["sites"]}
+    assert {name: site["rank"] for name, site in sites.items()} == {
+        "/layers/layers.0/Gemm": 64, "/layers/layers.2/Gemm": 256, "/layers/layers.4/Gemm": 10
+    }
+    assert all(site["action"] == "factorized" and site["reason"].startswith("full rank min(K, N)")
+               for site in sites.values())
+    assert "policy full rank min(K, N) (exact)" in out
+    x = np.load(MODELS / "digits_eval.npz")["input"][:32]
+    (reference,), (rewritten,) = run(onnx.load(str(MLP)), {"input": x}), run(onnx.load(str(output)), {"input": x})
+    np.testing.assert_allclose(rewritten, reference, rtol=1e-4, atol=1e-4)
+    code, out, err = cli(capsys, "rewrite", MLP, "--dry-run", "--rank", "fulll")
+    assert code == 2 and "positive integer or 'full'" in err
+
+
+def test_floors_keep_small_layers_dense_unless_lowered(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    code, out, err = cli(capsys, "rewrite", MLP, "--dry-run", "--ratio", "0.5", "--report", report)
+    assert code == 0, err
+    head = {site["name"]: site for site in json.loads(report.read_text())["sites"]}["/layers/layers.4/Gemm"]
+    assert head["action"] == "kept"
+    assert head["reason"].startswith("ratio 0.5 gives rank 4 < --min-rank 8: kept dense")
+    code, out, err = cli(capsys, "rewrite", MLP, "--dry-run", "--ratio", "0.5", "--min-rank", "1", "--report", report)
+    assert code == 0, err
+    head = {site["name"]: site for site in json.loads(report.read_text())["sites"]}["/layers/layers.4/Gemm"]
+    assert head["action"] == "factorized" and head["rank"] == 4
+    assert head["rank_note"] == "rank 4 is below --align 8: not aligned"
+    code, out, err = cli(capsys, "rewrite", MLP, "--dry-run", "--ratio", "0.5", "--min-share", "0.05",
+                         "--min-rank", "1", "--report", report)
+    assert code == 0, err
+    head = {site["name"]: site for site in json.loads(report.read_text())["sites"]}["/layers/layers.4/Gemm"]
+    assert head["action"] == "kept"
+    assert head["reason"] == ("2,560 parameters, 3.91% of the largest site's 65,536 < --min-share 0.05: kept dense "
+                              "(--min-share 0 factorizes it)")

@@ -45,8 +45,9 @@ def one_line(err: str, prefix: str) -> str:
         (["--exclude", "Gemm"], "3× name matches --exclude 'Gemm'", "a narrower --exclude"),
         (["--min-params", "10000000"], "< --min-params 10000000", "a lower --min-params"),
         (["--rank", "1000"], "≥ dense", "a smaller --rank/--ratio/--energy or --allow-growth"),
+        (["--ratio", "0.05"], "< --min-rank 8: kept dense", "a lower --min-rank (or a larger --ratio)"),
     ],
-    ids=["include", "exclude", "min-params", "break-even"],
+    ids=["include", "exclude", "min-params", "break-even", "min-rank"],
 )
 def test_nothing_factorized_is_an_error_that_says_why(model: Path, options: list[str], why: str, change: str) -> None:
     code, out, err = run_cli("rewrite", model, "-o", model.parent / "out.onnx", *options)

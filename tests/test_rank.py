@@ -51,7 +51,7 @@ def _aligned(raw: int) -> int:
 @settings(max_examples=300)
 @given(k=channels, n=channels, ratio=ratios)
 def test_ratio_policy_follows_the_formula_with_alignment_and_break_even(k: int, n: int, ratio: float) -> None:
-    decision = choose_rank(RankPolicy("ratio", ratio), k, n, None)
+    decision = choose_rank(RankPolicy("ratio", ratio, min_rank=1), k, n, None)
     expectations = set()
     for raw in _floor_candidates(k, n, ratio):
         rank = min(_aligned(raw), k, n)
@@ -78,8 +78,8 @@ def test_ratio_examples() -> None:
     assert choose_rank(RankPolicy("ratio", 0.5), 256, 256, None).rank == 64
     # 64×256 at ρ = 0.5: ⌊0.5·16384/320⌋ = 25 → 24 (aligned down).
     assert choose_rank(RankPolicy("ratio", 0.5), 64, 256, None).rank == 24
-    # 4×64 at ρ = 0.5: ⌊0.5·256/68⌋ = 1, below the alignment: left alone.
-    assert choose_rank(RankPolicy("ratio", 0.5), 4, 64, None).rank == 1
+    # 4×64 at ρ = 0.5: ⌊0.5·256/68⌋ = 1, below the alignment: left alone (with the floor lowered to 1).
+    assert choose_rank(RankPolicy("ratio", 0.5, min_rank=1), 4, 64, None).rank == 1
     # ρ = 1 on 8×8: ⌊64/16⌋ = 4 = break-even: dense.
     assert choose_rank(RankPolicy("ratio", 1.0), 8, 8, None).dense
 
@@ -120,13 +120,63 @@ def test_energy_policy_rounds_up_to_the_alignment(k: int, n: int, energy: float,
     smallest = energy_rank(spectrum, energy)
     unaligned = choose_rank(RankPolicy("energy", energy, align=1, allow_growth=True), k, n, spectrum)
     assert unaligned.rank == smallest
-    aligned = choose_rank(RankPolicy("energy", energy, align=8, allow_growth=True), k, n, spectrum)
+    aligned = choose_rank(RankPolicy("energy", energy, align=8, allow_growth=True, min_rank=1), k, n, spectrum)
     assert aligned.rank >= smallest
     up = math.ceil(smallest / 8) * 8
     if smallest >= 8 and up < break_even_rank(k, n):
         assert aligned.rank == min(up, k, n)
     else:
         assert aligned.rank == smallest
+
+
+@pytest.mark.parametrize(("k", "n", "rank"), [(4, 64, 1), (64, 10, 4), (256, 10, 4)])
+def test_a_ratio_rank_under_the_floor_keeps_the_layer_dense(k: int, n: int, rank: int) -> None:
+    # The digits ViT's 4×64 patch embedding and 64×10 head, the MLP's 256×10 head, at ratio 0.5.
+    decision = choose_rank(RankPolicy("ratio", 0.5), k, n, None)
+    assert decision.dense and decision.rank == 0
+    assert f"ratio 0.5 gives rank {rank} < --min-rank 8: kept dense" in decision.reason
+    assert f"--min-rank {rank} factorizes it" in decision.reason
+    assert choose_rank(RankPolicy("ratio", 0.5, min_rank=rank), k, n, None).rank == rank
+    assert choose_rank(RankPolicy("ratio", 0.5, align=4), k, n, None).dense == (rank < 4)  # floor = align
+
+
+def test_alignment_is_noted_where_it_rounds_a_rank() -> None:
+    # 64×64: ratio 0.7 gives ⌊0.7·4096/128⌋ = 22, aligned down to 16, the rank ratio 0.5 gives exactly.
+    seven, half = (choose_rank(RankPolicy("ratio", r), 64, 64, None) for r in (0.7, 0.5))
+    assert seven.rank == half.rank == 16
+    assert seven.note == "rank 22 aligned down to 16 (--align 8)" and seven.reason == f"ratio 0.7: {seven.note}"
+    assert half.note == "" and half.reason == "ratio 0.5"
+    assert choose_rank(RankPolicy("ratio", 0.7, align=1), 64, 64, None).rank == 22
+    # Below the alignment, with the floor lowered: left unaligned, and said.
+    low = choose_rank(RankPolicy("ratio", 0.5, min_rank=1), 4, 64, None)
+    assert low.note == "rank 1 is below --align 8: not aligned"
+    # Energy rounds up unless that reaches break-even: 24×24 breaks even at 12, so rank 9 stays 9.
+    spectrum = np.linspace(2.0, 1.0, 24)
+    kept = choose_rank(RankPolicy("energy", 0.5), 24, 24, spectrum)
+    assert kept.rank == 9 and kept.note == "rank 9 not aligned up to 16: that reaches the break-even rank 12"
+    up = choose_rank(RankPolicy("energy", 0.25), 64, 64, np.linspace(2.0, 1.0, 64))
+    assert up.rank == 16 and up.note == "rank 11 aligned up to 16 (--align 8)"
+
+
+def test_an_energy_rank_under_the_floor_is_raised_to_it_where_that_pays() -> None:
+    spectrum = np.array([10.0, 1.0] + [0.01] * 62)  # energy 0.9 needs rank 1
+    raised = choose_rank(RankPolicy("energy", 0.9), 64, 64, spectrum)
+    assert raised.rank == 8 and not raised.dense and raised.note == "rank 1 raised to --min-rank 8"
+    # A 4×64 layer breaks even at 4: the floor 8 does not pay, so it stays dense.
+    small = choose_rank(RankPolicy("energy", 0.9), 4, 64, np.array([10.0, 1.0, 0.1, 0.1]))
+    assert small.dense and "< --min-rank 8" in small.reason
+
+
+@pytest.mark.parametrize(("k", "n"), [(4, 64), (64, 64), (1, 10), (300, 7)])
+def test_full_rank_is_exact_and_allowed_to_grow(k: int, n: int) -> None:
+    decision = choose_rank(RankPolicy("full"), k, n, None)
+    assert decision.rank == min(k, n) and not decision.dense
+    assert decision.reason.startswith(f"full rank min(K, N) = {min(k, n)} (exact)")
+    assert RankPolicy("full").allow_growth and RankPolicy("full").describe() == "full rank min(K, N) (exact)"
+
+
+def test_a_fixed_rank_is_not_floored() -> None:
+    assert choose_rank(RankPolicy("rank", 2), 64, 64, None).rank == 2
 
 
 def test_energy_policy_on_an_all_zero_weight_stays_dense() -> None:

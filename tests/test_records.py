@@ -170,9 +170,10 @@ def test_the_sequential_pass_records_every_chain(rng: np.random.Generator) -> No
 def test_records_and_fingerprint_survive_save_load_external_data_and_ort(tmp_path: Path) -> None:
     source = MODELS / "digits_vit.onnx"
     original = onnx.load(str(source))
+    config = onnxsvd.RewriteConfig(policy=onnxsvd.RankPolicy(min_rank=1))  # every one of the 14 sites
     for external in (False, True):
         output = tmp_path / f"small_{external}.onnx"
-        rewrite_file(RewriteJob(model=source, output=output, external_data=external))
+        rewrite_file(RewriteJob(model=source, output=output, config=config, external_data=external))
         assert (tmp_path / f"small_{external}.onnx.data").exists() == external
         loaded = onnx.load(str(output))
         assert {p.key: p.value for p in loaded.metadata_props}[SOURCE_FINGERPRINT_KEY] == io.fingerprint(original)
@@ -183,7 +184,7 @@ def test_records_and_fingerprint_survive_save_load_external_data_and_ort(tmp_pat
                    for entries in by_site.values() for _, r in entries)
         onnx.checker.check_model(str(output), full_check=True)
         feeds = {"input": np.load(MODELS / "digits_eval.npz")["input"][:8]}
-        (expected,) = run(onnxsvd.rewrite(original).model, feeds)
+        (expected,) = run(onnxsvd.rewrite(original, config).model, feeds)
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])

@@ -55,7 +55,7 @@ def _rewrite_with_a_slow_first_svd(monkeypatch: pytest.MonkeyPatch, start_up_pas
         return svd(*args, **kwargs)
 
     monkeypatch.setattr(lowrank, "_svd", slow_first)
-    config = RewriteConfig(policy=RankPolicy("ratio", 0.5), svd="exact", jobs=1)
+    config = RewriteConfig(policy=RankPolicy("ratio", 0.5, min_rank=1), svd="exact", jobs=1)
     report = rewrite(onnx.load(str(MODELS / "digits_mlp.onnx")), config).report
     assert len(calls) == int(start_up_pass) + len(report.factorized)  # the start-up's SVD, then one per site
     return report

@@ -265,7 +265,7 @@ def test_real_timing_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Pa
     report = tmp_path / "report.json"
     code, out, err = cli(
         capsys, "rewrite", MLP, "-o", tmp_path / "small.onnx", "--ratio", "0.5", "--keep-dense-if-slower",
-        "--shape", "input=16,64", "--speed-iters", "5", "--threads", "1", "--report", report,
+        "--shape", "input=16,64", "--speed-iters", "5", "--threads", "1", "--report", report, "--min-rank", "1",
     )
     assert code == 0, err
     for site in json.loads(report.read_text())["sites"]:

@@ -85,11 +85,17 @@ def test_sweep_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     out = tmp_path / "out"
     code, stdout, err = cli(
         capsys, "sweep", MLP, "--data", CALIB, "--ratios", "0.5", "--methods", "svd", "-o", out, "--iters", "2",
-        "--warmup", "0", "--max-eval-samples", "64",
+        "--warmup", "0", "--max-eval-samples", "64", "--exclude", r"layers\.0", "--min-rank", "4",
+        "--min-share", "0.02",
     )
     assert code == 0, err
     assert "sweep of" in stdout and "cpu speedup" in stdout and f"markdown: {out / 'sweep.md'}" in stdout
-    assert json.loads((out / "sweep.json").read_text())["eval_data"] == str(CALIB)  # defaults to --data
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["eval_data"] == str(CALIB)  # defaults to --data
+    options = result["config"]["rewrite"]
+    assert (options["exclude"], options["min_rank"], options["min_share"]) == (r"layers\.0", 4, 0.02)
+    (entry,) = result["entries"]
+    assert entry["sites_factorized"] == 2  # layers.0 excluded; the 256×10 head at rank 4 ≥ --min-rank 4
 
 
 def test_sweep_output_that_is_a_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("digits")
     rewritten = folder / "digits_small.onnx"
     report = rewrite_file(
-        RewriteJob(MODELS / "digits_mlp.onnx", rewritten, RewriteConfig(policy=RankPolicy("ratio", 0.5)))
+        RewriteJob(MODELS / "digits_mlp.onnx", rewritten, RewriteConfig(policy=RankPolicy("ratio", 0.5, min_rank=1)))
     )
     report_path = folder / "rewrite.json"
     report_path.write_text(json.dumps(report.to_dict()))

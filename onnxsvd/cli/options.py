@@ -1,4 +1,5 @@
-"""Options several commands share: one comma-list type, the site selection, and the rank policy."""
+"""Options several commands share: one comma-list type, the site selection, the rank floors, and the
+rank policy."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from typing import Any
 
 import click
 
-from onnxsvd.config import RankPolicy
+from onnxsvd.config import MIN_SHARE, RankPolicy
 from onnxsvd.errors import UsageError
 
-__all__ = ["CommaList", "PROVIDER_LIST", "rank_policy", "selection_options"]
+__all__ = ["CommaList", "PROVIDER_LIST", "RANK", "RankValue", "floor_options", "rank_policy", "selection_options"]
 
 
 class CommaList(click.ParamType):
@@ -46,6 +47,43 @@ class CommaList(click.ParamType):
 PROVIDER_LIST = CommaList(str, example="cpu,cuda", lower=True)
 
 
+class RankValue(click.ParamType):
+    """``--rank``: a positive integer, or ``full`` (every site at ``min(K, N)``, exact)."""
+
+    name = "rank"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or value == "full":
+            return value
+        text = str(value).strip().lower()
+        if text == "full":
+            return "full"
+        try:
+            return int(text)
+        except ValueError:
+            self.fail(f"takes a positive integer or 'full', got {value!r}", param, ctx)
+
+
+#: ``--rank 32`` or ``--rank full``.
+RANK = RankValue()
+
+
+def floor_options(function: Any) -> Any:
+    """``--min-rank`` and ``--min-share``: the floors under which a site stays dense."""
+    for option in reversed(
+        [
+            click.option("--min-rank", type=int, metavar="R",
+                         help="Keep a layer dense when its ratio or allocated rank is under R (an energy "
+                              "rank is raised to R) [default: --align]."),
+            click.option("--min-share", type=float, default=MIN_SHARE, show_default=True,
+                         help="Keep a site dense when it holds less than this share of the largest site's "
+                              "parameters (0: off)."),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
 def selection_options(function: Any) -> Any:
     """``--include``, ``--exclude`` and ``--min-params``: which sites are considered at all."""
     for option in reversed(
@@ -60,9 +98,15 @@ def selection_options(function: Any) -> Any:
 
 
 def rank_policy(
-    rank: int | None, ratio: float | None, energy: float | None, align: int, allow_growth: bool
+    rank: int | str | None,
+    ratio: float | None,
+    energy: float | None,
+    align: int,
+    allow_growth: bool,
+    min_rank: int | None = None,
 ) -> RankPolicy:
-    """The one policy among ``--rank``, ``--ratio`` and ``--energy`` (ratio 0.5 when none is given).
+    """The one policy among ``--rank`` (an integer or ``full``), ``--ratio`` and ``--energy`` (ratio 0.5
+    when none is given), with ``--align``, ``--allow-growth`` and ``--min-rank``.
 
     Raises:
         UsageError: more than one was given.
@@ -72,4 +116,6 @@ def rank_policy(
     if len(given) > 1:
         raise UsageError("give only one of --rank, --ratio and --energy")
     kind, value = given[0] if given else ("ratio", 0.5)
-    return RankPolicy(kind=kind, value=float(value), align=align, allow_growth=allow_growth)
+    if value == "full":
+        return RankPolicy(kind="full", value=0.0, align=align, allow_growth=True, min_rank=min_rank)
+    return RankPolicy(kind=kind, value=float(value), align=align, allow_growth=allow_growth, min_rank=min_rank)

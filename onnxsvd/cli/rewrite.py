@@ -9,7 +9,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from onnxsvd.cli.options import PROVIDER_LIST, CommaList, rank_policy, selection_options
+from onnxsvd.cli.options import PROVIDER_LIST, RANK, CommaList, floor_options, rank_policy, selection_options
 from onnxsvd.cli.render import NARROW, add_name_column, human_bytes, progress_bar, stdout
 from onnxsvd.config import (
     ALLOCATIONS,
@@ -35,8 +35,9 @@ STAGE_RANKS = CommaList(int, example="32,16")
 @click.command("rewrite")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the rewritten model.")
-@click.option("--rank", type=int, help="Fixed rank for every layer.")
-@click.option("--ratio", type=float, help="Kept fraction of each layer's parameters, 0 < ρ ≤ 1 [default: 0.5].")
+@click.option("--rank", type=RANK, help="Fixed rank for every layer, or 'full': min(K, N), an exact rewrite.")
+@click.option("--ratio", type=float,
+              help="Kept fraction of each layer's parameters, 0 < ρ ≤ 1 [default: 0.5]; 1 is not exact.")
 @click.option("--energy", type=float, help="Smallest rank keeping this share of Σσ², 0 < β ≤ 1.")
 @click.option("--align", type=int, default=8, show_default=True, help="Round ranks to a multiple of this.")
 @click.option("--allow-growth", is_flag=True, help="Factorize even at or above the break-even rank.")
@@ -71,6 +72,7 @@ STAGE_RANKS = CommaList(int, example="32,16")
               help="Timed runs of each form per site for --keep-dense-if-slower.")
 @click.option("--threads", type=int, help="onnxruntime intra-op threads for --keep-dense-if-slower timing.")
 @selection_options
+@floor_options
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 @click.option("--dry-run", is_flag=True, help="Plan and report, write no model.")
 @click.option("--force", is_flag=True, help="Allow overwriting the input model.")
@@ -79,7 +81,7 @@ STAGE_RANKS = CommaList(int, example="32,16")
                    "without it that is an error and nothing is written.")
 @click.option("--allocate", type=click.Choice(ALLOCATIONS), default="uniform", show_default=True,
               help="uniform: each layer by the policy; global: one --ratio/--energy budget over all sites "
-                   "(ranks by whitened discarded energy × measured sensitivity with --data).")
+                   "(ranks by discarded energy × sensitivity measured on --data, which it needs).")
 @click.option("--svd", "svd_solver", type=click.Choice(SVD_SOLVERS), default="auto", show_default=True,
               help="exact, randomized (range finder), or auto: randomized when the rank is well below min(K, N).")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
@@ -104,7 +106,7 @@ STAGE_RANKS = CommaList(int, example="32,16")
 def rewrite_command(
     model: Path,
     output: Path | None,
-    rank: int | None,
+    rank: int | str | None,
     ratio: float | None,
     energy: float | None,
     align: int,
@@ -130,6 +132,8 @@ def rewrite_command(
     include: str | None,
     exclude: str | None,
     min_params: int,
+    min_rank: int | None,
+    min_share: float,
     report: Path | None,
     dry_run: bool,
     force: bool,
@@ -148,8 +152,10 @@ def rewrite_command(
 ) -> None:
     """Replace constant-weight MatMul/Gemm nodes by low-rank factor chains.
 
-    The ratio ρ is the kept fraction of each layer's parameters: rank r = ⌊ρ·K·N/(K+N)⌋. A layer whose
-    chain would not be smaller (r·(K+N) ≥ K·N) stays dense, with the reason in the report.
+    The ratio ρ is the kept fraction of each layer's parameters: rank r = ⌊ρ·K·N/(K+N)⌋, aligned down to
+    --align. A layer whose chain would not be smaller (r·(K+N) ≥ K·N, in bytes) stays dense, as does one
+    whose rank falls under --min-rank or that holds less than --min-share of the largest site's parameters,
+    each with the reason in the report. --rank full rewrites every site exactly, at min(K, N).
     """
     from onnxsvd.calibrate import CalibrateConfig
     from onnxsvd.files import RewriteJob, nothing_factorized, rewrite_file
@@ -158,7 +164,7 @@ def rewrite_command(
     if quantization is not None and not quantization.correction:
         rank = None  # --rank 0: quantize only; no rank policy applies
     config = RewriteConfig(
-        policy=rank_policy(rank, ratio, energy, align, allow_growth),
+        policy=rank_policy(rank, ratio, energy, align, allow_growth, min_rank),
         stages=stages,
         stage_ranks=stage_ranks,
         layout=layout,
@@ -169,6 +175,7 @@ def rewrite_command(
         include=include,
         exclude=exclude,
         min_params=min_params,
+        min_share=min_share,
         dtype=dtype,
         svd=svd_solver,
         device=device,

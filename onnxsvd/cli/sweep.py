@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from onnxsvd.cli.options import PROVIDER_LIST, CommaList
+from onnxsvd.cli.options import PROVIDER_LIST, CommaList, floor_options, selection_options
 from onnxsvd.cli.render import progress_bar, stdout
 from onnxsvd.config import LAYOUTS, STORAGE_DTYPES, RankPolicy, RewriteConfig
 
@@ -50,6 +50,8 @@ RATIOS = CommaList(float, example="0.3,0.5,0.7,0.9")
 @click.option("--damping", type=float, default=1e-2, show_default=True, help="Whitening damping (relative).")
 @click.option("--keep-dense-if-slower", is_flag=True,
               help="Time each site dense against factorized (first calibration batch) and keep the slower dense.")
+@selection_options
+@floor_options
 def sweep_command(
     model: Path,
     data_path: Path,
@@ -70,6 +72,11 @@ def sweep_command(
     dtype: str,
     damping: float,
     keep_dense_if_slower: bool,
+    include: str | None,
+    exclude: str | None,
+    min_params: int,
+    min_rank: int | None,
+    min_share: float,
 ) -> None:
     """Rewrite MODEL at every ratio with every method, validate each against MODEL, and write the
     trade-off: sweep.json, sweep.md (a table), fidelity.png and speedup.png (against kept parameters,
@@ -82,7 +89,10 @@ def sweep_command(
     config = SweepConfig(
         ratios=ratios,
         methods=parse_methods(methods),
-        rewrite=RewriteConfig(policy=RankPolicy(align=align), layout=layout, dtype=dtype, damping=damping),
+        rewrite=RewriteConfig(
+            policy=RankPolicy(align=align, min_rank=min_rank), layout=layout, dtype=dtype, damping=damping,
+            include=include, exclude=exclude, min_params=min_params, min_share=min_share,
+        ),
         calibration=CalibrateConfig(batch_size=batch_size, max_samples=max_samples, providers=provider_names[:1]),
         providers=provider_names,
         warmup=warmup,

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from onnxsvd import io
-from onnxsvd.config import VERSION, RewriteConfig
+from onnxsvd.config import LOW_KEPT_ENERGY, VERSION, RewriteConfig
 from onnxsvd.graph import EmitOptions, FactorTensors, Match, emit
 from onnxsvd.graph.records import SOURCE_FINGERPRINT_KEY
 from onnxsvd.pipeline.group import GroupOutcome
@@ -57,6 +57,10 @@ def _site_reports(outcome: GroupOutcome) -> list[SiteReport]:
                 speedup=outcome.speedup,
                 speed_provider=outcome.speed_provider,
                 notes=list(outcome.notes),
+                rank_note=outcome.rank_note or None,
+                sensitivity=outcome.sensitivity,
+                sensitivity_estimated=outcome.sensitivity_estimated is not None,
+                sensitivity_reason=outcome.sensitivity_estimated,
             )
         )
     return reports
@@ -73,6 +77,28 @@ def fallback_notes(sites: list[SiteReport], shown: int = 4) -> list[str]:
         listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
         lines.append(f"{note} — at {len(names)} site{'s' if len(names) > 1 else ''}: {listed}")
     return lines
+def _summary_notes(outcomes: list[GroupOutcome], config: RewriteConfig) -> list[str]:
+    """Notes on what the ranks did: sites kept at a low share of their energy, ranks the alignment or
+    the floor rounded."""
+    notes = []
+    low = [o for o in outcomes if o.factorized and o.kept_energy is not None and o.kept_energy < LOW_KEPT_ENERGY]
+    if low:
+        names = ", ".join(f"{o.sites[0].name} ({o.kept_energy:.2f})" for o in low)
+        notes.append(
+            f"low kept energy: {len(low)} site{'s' if len(low) > 1 else ''} keep under {LOW_KEPT_ENERGY:.0%} of "
+            f"Σσ² in their metric, expect a large error there: {names}; give them more rank or keep them dense "
+            "(--exclude)"
+        )
+    rounded = [o for o in outcomes if o.factorized and o.rank_note]
+    if rounded:
+        examples = "; ".join(f"{o.sites[0].name}: {o.rank_note}" for o in rounded[:3])
+        more = f"; and {len(rounded) - 3} more (each site's rank_note)" if len(rounded) > 3 else ""
+        notes.append(
+            f"rank rounding: the ranks of {len(rounded)} factorized site{'s' if len(rounded) > 1 else ''} are not "
+            f"the policy's own (--align {config.policy.align}, --min-rank {config.policy.floor}, break-even): "
+            f"{examples}{more}"
+        )
+    return notes
 
 
 def emit_outcomes(
@@ -140,7 +166,7 @@ def assemble(
             dense_bytes=skip.dense_bytes,
         )
     emit_outcomes(model, outcomes, config, tensors, source_fingerprint)
-    notes = []
+    notes = _summary_notes(outcomes, config)
     if config.stages > 1:
         notes.append(
             "residual stages: with exact float factors they equal one SVD of the summed rank (Eckart–Young); "
@@ -150,7 +176,11 @@ def assemble(
         input=None,
         output=None,
         method=config.method,
-        policy=config.policy.describe() if config.stage_ranks is None else f"stage ranks {list(config.stage_ranks)}",
+        policy=(
+            config.policy.describe(config.allocate)
+            if config.stage_ranks is None
+            else f"stage ranks {list(config.stage_ranks)}"
+        ),
         layout=config.layout,
         stages=config.stages,
         params_before=params_before,
@@ -179,7 +209,7 @@ def _stamp(model: onnx.ModelProto, config: RewriteConfig, source_fingerprint: st
     entries = {
         "onnxsvd.version": VERSION,
         "onnxsvd.method": config.method,
-        "onnxsvd.policy": config.policy.describe(),
+        "onnxsvd.policy": config.policy.describe(config.allocate),
     }
     if source_fingerprint is not None:
         entries[SOURCE_FINGERPRINT_KEY] = source_fingerprint

@@ -24,7 +24,7 @@ from onnxsvd.config import Progress, RewriteConfig
 from onnxsvd.errors import FactorizationError, StatsError, UsageError
 from onnxsvd.factorize import Metric, decompose, identity_metric
 from onnxsvd.graph import FactorTensors, GraphIndex, Site, find_sites
-from onnxsvd.pipeline.allocation import global_ranks
+from onnxsvd.pipeline.allocation import GlobalPlan, global_ranks
 from onnxsvd.pipeline.assemble import RewriteResult, assemble
 from onnxsvd.pipeline.group import (
     GroupOutcome,
@@ -32,6 +32,7 @@ from onnxsvd.pipeline.group import (
     factor_group,
     group_statistics,
     metric_for,
+    share_floor,
     svd_options,
     weight_groups,
 )
@@ -61,7 +62,7 @@ def rewrite(
         speed_check: applied to the factorized groups before they are emitted (keeps dense the groups
             whose chain is not faster; see :class:`onnxsvd.pipeline.speed.SiteSpeedCheck`).
         batches: calibration batches (a callable giving a fresh iterable), used by ``allocate="global"``
-            to measure each site's sensitivity; without them every site counts with sensitivity 1.
+            to measure each site's sensitivity (required by it).
         data_file: the output's :class:`onnxsvd.io.DataFile`: each factor is written there as soon as it is
             made (the returned model's factor initializers point at it), so no factor stays in memory;
             save the model with ``io.save_model(..., data_file=data_file)``. Not with ``speed_check``.
@@ -70,7 +71,8 @@ def rewrite(
         The rewritten model and a report of every MatMul/Gemm.
 
     Raises:
-        UsageError: an activation-aware method without statistics.
+        UsageError: an activation-aware method without statistics; global allocation without batches,
+            or with a budget too small for the rank floors.
         StatsError: statistics of another model.
     """
     config = config or RewriteConfig()
@@ -107,13 +109,28 @@ def rewrite(
         raise UsageError("a speed check needs the factors in memory: do not stream them to a data file")
     tensors = FactorTensors(model, data_file) if speed_check is None else None
 
-    overrides: dict[str, int] = {}
-    notes: list[str] = _start_up(config) if groups else []
+    kept_dense = share_floor(groups, config)
+    plan: GlobalPlan | None = None
     if config.allocate == "global":
-        overrides, notes = global_ranks(model, groups, index, config, target, base, batches, progress)
+        plan = global_ranks(model, groups, index, config, target, base, batches, progress, kept_dense)
+        kept_dense = plan.dense
+    notes: list[str] = _start_up(config) if groups else []
+    if plan is not None:
+        notes = plan.notes + notes
 
     def work(sites: list[Site]) -> GroupOutcome:
-        return factor_group(index, sites, config, target, base, rank_override=overrides.get(sites[0].group))
+        key = sites[0].group
+        override = plan.ranks.get(key) if plan is not None else None
+        outcome = factor_group(
+            index, sites, config, target, base, rank_override=override, keep_dense=kept_dense.get(key)
+        )
+        if plan is not None and key in plan.sensitivities:
+            outcome.sensitivity = plan.sensitivities[key]
+            outcome.sensitivity_estimated = plan.estimated.get(key)
+            if key in plan.rank_notes:
+                outcome.rank_note = plan.rank_notes[key]
+                outcome.reason += f" ({plan.rank_notes[key]})"
+        return outcome
 
     outcomes: list[GroupOutcome] = []
     jobs = config.jobs or max(1, min(4, (os.cpu_count() or 1) // 2))

@@ -51,6 +51,13 @@ class SiteReport:
         base_bytes: bytes of the quantized base (packed values, scales, zero points).
         correction_bytes: bytes of the correction's factors in their dtype.
         base_error: ``‖W − Ŵ‖_F / ‖W‖_F``, the base's error before the correction.
+        rank_note: how the policy's rank was rounded (aligned down or up, left unaligned and why, raised
+            to the floor); also in ``reason``. ``None`` when it was taken as it came.
+        sensitivity: global allocation: α, the factor from the site's discarded energy to the model's
+            output error (``None`` without global allocation, or when the site was not allocated).
+        sensitivity_estimated: True when ``sensitivity`` was not measured but estimated (the median of
+            the measured ones); ``sensitivity_reason`` says why it could not be measured.
+        sensitivity_reason: why the sensitivity is estimated (``None`` when it was measured).
     """
 
     name: str
@@ -77,6 +84,10 @@ class SiteReport:
     base_bytes: int = 0
     correction_bytes: int = 0
     base_error: float | None = None
+    rank_note: str | None = None
+    sensitivity: float | None = None
+    sensitivity_estimated: bool = False
+    sensitivity_reason: str | None = None
 
 
 @dataclasses.dataclass

@@ -42,7 +42,7 @@ from onnxsvd.errors import FactorizationError, UsageError
 from onnxsvd.factorize import Factorization, Metric, diagonal_metric, identity_metric, whitening_metric
 from onnxsvd.graph import GraphIndex, Site, find_sites
 from onnxsvd.pipeline.assemble import RewriteResult, assemble, emit_outcomes
-from onnxsvd.pipeline.group import GroupOutcome, SpeedCheck, aligned_sites, factor_group, weight_groups
+from onnxsvd.pipeline.group import GroupOutcome, SpeedCheck, aligned_sites, factor_group, share_floor, weight_groups
 
 __all__ = ["CrossStats", "site_levels", "rewrite_sequential"]
 
@@ -199,6 +199,7 @@ def rewrite_sequential(
     levels = site_levels(working, match.sites)
     group_level = {key: min(levels[s.node_index] for s in sites) for key, sites in groups.items()}
     order = sorted(set(group_level.values()))
+    kept_dense = share_floor(groups, config)
     outcomes: dict[str, GroupOutcome] = {}
     compressed = original
     collect_seconds = 0.0
@@ -212,7 +213,7 @@ def rewrite_sequential(
         collect_seconds += time.perf_counter() - tick
         for key, sites in level_groups.items():
             target, refit = _level_fit(config, _combined(sites, stats))
-            outcomes[key] = factor_group(index, sites, config, target, base_dir, refit)
+            outcomes[key] = factor_group(index, sites, config, target, base_dir, refit, keep_dense=kept_dense.get(key))
         if speed_check is not None:  # before the next level is fitted to this one's inputs
             checked = speed_check(working, [outcomes[key] for key in level_groups], base_dir)
             outcomes.update((outcome.sites[0].group, outcome) for outcome in checked)

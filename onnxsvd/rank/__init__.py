@@ -8,7 +8,9 @@ from onnxsvd.rank.allocate import (
     AllocationSite,
     allocate_budget,
     allocate_energy,
+    allowed_ranks,
     loss_estimate,
+    smallest_feasible_ratio,
     uniform_ranks,
 )
 from onnxsvd.rank.policy import (
@@ -30,11 +32,13 @@ __all__ = [
     "align_rank",
     "allocate_budget",
     "allocate_energy",
+    "allowed_ranks",
     "break_even_rank",
     "choose_rank",
     "energy_rank",
     "guard_rank",
     "loss_estimate",
     "ratio_rank",
+    "smallest_feasible_ratio",
     "uniform_ranks",
 ]

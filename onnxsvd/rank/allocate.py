@@ -1,14 +1,18 @@
 """Global rank allocation: distribute one parameter budget across all sites to minimise the loss.
 
 Legend: s a site (weight group), K_s/N_s its shape, r_s its rank, σ_{s,i} its singular values in the
-method's metric (whitened: ``σ²`` is output energy on the calibration data), α_s its sensitivity.
+method's metric (whitened: ``σ²`` is output energy on the calibration data), α_s its sensitivity, a the
+alignment (``--align``), f_s the site's rank floor (``--min-rank``), c_s its rank limit (the largest rank
+whose chain is still smaller than the weight, in bytes).
 
 The loss estimate of a site truncated to rank r is ``L_s(r) = α_s · Σ_{i>r} σ_{s,i}²``: the discarded
 energy in the data metric — absolute, not relative (a relative allocation starves the layers that carry
 the most signal) — times how strongly that layer's error reaches the model's outputs (α_s, measured by
-truncating the site alone; 1 without a measurement). Each rank step of site s costs ``K_s + N_s``
-parameters and gains ``α_s σ_{s,r+1}²``; ``L_s`` is convex in r (σ descending), so taking steps in order
-of gain per parameter is optimal for the separable problem, up to the last step's granularity.
+truncating the site alone). A site's ranks are the multiples of a in ``[f_s, c_s]`` (every rank in that
+range when no multiple lies in it, said in the site's note). Each step from one allowed rank to the next
+costs ``Δr·(K_s + N_s)`` parameters and gains ``α_s Σ σ²`` over the ranks it adds; ``L_s`` is convex in r
+(σ descending) and the steps of a site are equal, so taking steps in order of gain per parameter is
+optimal for the separable problem, up to the last step's granularity.
 """
 
 from __future__ import annotations
@@ -16,13 +20,23 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from onnxsvd.rank.policy import align_rank, break_even_rank, ratio_rank
+from onnxsvd.errors import UsageError
+from onnxsvd.rank.policy import break_even_rank, ratio_rank
 
-__all__ = ["AllocationSite", "Allocation", "allocate_budget", "allocate_energy", "loss_estimate", "uniform_ranks"]
+__all__ = [
+    "AllocationSite",
+    "Allocation",
+    "allocate_budget",
+    "allocate_energy",
+    "allowed_ranks",
+    "loss_estimate",
+    "smallest_feasible_ratio",
+    "uniform_ranks",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +49,9 @@ class AllocationSite:
         n: output channels.
         singular_values: ``[m]`` descending, in the method's metric.
         sensitivity: α, the scale from this site's discarded energy to the model's loss.
+        min_rank: the floor f: no rank below it (``--min-rank``).
+        rank_limit: the largest rank allowed, c (under break-even in bytes, or ``min(K, N)`` when growth is
+            allowed); ``None``: under the parameter break-even ``r·(K+N) < K·N``.
     """
 
     key: str
@@ -42,6 +59,8 @@ class AllocationSite:
     n: int
     singular_values: np.ndarray
     sensitivity: float = 1.0
+    min_rank: int = 1
+    rank_limit: int | None = None
 
     @property
     def params(self) -> int:
@@ -53,19 +72,45 @@ class AllocationSite:
 
     @property
     def max_rank(self) -> int:
-        """Largest rank still under break-even (``r·(K+N) < K·N``)."""
+        """The largest rank allowed: ``rank_limit``, or the largest under the parameter break-even."""
+        if self.rank_limit is not None:
+            return min(self.rank_limit, min(self.k, self.n))
         return max(1, min(min(self.k, self.n), break_even_rank(self.k, self.n) - 1))
 
 
 @dataclasses.dataclass(frozen=True)
 class Allocation:
-    """Ranks per site key, the parameters they use, the budget, and the loss estimate."""
+    """Ranks per site key, the parameters they use, the budget, the loss estimate, and a note per site
+    whose rank could not be aligned (why)."""
 
     ranks: Mapping[str, int]
     params: int
     budget: int
     loss: float
     uniform_loss: float | None = None
+    notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def allowed_ranks(site: AllocationSite, align: int) -> tuple[list[int], str]:
+    """The ranks a site may take, ascending, and why they are not aligned (``""`` when they are).
+
+    The multiples of ``align`` in ``[min_rank, max_rank]``; when none lies there, every rank in it, with
+    the reason. Empty when the floor is above the limit (the site cannot be factorized; the caller keeps
+    it dense).
+    """
+    low, high = max(1, site.min_rank), site.max_rank
+    if low > high:
+        return [], f"the floor {low} is above the largest rank under break-even, {high}"
+    if align <= 1:
+        return list(range(low, high + 1)), ""
+    aligned = list(range(math.ceil(low / align) * align, high + 1, align))
+    if aligned:
+        return aligned, ""
+    if high < align:
+        why = f"not aligned to --align {align}: the largest rank under break-even is {high}"
+    else:
+        why = f"not aligned to --align {align}: no multiple of it lies between the floor {low} and {high}"
+    return list(range(low, high + 1)), why
 
 
 def loss_estimate(site: AllocationSite, rank: int) -> float:
@@ -79,106 +124,150 @@ def _gains(site: AllocationSite, start: int, stop: int) -> float:
     return float(site.sensitivity * squared[start:stop].sum())
 
 
+def _ladders(sites: Sequence[AllocationSite], align: int) -> tuple[dict[str, list[int]], dict[str, str]]:
+    ladders, notes = {}, {}
+    for site in sites:
+        ranks, why = allowed_ranks(site, align)
+        if not ranks:
+            raise ValueError(f"site {site.key!r} has no allowed rank ({why}); keep it dense before allocating")
+        ladders[site.key] = ranks
+        if why:
+            notes[site.key] = why
+    return ladders, notes
+
+
 def _greedy(
-    sites: Sequence[AllocationSite], minimum: Mapping[str, int], fits: callable, align: int  # type: ignore[valid-type]
+    sites: Sequence[AllocationSite],
+    ladders: Mapping[str, list[int]],
+    start: Mapping[str, int],
+    take: Callable[[int], bool],
 ) -> dict[str, int]:
-    """Raise ranks from ``minimum`` in steps of ``align`` by gain per parameter while ``fits(cost)``;
-    then single steps, so the last ``align``-sized gap of the budget is used too."""
-    ranks = dict(minimum)
-    for step in dict.fromkeys((max(align, 1), 1)):
-        heap: list[tuple[float, str]] = []
-        by_key = {site.key: site for site in sites}
+    """From ``start`` (an index into each site's ladder), climb the ladders one step at a time in order
+    of gain per parameter while ``take(cost)`` accepts the step's cost; a refused step closes its site."""
+    position = dict(start)
+    heap: list[tuple[float, str]] = []
+    by_key = {site.key: site for site in sites}
 
-        def push(site: AllocationSite, step: int = step, heap: list[tuple[float, str]] = heap) -> None:
-            current = ranks[site.key]
-            stop = min(current + step, site.max_rank)
-            if stop > current:
-                gain = _gains(site, current, stop) / ((stop - current) * site.step_cost)
-                heapq.heappush(heap, (-gain, site.key))
+    def push(site: AllocationSite) -> None:
+        ladder, index = ladders[site.key], position[site.key]
+        if index + 1 < len(ladder):
+            current, stop = ladder[index], ladder[index + 1]
+            gain = _gains(site, current, stop) / ((stop - current) * site.step_cost)
+            heapq.heappush(heap, (-gain, site.key))
 
-        for site in sites:
-            push(site)
-        while heap:
-            _, key = heapq.heappop(heap)
-            site = by_key[key]
-            current = ranks[key]
-            stop = min(current + step, site.max_rank)
-            if not fits((stop - current) * site.step_cost):
-                continue  # this step does not fit; a smaller or cheaper one still may
-            ranks[key] = stop
-            push(site)
-    return ranks
+    for site in sites:
+        push(site)
+    while heap:
+        _, key = heapq.heappop(heap)
+        site, ladder = by_key[key], ladders[key]
+        index = position[key]
+        if not take((ladder[index + 1] - ladder[index]) * site.step_cost):
+            continue  # this site's next step does not fit; a cheaper one elsewhere still may
+        position[key] = index + 1
+        push(site)
+    return {key: ladders[key][index] for key, index in position.items()}
+
+
+def smallest_feasible_ratio(sites: Sequence[AllocationSite], align: int = 8) -> float:
+    """The smallest ratio, in steps of 0.0001, whose budget ``⌊ρ·Σ K·N⌋`` holds every site at its lowest
+    allowed rank."""
+    ladders, _ = _ladders(sites, align)
+    minimum = sum(ladders[s.key][0] * s.step_cost for s in sites)
+    total = sum(site.params for site in sites)
+    ratio = math.ceil(minimum / total * 10_000) / 10_000
+    while math.floor(ratio * total) < minimum:  # rounding of ρ·ΣKN in floating point
+        ratio = round(ratio + 1e-4, 4)
+    return ratio
 
 
 def allocate_budget(sites: Sequence[AllocationSite], ratio: float, align: int = 8) -> Allocation:
     """Ranks minimising ``Σ L_s(r_s)`` subject to ``Σ r_s (K_s+N_s) ≤ ρ · Σ K_s N_s``.
 
-    Every site gets at least rank ``min(align, max_rank)``; the budget is never exceeded, and what is
-    left is smaller than the cheapest single rank step still open.
-    """
-    budget = math.floor(ratio * sum(site.params for site in sites))
-    minimum = {site.key: min(max(align, 1), site.max_rank) for site in sites}
-    used = [sum(minimum[s.key] * s.step_cost for s in sites)]
-    if used[0] > budget:  # even the minimum does not fit: fall back to rank 1 everywhere
-        minimum = {site.key: 1 for site in sites}
-        used = [sum(site.step_cost for site in sites)]
+    Every site gets a rank from :func:`allowed_ranks` (at least its floor, at most its limit, a multiple
+    of ``align`` where one fits). The budget is never exceeded, and what is left is smaller than the
+    cheapest step still open.
 
-    def fits(cost: int) -> bool:
+    Raises:
+        UsageError: the budget cannot hold every site at its lowest allowed rank; the message names the
+            smallest ratio that can.
+        ValueError: a site has no allowed rank (its floor is above its limit).
+    """
+    ladders, notes = _ladders(sites, align)
+    total = sum(site.params for site in sites)
+    budget = math.floor(ratio * total)
+    minimum = sum(ladders[s.key][0] * s.step_cost for s in sites)
+    if minimum > budget:
+        floors = sorted({ladders[s.key][0] for s in sites})
+        lowest = f"rank {floors[0]}" if len(floors) == 1 else f"ranks {floors[0]}–{floors[-1]}"
+        raise UsageError(
+            f"--ratio {ratio:g} gives a budget of {budget:,} parameters over {len(sites)} sites, but their "
+            f"lowest allowed {lowest} (--min-rank, --align) need {minimum:,}: use --ratio "
+            f"{smallest_feasible_ratio(sites, align):g} or more (or lower --min-rank)"
+        )
+    used = [0]
+
+    def take(cost: int) -> bool:
         if used[0] + cost <= budget:
             used[0] += cost
             return True
         return False
 
-    greedy = _greedy(sites, minimum, fits, align)
+    used[0] = minimum
+    candidates = [_greedy(sites, ladders, dict.fromkeys(ladders, 0), take)]
     # Also grow from the uniform ranks (each layer at ρ): the result is then never worse than uniform on
     # this loss estimate, whatever the granularity of the greedy steps did.
     uniform = uniform_ranks(sites, ratio, align)
-    used[0] = sum(uniform[s.key] * s.step_cost for s in sites)
-    candidates = [greedy]
-    if used[0] <= budget:
-        candidates.append(_greedy(sites, uniform, fits, align))
+    uniform_cost = sum(uniform[s.key] * s.step_cost for s in sites)
+    if uniform_cost <= budget:
+        used[0] = uniform_cost
+        start = {s.key: ladders[s.key].index(uniform[s.key]) for s in sites}
+        candidates.append(_greedy(sites, ladders, start, take))
     ranks = min(candidates, key=lambda chosen: sum(loss_estimate(s, chosen[s.key]) for s in sites))
     params = sum(ranks[s.key] * s.step_cost for s in sites)
     loss = sum(loss_estimate(s, ranks[s.key]) for s in sites)
     uniform_loss = sum(loss_estimate(s, uniform[s.key]) for s in sites)
-    return Allocation(ranks=ranks, params=params, budget=budget, loss=loss, uniform_loss=uniform_loss)
+    return Allocation(ranks, params, budget, loss, uniform_loss, notes)
 
 
 def uniform_ranks(sites: Sequence[AllocationSite], ratio: float, align: int = 8) -> dict[str, int]:
-    """Each site at the per-layer ratio, ``⌊ρ·K·N/(K+N)⌋`` aligned down, under break-even."""
-    return {
-        site.key: max(1, min(align_rank(ratio_rank(site.k, site.n, ratio), align, site.max_rank, False), site.max_rank))
-        for site in sites
-    }
+    """Each site at the per-layer ratio: the largest allowed rank up to ``⌊ρ·K·N/(K+N)⌋`` (the lowest
+    allowed rank when even that is above it)."""
+    ladders, _ = _ladders(sites, align)
+    ranks = {}
+    for site in sites:
+        target = ratio_rank(site.k, site.n, ratio)
+        ladder = ladders[site.key]
+        ranks[site.key] = max((rank for rank in ladder if rank <= target), default=ladder[0])
+    return ranks
 
 
 def allocate_energy(sites: Sequence[AllocationSite], energy: float, align: int = 8) -> Allocation:
-    """The fewest parameters whose ranks keep ``β`` of the total (sensitivity-weighted) energy."""
+    """The fewest parameters whose ranks keep ``β`` of the total (sensitivity-weighted) energy, each rank
+    from :func:`allowed_ranks`."""
+    ladders, notes = _ladders(sites, align)
     total = sum(float(s.sensitivity * np.sum(np.asarray(s.singular_values, dtype=np.float64) ** 2)) for s in sites)
     target_loss = (1.0 - energy) * total
-    minimum = {site.key: min(max(align, 1), site.max_rank) for site in sites}
-    loss = [sum(loss_estimate(s, minimum[s.key]) for s in sites)]
+    loss = [sum(loss_estimate(s, ladders[s.key][0]) for s in sites)]
     by_key = {site.key: site for site in sites}
-    ranks = dict(minimum)
-
-    # Take steps in order of gain per parameter until the loss is under the target.
+    position = dict.fromkeys(ladders, 0)
     heap: list[tuple[float, str]] = []
 
     def push(site: AllocationSite) -> None:
-        current = ranks[site.key]
-        stop = min(current + max(align, 1), site.max_rank)
-        if stop > current:
+        ladder, index = ladders[site.key], position[site.key]
+        if index + 1 < len(ladder):
+            current, stop = ladder[index], ladder[index + 1]
             heapq.heappush(heap, (-_gains(site, current, stop) / ((stop - current) * site.step_cost), site.key))
 
     for site in sites:
         push(site)
+    # Take steps in order of gain per parameter until the loss is under the target.
     while heap and loss[0] > target_loss:
         _, key = heapq.heappop(heap)
-        site = by_key[key]
-        current = ranks[key]
-        stop = min(current + max(align, 1), site.max_rank)
-        loss[0] -= _gains(site, current, stop)
-        ranks[key] = stop
+        site, ladder = by_key[key], ladders[key]
+        index = position[key]
+        loss[0] -= _gains(site, ladder[index], ladder[index + 1])
+        position[key] = index + 1
         push(site)
+    ranks = {key: ladders[key][index] for key, index in position.items()}
     params = sum(ranks[s.key] * s.step_cost for s in sites)
-    return Allocation(ranks=ranks, params=params, budget=params, loss=max(loss[0], 0.0))
+    return Allocation(ranks=ranks, params=params, budget=params, loss=max(loss[0], 0.0), notes=notes)

@@ -41,11 +41,14 @@ class RankDecision:
         rank: the total rank (0 when the layer stays dense).
         dense: True when the layer stays dense.
         reason: why it stays dense, or how the rank was chosen.
+        note: how the policy's own rank was rounded (aligned down or up, left unaligned, raised to the
+            floor), also in ``reason``; ``""`` when it was taken as it came.
     """
 
     rank: int
     dense: bool
     reason: str
+    note: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,13 +130,36 @@ def align_rank(rank: int, align: int, limit: int, round_up: bool) -> int:
     return (rank // align) * align
 
 
+def _aligned(rank: int, align: int, limit: int, round_up: bool) -> tuple[int, str]:
+    """:func:`align_rank`, and a note saying what it did (``""`` when the rank is left as it came)."""
+    if align <= 1:
+        return rank, ""
+    aligned = align_rank(rank, align, limit, round_up)
+    if aligned < rank:
+        return aligned, f"rank {rank} aligned down to {aligned} (--align {align})"
+    if aligned > rank:
+        return aligned, f"rank {rank} aligned up to {aligned} (--align {align})"
+    if rank % align == 0:
+        return rank, ""
+    if rank < align:
+        return rank, f"rank {rank} is below --align {align}: not aligned"
+    up = math.ceil(rank / align) * align
+    return rank, f"rank {rank} not aligned up to {up}: that reaches the break-even rank {limit}"
+
+
 def choose_rank(
     policy: RankPolicy, k: int, n: int, singular_values: np.ndarray | None, cost: ByteCost | None = None
 ) -> RankDecision:
-    """Apply a rank policy and the break-even guard (in bytes) to one ``[K, N]`` weight.
+    """Apply a rank policy, its alignment and floor, and the break-even guard (in bytes) to one ``[K, N]``
+    weight.
+
+    A ratio rank is aligned down (never above the ratio), an energy rank up (never below the energy) unless
+    that reaches break-even; either is then held to the floor ``policy.floor``: a ratio rank under it keeps
+    the layer dense, an energy rank is raised to it where that is under break-even. A fixed rank is
+    clipped to ``min(K, N)``; ``"full"`` is ``min(K, N)``, exact, growth allowed.
 
     Args:
-        policy: the policy (fixed rank, ratio or energy, with alignment and growth settings).
+        policy: the policy (fixed rank, ratio, energy or full, with alignment, floor and growth settings).
         k: input channels.
         n: output channels.
         singular_values: the weight's spectrum in the chosen metric (needed for ``energy``).
@@ -142,19 +168,37 @@ def choose_rank(
     """
     full = min(k, n)
     even = break_even_rank(k, n, cost)
+    if policy.kind == "full":
+        return guard_rank(f"full rank min(K, N) = {full} (exact)", full, k, n, cost, allow_growth=True)
     if policy.kind == "rank":
         rank = int(policy.value)
-        how = f"fixed rank {rank}"
-    elif policy.kind == "ratio":
-        rank = align_rank(ratio_rank(k, n, policy.value), policy.align, even, round_up=False)
+        how = f"fixed rank {rank}" + (f", clipped to min(K, N) = {full}" if rank > full else "")
+        return guard_rank(how, min(rank, full), k, n, cost, policy.allow_growth)
+    if policy.kind == "ratio":
+        raw = ratio_rank(k, n, policy.value)
+        rank, note = _aligned(raw, policy.align, even, round_up=False)
         how = f"ratio {policy.value:g}"
     elif policy.kind == "energy":
         if singular_values is None:
             raise ValueError("the energy policy needs the singular values")
         if float(np.sum(np.asarray(singular_values, dtype=np.float64) ** 2)) <= 0.0:
             return RankDecision(0, True, "weight is all zeros")
-        rank = align_rank(energy_rank(singular_values, policy.value), policy.align, even, round_up=True)
+        raw = energy_rank(singular_values, policy.value)
+        rank, note = _aligned(raw, policy.align, even, round_up=True)
         how = f"energy {policy.value:g}"
     else:  # pragma: no cover - RankPolicy validates kind
         raise ValueError(f"unknown rank policy {policy.kind!r}")
-    return guard_rank(how, min(rank, full), k, n, cost, policy.allow_growth)
+    rank = min(rank, full)
+    floor = policy.floor
+    if rank < floor:
+        if policy.kind == "energy" and floor < even and floor <= full:  # more rank only keeps more energy
+            rank, note = floor, f"rank {raw} raised to --min-rank {floor}"
+        else:
+            return RankDecision(
+                0, True,
+                f"{how} gives rank {rank} < --min-rank {floor}: kept dense (so low a rank loses much of the "
+                f"layer; --min-rank {rank} factorizes it)",
+                note,
+            )
+    decision = guard_rank(f"{how}: {note}" if note else how, rank, k, n, cost, policy.allow_growth)
+    return dataclasses.replace(decision, note=note)
