@@ -195,11 +195,12 @@ def test_ratio_energy_and_global_allocation_set_the_correction_ranks(rng: np.ran
     model = _mlp(rng, widths=(64, 48, 32))
     x = _correlated(rng, 16, 8, 64)
     statistics = calibrate(model, _batches({"x": x}, 8))
-    by_ratio = rewrite(model, quantized(RankPolicy("ratio", 0.25), method="whiten"), statistics).report
-    assert [s.rank for s in by_ratio.sites] == [6, 4]  # ⌊0.25·K·N/(K+N)⌋: 6 and 4, below --align 8
+    by_ratio = rewrite(model, quantized(RankPolicy("ratio", 0.25, min_rank=1), method="whiten"), statistics).report
+    assert [s.rank for s in by_ratio.sites] == [6, 4]  # ⌊0.25·K·N/(K+N)⌋: 6 and 4, below --align 8 (floor lowered)
     by_energy = rewrite(model, quantized(RankPolicy("energy", 0.5, align=1), method="whiten"), statistics).report
     assert all(0.5 <= s.kept_energy for s in by_energy.sites)
-    config = RewriteConfig(policy=RankPolicy("ratio", 0.25), method="whiten", allocate="global", quantize=INT4)
+    policy = RankPolicy("ratio", 0.25, align=1, min_rank=1)  # the tiny layers sit under the default floor
+    config = RewriteConfig(policy=policy, method="whiten", allocate="global", quantize=INT4)
     allocated = rewrite(model, config, statistics).report
     budget = 0.25 * (64 * 48 + 48 * 32)
     assert sum(s.rank * sum(s.shape) for s in allocated.sites) <= budget

@@ -196,7 +196,7 @@ def test_calibrated_sequential_and_global_rewrites_of_shared_weights(rng: np.ran
         "one-shot": rewrite(case.model, config, statistics),
         "sequential": rewrite_sequential(case.model, config, batches),
         "global": rewrite(
-            case.model, RewriteConfig(policy=RankPolicy("ratio", 0.5), method="whiten", allocate="global"),
+            case.model, RewriteConfig(policy=RankPolicy("ratio", 0.5, min_rank=1), method="whiten", allocate="global"),
             statistics, batches=batches,
         ),
     }

@@ -132,7 +132,7 @@ def test_torch_failure_with_lapack_failing_too_keeps_the_site_dense_with_both_re
         raise np.linalg.LinAlgError("SVD did not converge")
 
     monkeypatch.setattr(lowrank.scipy.linalg, "svd", broken)
-    config = RewriteConfig(policy=RankPolicy("ratio", 0.5), jobs=1)
+    config = RewriteConfig(policy=RankPolicy("ratio", 0.5, min_rank=1), jobs=1)
     report = rewrite(onnx.load(str(MODELS / "digits_mlp.onnx")), config).report
     assert not report.factorized
     for site in report.sites:

@@ -241,7 +241,8 @@ def emit_quantized(
             elif group.factorization is not None:
                 # Every site computes in the normal form X_nf · A · B, whichever side its weight is on.
                 normal = dataclasses.replace(site, weight_side="right")
-                (factor_names,) = tensors.names_for(normal, group.factorization, group.storage, "fused")
+                (chain,) = tensors.names_for(normal, group.factorization, group.storage, "fused")
+                factor_names = (chain.first, chain.second)
             casts, tensors.pending_casts = made + tensors.pending_casts, []
             replaced[site.node_index] = casts + _site_nodes(
                 site, group, base_names, factor_names, tensors, ranks.get(site.name)
