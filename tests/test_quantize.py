@@ -195,8 +195,8 @@ def test_ratio_energy_and_global_allocation_set_the_correction_ranks(rng: np.ran
     model = _mlp(rng, widths=(64, 48, 32))
     x = _correlated(rng, 16, 8, 64)
     statistics = calibrate(model, _batches({"x": x}, 8))
-    by_ratio = rewrite(model, quantized(RankPolicy("ratio", 0.25, min_rank=1), method="whiten"), statistics).report
-    assert [s.rank for s in by_ratio.sites] == [6, 4]  # ⌊0.25·K·N/(K+N)⌋: 6 and 4, below --align 8 (floor lowered)
+    by_ratio = rewrite(model, quantized(RankPolicy("ratio", 0.25), method="whiten"), statistics).report
+    assert [s.rank for s in by_ratio.sites] == [6, 4]  # ⌊0.25·K·N/(K+N)⌋, under --align 8: no default floor
     by_energy = rewrite(model, quantized(RankPolicy("energy", 0.5, align=1), method="whiten"), statistics).report
     assert all(0.5 <= s.kept_energy for s in by_energy.sites)
     policy = RankPolicy("ratio", 0.25, align=1, min_rank=1)  # the tiny layers sit under the default floor
@@ -205,6 +205,15 @@ def test_ratio_energy_and_global_allocation_set_the_correction_ranks(rng: np.ran
     budget = 0.25 * (64 * 48 + 48 * 32)
     assert sum(s.rank * sum(s.shape) for s in allocated.sites) <= budget
     assert any(note.startswith("global allocation of the corrections") for note in allocated.notes)
+
+
+def test_a_correction_has_no_default_floor_but_an_explicit_one_holds(rng: np.random.Generator) -> None:
+    model = _mlp(rng, widths=(64, 48, 32))
+    statistics = calibrate(model, _batches({"x": _correlated(rng, 16, 8, 64)}, 8))
+    default = rewrite(model, quantized(RankPolicy("ratio", 0.25), method="whiten"), statistics).report
+    assert [s.action for s in default.sites] == ["factorized", "factorized"]  # quantized + rank 6 / 4
+    floored = rewrite(model, quantized(RankPolicy("ratio", 0.25, min_rank=8), method="whiten"), statistics).report
+    assert all(s.action == "kept" and "--min-rank 8" in s.reason for s in floored.sites)
 
 
 def test_the_byte_guard_counts_the_base(rng: np.random.Generator) -> None:

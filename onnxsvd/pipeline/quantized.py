@@ -404,6 +404,10 @@ def _correction(
     cost = _correction_cost(site, config, base)
     goal, metric = target(sites, weight, dequantized)  # [K, N], Lᵀ
     policy = config.policy
+    if policy.min_rank is None:
+        # The default floor (--align) guards a layer replaced by its factors; a correction adds to the
+        # quantized base, so a low rank only corrects less: no default floor (an explicit --min-rank holds).
+        policy = dataclasses.replace(policy, min_rank=1)
     if rank_override is not None:
         decision = guard_rank(f"global allocation: rank {rank_override}", rank_override, site.k, site.n, cost,
                               policy.allow_growth)
