@@ -389,10 +389,22 @@ def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
     raise KeyError(name)
 
 
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and every If/Loop/Scan body in it, at any depth."""
+    found = [graph]
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                found.extend(_graphs(body))
+    return found
+
+
 def unused_initializers(model: onnx.ModelProto) -> list[str]:
-    read = {name for node in model.graph.node for name in node.input}
-    read |= {value.name for value in model.graph.output}
-    return [tensor.name for tensor in model.graph.initializer if tensor.name not in read]
+    """Initializers of the main graph or of any body that no node in any scope reads."""
+    graphs = _graphs(model.graph)
+    read = {name for graph in graphs for node in graph.node for name in node.input}
+    read |= {value.name for graph in graphs for value in graph.output}
+    return [tensor.name for graph in graphs for tensor in graph.initializer if tensor.name not in read]
 
 
 def assert_valid(model: onnx.ModelProto) -> None:

@@ -1,6 +1,7 @@
 """Every weight-holding node is accounted for: nodes with constant weights that are not sites (LSTM, GRU,
 RNN, Conv, MatMulInteger, ConvInteger, QLinear*, Attention, MatMulNBits, Einsum, Gather) and MatMul/Gemm
-inside If/Loop/Scan bodies are skips with a reason, in ``find_sites``, ``inspect`` and the report."""
+inside If/Loop/Scan bodies are sites with their scope (or skips with a reason), in ``find_sites``, ``inspect``
+and the report."""
 
 from __future__ import annotations
 
@@ -196,7 +197,7 @@ def _gemm_body(rng: np.random.Generator, name: str, inner_weight: bool) -> onnx.
     return helper.make_graph([node], name, [], [_value(f"{name}_out", [2, 8])], initializers)
 
 
-def test_matmul_gemm_inside_if_branches_are_skips_with_their_scope(rng: np.random.Generator) -> None:
+def test_matmul_gemm_inside_if_branches_are_sites_with_their_scope(rng: np.random.Generator) -> None:
     # A voice-activity model's shape: the LSTM cell's Gemms inside an If with two branches.
     if_node = helper.make_node(
         "If", ["flag"], ["Y"], name="rate",
@@ -210,22 +211,27 @@ def test_matmul_gemm_inside_if_branches_are_skips_with_their_scope(rng: np.rando
         [numpy_helper.from_array(_array(rng, (16, 8)), "Wout")],
     )
     match = find_sites(model)
-    assert not match.sites
-    assert [(s.name, s.kind, s.weights) for s in match.skips] == [  # in the order of the If's attributes
-        ("rate/else_branch/cell", "subgraph", ("Wout",)),
-        ("rate/then_branch/cell", "subgraph", ("Wbody",)),
+    assert not match.skips
+    assert [(s.name, s.scope, s.weight.tensor) for s in match.sites] == [  # in the order of the If's attributes
+        ("rate/else_branch/cell", "rate/else_branch", "Wout"),
+        ("rate/then_branch/cell", "rate/then_branch", "Wbody"),
     ]
-    assert match.skips[1].scope == "then_branch of If 'rate'"
-    assert match.skips[1].reason == (
-        "inside then_branch of If 'rate': sites inside If/Loop/Scan bodies are not supported yet"
-    )
     inspection = inspect_model(model)
-    assert len(inspection.skips) == 2 and inspection.params_in_skipped == 16 * 8  # Wout; Wbody is in the body
-    report = rewrite(model, RewriteConfig(policy=FULL_RANK)).report
-    assert [(site.name, site.action, site.shape) for site in report.sites] == [
-        ("rate/else_branch/cell", "kept", None),
-        ("rate/then_branch/cell", "kept", None),
+    assert [(site.name, site.scope) for site in inspection.sites] == [
+        ("rate/else_branch/cell", "rate/else_branch"), ("rate/then_branch/cell", "rate/then_branch"),
     ]
+    assert not inspection.skips and inspection.params_in_skipped == 0
+    result = rewrite(model, RewriteConfig(policy=FULL_RANK))
+    assert [(site.name, site.action, site.shape, site.scope) for site in result.report.sites] == [
+        ("rate/else_branch/cell", "factorized", [16, 8], "rate/else_branch"),
+        ("rate/then_branch/cell", "factorized", [16, 8], "rate/then_branch"),
+    ]
+    assert_valid(result.model)
+    x = _array(rng, (2, 16))
+    for flag in (True, False):
+        feeds = {"X": x, "flag": np.array(flag)}
+        (expected,), (actual,) = run(model, feeds), run(result.model, feeds)
+        assert relative_error(actual, expected) < 1e-5
 
 
 def test_loop_and_scan_bodies_nested_are_searched(rng: np.random.Generator) -> None:
@@ -272,9 +278,9 @@ def test_loop_and_scan_bodies_nested_are_searched(rng: np.random.Generator) -> N
         [_value("S", [2, 16]), _value("outs", [None, 3, 1, 2, hidden]), _value("scanned_all", [5, 1, 16])],
         [numpy_helper.from_array(_array(rng, (16, 16)), "Wloop")],
     )
-    names = [(skip.name, skip.op_type, skip.scope) for skip in find_sites(model).skips]
-    assert names == [
-        ("loop/body/step", "MatMul", "body of Loop 'loop'"),
-        ("loop/body/gate/then_branch/lstm", "LSTM", "then_branch of If 'loop/body/gate'"),
-        ("scan/body/project", "MatMul", "body of Scan 'scan'"),
+    match = find_sites(model)
+    names = [(skip.name, skip.op_type, skip.scope) for skip in match.skips]
+    assert names == [("loop/body/gate/then_branch/lstm", "LSTM", "then_branch of If 'loop/body/gate'")]
+    assert [(site.name, site.scope) for site in match.sites] == [
+        ("loop/body/step", "loop/body"), ("scan/body/project", "scan/body"),
     ]

@@ -1,7 +1,8 @@
 """Weight-only int8 as some quantizers write it: ``int8 → Cast → Mul(scale)`` (or ``Div``) before the MatMul.
 
 The chain is followed: the site's weight is what the model multiplies by, its bytes are the int8 payload
-plus the scale, and the factors are stored in the compute dtype (``--dtype`` may ask for fp16).
+plus the scale. By default its factors are stored back as int8 (``tests/test_subgraph_sites.py`` tests that);
+these tests ask for float factors (``--dtype fp32``/``fp16``), which an explicit dtype gives.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def test_cast_then_scale_is_followed_and_full_rank_is_exact(
     )
     assert site.dense_bytes == 64 * 48 + 4 * int(np.prod(SCALES[scale], dtype=int))  # int8 payload + fp32 scale
     np.testing.assert_array_equal(load_weight(GraphIndex(model.graph), site), weight.astype(np.float64))
-    result = rewrite(model, RewriteConfig(policy=FULL_RANK))
+    result = rewrite(model, RewriteConfig(policy=FULL_RANK, dtype="fp32"))
     assert_valid(result.model)
     (before,), (after,) = run(model, feeds), run(result.model, feeds)
     assert relative_error(after, before) < 1e-4
@@ -71,11 +72,11 @@ def test_cast_then_scale_is_followed_and_full_rank_is_exact(
 def test_byte_guard_counts_the_int8_payload_and_its_scale(rng: np.random.Generator) -> None:
     model, feeds, _ = int8_case(rng, (48,))
     dense = 64 * 48 + 4 * 48
-    (site,) = rewrite(model, RewriteConfig(policy=RankPolicy("ratio", 0.5))).report.sites
+    (site,) = rewrite(model, RewriteConfig(policy=RankPolicy("ratio", 0.5), dtype="fp32")).report.sites
     # ratio 0.5 → ⌊0.5·3072/112⌋ = 13, aligned to 8: 8·112·4 = 3,584 B of fp32 factors against 3,264 B.
     assert site.action == "kept"
     assert f"factor chain 3,584 B ≥ dense {dense:,} B (int8 weight, fp32 factors)" in site.reason
-    small = rewrite(model, RewriteConfig(policy=RankPolicy("rank", 4, align=1)))
+    small = rewrite(model, RewriteConfig(policy=RankPolicy("rank", 4, align=1), dtype="fp32"))
     (site,) = small.report.sites
     assert site.action == "factorized" and site.dense_bytes == dense and site.factor_bytes == 4 * 112 * 4
     assert small.report.bytes_before == dense and small.report.bytes_after == 4 * 112 * 4
@@ -105,7 +106,7 @@ def test_uses_through_their_own_cast_and_mul_share_one_factorization(rng: np.ran
     )
     first, second = find_sites(model).sites
     assert first.group == second.group
-    result = rewrite(model, RewriteConfig(policy=FULL_RANK))
+    result = rewrite(model, RewriteConfig(policy=FULL_RANK, dtype="fp32"))
     assert [site.shared_with for site in result.report.sites] == [["mm2"], ["mm1"]]
     assert len(result.model.graph.initializer) == 2
     feeds = {f"X{u}": rng.standard_normal((3, k)).astype(np.float32) for u in "12"}

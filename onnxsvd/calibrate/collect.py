@@ -57,9 +57,12 @@ class ActivationSpec:
 
 
 def specs_for_sites(sites: Iterable[Site]) -> list[ActivationSpec]:
-    """One spec per distinct (activation, channel axis), in graph order."""
+    """One spec per distinct (activation, channel axis), in graph order. Sites inside If/Loop/Scan bodies
+    have none: ONNX Runtime cannot expose a value inside a body as an output (their rewrite is data-free)."""
     specs: dict[str, ActivationSpec] = {}
     for site in sites:
+        if site.scope:
+            continue
         if site.statistics_key not in specs:
             specs[site.statistics_key] = ActivationSpec(
                 site.activation, site.channel_axis, site.k, site.weight.compute_dtype, site.statistics_key

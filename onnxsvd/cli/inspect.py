@@ -56,6 +56,8 @@ def inspect_command(
         note = site.note or (f"shared with {', '.join(site.shared_with)}" if site.shared_with else "")
         if site.weight_side == "left":
             note = (note + "; " if note else "") + "weight on the left"
+        if site.scope:
+            note = (note + "; " if note else "") + f"inside {site.scope} (data-free: plain SVD)"
         table.add_row(
             site.name,
             *([] if narrow else [site.op_type]),

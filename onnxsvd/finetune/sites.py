@@ -255,6 +255,19 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
             continue
         entry["sites"].append(record.label)
         entry["outputs"].append(second.output[0])
+    # Chains inside If/Loop/Scan bodies are not trained (the torch evaluator runs no bodies): each is listed,
+    # and a main-graph pair whose factors a body chain also reads stays frozen with it.
+    in_bodies: set[str] = set()
+    for body_node in _body_nodes(model.graph):
+        record = read_record(body_node) if has_record(body_node) else None
+        if record is not None and record.role == "first":
+            in_bodies.update((record.factor_a, record.factor_b))
+            skips.append(PairSkip(record.label, "inside an If/Loop/Scan body: finetune trains no factors inside "
+                                                "bodies (the torch evaluator runs none); kept as rewritten"))
+    for key in [key for key in order if key[0] in in_bodies or key[1] in in_bodies]:
+        order.remove(key)
+        skips.extend(PairSkip(site, "its factors are shared with a chain inside an If/Loop/Scan body, which "
+                                    "finetune does not train; kept as rewritten") for site in found[key]["sites"])
     # A factor tensor in two different pairs cannot be trained as either without changing the other.
     counts: dict[str, int] = defaultdict(int)
     for a_name, b_name in order:
@@ -281,6 +294,18 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
             )
         )
     return pairs, skips
+
+
+def _body_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Every node inside the bodies held by ``graph``'s nodes, at any depth."""
+    found: list[onnx.NodeProto] = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            bodies = [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
+            for body in bodies:
+                found.extend(body.node)
+                found.extend(_body_nodes(body))
+    return found
 
 
 def read_factors(model: onnx.ModelProto, pair: FactorPair) -> tuple[np.ndarray, np.ndarray]:

@@ -27,10 +27,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxsvd.factorize import Factorization
+from onnxsvd.factorize import Factorization, quantize_int8
 from onnxsvd.graph.cleanup import remove_dead_weights
 from onnxsvd.graph.match import Site
 from onnxsvd.graph.records import FUSED, ChainRecord, write_record
+from onnxsvd.graph.scopes import ModelScopes, body_graphs
 
 if TYPE_CHECKING:
     from onnxsvd.io import DataFile
@@ -53,14 +54,19 @@ class EmitOptions:
 def storage_dtype_for(site: Site, requested: str) -> int:
     """ONNX dtype the site's factors are stored in.
 
-    ``"auto"`` keeps the stored weight's own float dtype (an fp16 weight cast to fp32 stays fp16 on
-    disk) and falls back to the compute dtype for quantized storage. ``"fp16"``/``"fp32"`` force it.
+    ``"auto"`` keeps the stored weight's own dtype: a float one as it is (an fp16 weight cast to fp32 stays
+    fp16 on disk); a weight-only int8 one (``int8 → Cast → Mul(scale)``,
+    :attr:`WeightSource.weight_only_int8`) as int8 factors with one scale per rank component, read as
+    ``Cast → Mul`` like the weight was, so the rewrite stays int8-sized; other quantized storage (behind
+    ``DequantizeLinear``) falls back to the compute dtype. ``"fp16"``/``"fp32"`` force it.
     """
     if requested == "fp16":
         return onnx.TensorProto.FLOAT16
     if requested == "fp32":
         return onnx.TensorProto.FLOAT
     stored = site.weight.storage_dtype
+    if site.weight.weight_only_int8:
+        return onnx.TensorProto.INT8
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
     return stored if stored in floats else site.weight.compute_dtype
 
@@ -146,6 +152,9 @@ class FactorTensors:
         self.group_base: dict[str, str] = {}
         self.frame: dict[str, bool] = {}  # per group, the kn_transposed its factors were computed for
         self.pending_casts: list[onnx.NodeProto] = []  # Casts and Transposes of factors, not yet placed
+        self.cast_scope: dict[str, str] = {}  # output of each such node → the scope (body) it is for
+        self._homes: dict[str, onnx.GraphProto] | None = None  # stored tensor → the graph storing it
+        self.int8_scales: dict[str, str] = {}  # int8 factor initializer → its scales' initializer
 
     def prepare(self, sites: Sequence[Site], factorization: Factorization, storage: int, layout: str) -> None:
         """Create the initializers every site of one group will read."""
@@ -193,7 +202,8 @@ class FactorTensors:
         compute in different dtypes when a chain widens the weight, fp16 → fp32).
         """
         compute = site.weight.compute_dtype
-        key = (site.group, stage, which, transposed, compute)
+        # A Cast or Transpose is a node of the site's own scope: a body's nodes are not visible elsewhere.
+        key = (site.group, stage, which, transposed, compute, site.scope)
         if key in self.made:
             return self.made[key]
         stored = self.stored.get((site.group, stage, which, transposed))
@@ -201,15 +211,26 @@ class FactorTensors:
             initializer, counterpart = self._tensor(site, stage, which, value, not transposed, storage)
             consumed = self.names.fresh(f"{counterpart}.T")
             self.pending_casts.append(helper.make_node("Transpose", [counterpart], [consumed], name=consumed))
+            self.cast_scope[consumed] = site.scope
             self.made[key] = (initializer, consumed)
             return initializer, consumed
         if stored is None:
             stored = self._initializer(site, stage, which, value.T if transposed else value, transposed, storage)
             self.stored[(site.group, stage, which, transposed)] = stored
         consumed = stored
-        if storage != compute:
+        if storage == onnx.TensorProto.INT8:
+            # q·s: the int8 payload cast to the compute dtype, times its scale per rank component.
+            widened = self.names.fresh(f"{stored}.cast")
+            consumed = self.names.fresh(f"{stored}.scaled")
+            self.pending_casts.append(helper.make_node("Cast", [stored], [widened], name=widened, to=compute))
+            self.pending_casts.append(
+                helper.make_node("Mul", [widened, self.int8_scales[stored]], [consumed], name=consumed)
+            )
+            self.cast_scope[widened] = self.cast_scope[consumed] = site.scope
+        elif storage != compute:
             consumed = self.names.fresh(f"{stored}.cast")
             self.pending_casts.append(helper.make_node("Cast", [stored], [consumed], name=consumed, to=compute))
+            self.cast_scope[consumed] = site.scope
         self.made[key] = (stored, consumed)
         return stored, consumed
 
@@ -224,12 +245,52 @@ class FactorTensors:
         stage_part = "" if stage < 0 else f"_s{stage + 1}"
         side_part = "_t" if transposed else ""
         name = self.names.fresh(f"{base}{stage_part}_{which}{side_part}")
+        home = self.home(site)
+        if storage == onnx.TensorProto.INT8:
+            # The rank components run along A's columns and B's rows ([K, r], [r, N]; swapped when transposed).
+            axis = (1 if which == "a" else 0) if not transposed else (0 if which == "a" else 1)
+            compute = helper.tensor_dtype_to_np_dtype(site.weight.compute_dtype)
+            payload, scale = quantize_int8(value, axis, compute)  # int8 like value, scales [r]
+            scale_name = self.names.fresh(f"{name}_scale")
+            scale_array = scale.reshape(-1) if axis == 1 else scale.reshape(-1, 1)  # broadcasts along the other axis
+            home.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scale_array), scale_name))
+            self.int8_scales[name] = scale_name
+            value = payload
         array = np.ascontiguousarray(value.astype(helper.tensor_dtype_to_np_dtype(storage)))
         if self.data_file is not None:
-            self.graph.initializer.append(self.data_file.tensor(array, name))
+            home.initializer.append(self.data_file.tensor(array, name))
         else:
-            self.graph.initializer.append(numpy_helper.from_array(array, name))
+            home.initializer.append(numpy_helper.from_array(array, name))
         return name
+
+    def home(self, site: Site) -> onnx.GraphProto:
+        """The graph whose initializers take the site's factors: the one storing its weight (every use of the
+        weight traced back to it, so every use sees what is stored there)."""
+        if not site.scope:
+            return self.graph
+        if self._homes is None:
+            self._homes = {}
+            for graph in _all_graphs(self.graph):
+                self._homes.update((tensor.name, graph) for tensor in graph.initializer)
+                for node in graph.node:
+                    if node.op_type == "Constant":
+                        self._homes.update((name, graph) for name in node.output)
+        return self._homes.get(site.weight.tensor, self.graph)
+
+    def take_pending(self, scope: str) -> list[onnx.NodeProto]:
+        """The pending Casts and Transposes of factors for ``scope``; the others stay pending."""
+        mine = [node for node in self.pending_casts if self.cast_scope.get(node.output[0], "") == scope]
+        self.pending_casts = [node for node in self.pending_casts if self.cast_scope.get(node.output[0], "") != scope]
+        return mine
+
+
+def _all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and every body inside it, at any depth."""
+    graphs = [graph]
+    for node in graph.node:
+        for _, body in body_graphs(node):
+            graphs.extend(_all_graphs(body))
+    return graphs
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -372,18 +433,34 @@ def emit(
     tensors = tensors or FactorTensors(model)
     names = tensors.names
     opset = _opset(model)
+    scopes = ModelScopes.of(model.graph) if any(site.scope for site in sites) else None
     chains_for: dict[int, list[onnx.NodeProto]] = {}
+    body_casts: dict[str, list[onnx.NodeProto]] = {}  # per body, the factor Casts/Transposes it reads
     unrecorded: list[onnx.NodeProto] = []  # Casts made in `prepare` for groups whose sites come later
     for site in sites:
         factor_names = tensors.names_for(
             site, factorizations.get(site.group), storage_dtypes[site.group], options.layout
         )
-        broadcast = _broadcast(graph.node[site.node_index]) if opset < 7 else 0
+        node = scopes.nodes[site.node_index] if scopes is not None else graph.node[site.node_index]
+        broadcast = _broadcast(node) if opset < 7 else 0
         unrecorded = _record_casts(site, unrecorded + tensors.pending_casts, factor_names)
-        chains_for[site.node_index] = tensors.pending_casts + _chain_nodes(
-            site, factor_names, names, opset, broadcast
-        )
-        tensors.pending_casts = []
+        chain = _chain_nodes(site, factor_names, names, opset, broadcast)
+        if site.scope:
+            # They read only initializers: at the head of the body they are before every reader.
+            body_casts.setdefault(site.scope, []).extend(tensors.take_pending(site.scope))
+            chains_for[site.node_index] = chain
+        else:
+            chains_for[site.node_index] = tensors.take_pending("") + chain
+    if scopes is not None:
+        # Innermost bodies first: rebuilding a graph's node list copies the bodies its nodes hold.
+        for scope in sorted(scopes.bodies, key=lambda body: -body.depth):
+            if scope.name not in body_casts and not any(key in chains_for for key in scope.keys):
+                continue
+            rebuilt_body = list(body_casts.get(scope.name, []))
+            for key, node in zip(scope.keys, scope.graph.node, strict=True):
+                rebuilt_body.extend(chains_for.get(key, [node]))
+            del scope.graph.node[:]
+            scope.graph.node.extend(rebuilt_body)
     rebuilt: list[onnx.NodeProto] = []
     for position, node in enumerate(graph.node):
         rebuilt.extend(chains_for.get(position, [node]))

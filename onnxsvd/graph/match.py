@@ -22,10 +22,11 @@ orientation is the one factorized, and the others read the same factors from the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -34,6 +35,9 @@ from onnx import numpy_helper
 
 from onnxsvd.config import RewriteConfig
 from onnxsvd.io import tensor_bytes
+
+if TYPE_CHECKING:
+    from onnxsvd.graph.scopes import ModelScopes, Scope
 
 __all__ = [
     "SITE_OPS",
@@ -125,6 +129,8 @@ class WeightSource:
         stored_bytes: bytes of the weight as stored: the stored tensor in its own dtype (one byte per
             int8 value, two per fp16), plus the scale and zero point of each ``DequantizeLinear`` and the
             scale of each ``Mul``/``Div``.
+        weight_only_int8: stored int8 and widened by a ``Cast`` with no ``DequantizeLinear`` on the way
+            (``int8 → Cast → Mul(scale)``): its factors are stored back as int8 by default.
     """
 
     tensor: str
@@ -133,6 +139,7 @@ class WeightSource:
     compute_dtype: int
     shape: tuple[int, ...]
     stored_bytes: int = 0
+    weight_only_int8: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +166,12 @@ class Site:
         kn_transposed: ``W_kn`` is the transpose of the group's value as stored (after the chain's value
             operations, before its 2-D transposes). Sites of a group that differ in it read the group's
             factors from opposite ends: ``W_knᵀ ≈ Bᵀ·Aᵀ``.
+        scope: the If/Loop/Scan body the node is in (``If_0/then_branch``; nested
+            ``loop/body/gate/then_branch``), empty in the main graph. Inside a body, ``node_index`` and the
+            chain hold the nodes' keys (:class:`onnxsvd.graph.scopes.ModelScopes`), and ``name`` starts
+            with the scope.
+        holder_index: inside a body, the position in ``graph.node`` of the outermost node holding it
+            (where the site sits in graph order); else ``node_index``.
     """
 
     name: str
@@ -177,6 +190,13 @@ class Site:
     bias: str | None
     group: str
     kn_transposed: bool = False
+    scope: str = ""
+    holder_index: int = -1
+
+    @property
+    def graph_position(self) -> int:
+        """Where the site sits in the main graph's order: its node, or the node holding its body."""
+        return self.holder_index if self.scope else self.node_index
 
     @property
     def params(self) -> int:
@@ -292,6 +312,26 @@ class GraphIndex:
             for reader in readers:
                 self.reads[reader].add(value.name)
 
+    @functools.cached_property
+    def scopes(self) -> ModelScopes:
+        """The If/Loop/Scan bodies of the graph and the keys of their nodes (built on first use)."""
+        from onnxsvd.graph.scopes import ModelScopes  # scopes builds on this module
+
+        return ModelScopes(self)
+
+    def node_at(self, key: int) -> onnx.NodeProto:
+        """The node with ``key``: a position in ``graph.node``, or a body node's key (:attr:`scopes`)."""
+        nodes = self.graph.node
+        return nodes[key] if key < len(nodes) else self.scopes.nodes[key]
+
+    def in_scope(self, site: Site) -> GraphIndex | Scope:
+        """What resolves the site's names: this index for a main-graph site, its body's scope otherwise."""
+        if not site.scope:
+            return self
+        scope = self.scopes.scope_of(site.node_index)
+        assert scope is not None, f"site {site.name!r} is not in a body of this graph"
+        return scope
+
     def needed(self, names: Iterable[str]) -> tuple[list[int], set[str]]:
         """What computing ``names`` takes: the positions of the nodes it needs (in graph order), and every
         name those nodes read (so the initializers to keep), outer-scope reads of their bodies included."""
@@ -332,7 +372,7 @@ class GraphIndex:
         if found is None:
             return None
         stored_name, stored, chain = found
-        if _chain_shape(stored, [self.graph.node[p] for p in chain], self.constant_tensor) is None:
+        if _chain_shape(stored, [self.node_at(p) for p in chain], self.constant_tensor) is None:
             return None  # a Reshape or a scale that does not fit the weight: not a weight chain
         return stored_name, stored, chain
 
@@ -424,7 +464,7 @@ def _dtype_of(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...
     """The ONNX dtype that comes out of the chain (Mul/Div/Reshape/Transpose keep it)."""
     dtype = stored.data_type
     for position in chain:
-        node = index.graph.node[position]
+        node = index.node_at(position)
         if node.op_type == "Cast":
             dtype = int(_attribute(node, "to", dtype))
         elif node.op_type == "DequantizeLinear":
@@ -449,7 +489,7 @@ def _stored_bytes(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int,
     """The stored tensor's bytes plus those of every scale and zero point on the way."""
     total = tensor_bytes(stored)
     for position in chain:
-        node = index.graph.node[position]
+        node = index.node_at(position)
         extras = (index.constant_tensor(name) for name in _scale_inputs(node, index.constant_tensor))
         total += sum(tensor_bytes(extra) for extra in extras if extra is not None)
     return total
@@ -517,7 +557,7 @@ def _chain_shape(
 
 
 def _shape_of(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[int, ...]) -> tuple[int, ...]:
-    shape = _chain_shape(stored, [index.graph.node[p] for p in chain], index.constant_tensor)
+    shape = _chain_shape(stored, [index.node_at(p) for p in chain], index.constant_tensor)
     assert shape is not None, "trace() accepts only chains whose shapes fit"
     return shape
 
@@ -539,7 +579,7 @@ def _value_signature(index: GraphIndex, stored: onnx.TensorProto, chain: tuple[i
     shape = tuple(int(d) for d in stored.dims)
     dtype = stored.data_type
     for position in chain:
-        node = index.graph.node[position]
+        node = index.node_at(position)
         op = node.op_type
         if op == "Identity":
             continue
@@ -582,11 +622,12 @@ def load_weight(index: GraphIndex, site: Site, base_dir: str | None = None) -> n
         site: the site.
         base_dir: folder of the model file, for tensors stored as external data.
     """
+    index = index.in_scope(site)  # type: ignore[assignment]
     stored = index.constant_tensor(site.weight.tensor)
     assert stored is not None
     value = _stored_array(stored, base_dir)
     for position in site.weight.chain:
-        value = _apply_chain_node(index, index.graph.node[position], value, base_dir)
+        value = _apply_chain_node(index, index.node_at(position), value, base_dir)
     matrix = np.asarray(value).astype(np.float64)  # as consumed: [K, N], [N, K], or the mirror's
     if site.transpose_weight:
         matrix = matrix.T  # [K, N]
@@ -633,11 +674,15 @@ def _apply_chain_node(index: GraphIndex, node: onnx.NodeProto, value: np.ndarray
 
 
 def find_sites(model: onnx.ModelProto, config: RewriteConfig | None = None) -> Match:
-    """Match every MatMul/Gemm of the main graph: a :class:`Site` or a :class:`Skip` with its reason.
+    """Match every MatMul/Gemm: a :class:`Site` or a :class:`Skip` with its reason.
 
-    ``config`` applies ``--include``/``--exclude``/``--min-params`` as skips. Sites that share a stored
-    weight with a consumer that is not rewritten are skips too: their dense copy would stay.
+    Those of the main graph come first, then those inside If/Loop/Scan bodies (:attr:`Site.scope`; see
+    :mod:`onnxsvd.graph.scopes`). ``config`` applies ``--include``/``--exclude``/``--min-params`` as skips.
+    Sites that share a stored weight with a consumer that is not rewritten, in any scope, are skips too:
+    their dense copy would stay.
     """
+    from onnxsvd.graph.scopes import body_sites, drop_shared_with_dense  # scopes builds on this module
+
     config = config or RewriteConfig()
     index = GraphIndex(model.graph)
     sites: list[Site] = []
@@ -654,7 +699,9 @@ def find_sites(model: onnx.ModelProto, config: RewriteConfig | None = None) -> M
             skips.append(Skip(result.name, result.op_type, position, reason, result.shape, result.dense_bytes))
         else:
             sites.append(result)
-    kept_sites, shared_skips = _drop_shared_with_dense(index, sites)
+    inner_sites, inner_skips = body_sites(index, config)
+    skips.extend(inner_skips)
+    kept_sites, shared_skips = drop_shared_with_dense(index, sites + inner_sites)
     skips.extend(shared_skips)
     skips.extend(_weight_holder_skips(index))
     skips.extend(_subgraph_skips(index))
@@ -761,8 +808,8 @@ def _bodies(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
 
 
 def _subgraph_skips(index: GraphIndex) -> list[Skip]:
-    """Nodes inside If/Loop/Scan bodies (at any depth) that read constant weights, defined in the body or
-    outside it: skips with their scope. Sites inside subgraphs are not supported yet."""
+    """Nodes inside If/Loop/Scan bodies (at any depth) other than MatMul/Gemm that read constant weights,
+    defined in the body or outside it: skips with their scope."""
     skips: list[Skip] = []
 
     def visit(scope: GraphIndex | _BodyScope, holder: onnx.NodeProto, path: str, position: int) -> None:
@@ -775,16 +822,10 @@ def _subgraph_skips(index: GraphIndex) -> list[Skip]:
                     continue
                 if node.op_type in CHAIN_OPS and node.output and inner.trace(node.output[0]) is not None:
                     continue
-                if node.op_type in SITE_OPS:  # a weight of any size: outside a body it would be a site
-                    weights = {}
-                    for operand in node.input[:2]:
-                        traced = inner.trace(operand) if operand else None
-                        if traced is not None and len(traced[1].dims) == 2:
-                            weights.setdefault(traced[0], traced[1])
-                    reason = f"inside {where}: sites inside If/Loop/Scan bodies are not supported yet"
-                else:
-                    weights = _constant_weights(node, inner.trace)
-                    reason = f"inside {where}: {_holder_reason(node.op_type)}"
+                if node.op_type in SITE_OPS:
+                    continue  # a site, or a skip of its own (onnxsvd.graph.scopes.body_sites)
+                weights = _constant_weights(node, inner.trace)
+                reason = f"inside {where}: {_holder_reason(node.op_type)}"
                 if weights:
                     skips.append(_holder_skip(name, node, position, weights, reason, "subgraph", where))
                 visit(inner, node, name, position)
@@ -851,8 +892,11 @@ def _match_node(index: GraphIndex, node: onnx.NodeProto, position: int) -> Site 
     else:
         transpose_weight = True  # W [P, Q] on the left: W_kn = Wᵀ, K = Q, N = P.
         k, n = shape[1], shape[0]
+    chain_ops = {index.node_at(p).op_type for p in chain}
+    weight_only_int8 = stored.data_type == onnx.TensorProto.INT8 and "Cast" in chain_ops
     source = WeightSource(
-        stored_name, chain, stored.data_type, compute_dtype, shape, _stored_bytes(index, stored, chain)
+        stored_name, chain, stored.data_type, compute_dtype, shape, _stored_bytes(index, stored, chain),
+        weight_only_int8 and "DequantizeLinear" not in chain_ops,
     )
     signature, flipped = _value_signature(index, stored, chain)
     group = f"{stored_name}|{signature}|{alpha!r}"
@@ -874,42 +918,3 @@ def _match_node(index: GraphIndex, node: onnx.NodeProto, position: int) -> Site 
         group=group,
         kn_transposed=flipped != transpose_weight,
     )
-
-
-def _drop_shared_with_dense(index: GraphIndex, sites: Iterable[Site]) -> tuple[list[Site], list[Skip]]:
-    """Sites whose stored weight (or a chain output) is also read by a node that stays: skipped.
-
-    Factorizing them would add the factors while the dense copy stays for the other consumer.
-    """
-    sites = list(sites)
-    site_nodes = {site.node_index for site in sites}
-    chain_nodes = {position for site in sites for position in site.weight.chain}
-    rewritten = site_nodes | chain_nodes
-    kept: list[Site] = []
-    skips: list[Skip] = []
-    for site in sites:
-        tensors = [site.weight.tensor] + [index.graph.node[p].output[0] for p in site.weight.chain]
-        blocker = ""
-        for tensor in tensors:
-            if tensor in index.graph_outputs:
-                blocker = f"weight {tensor!r} is also a graph output"
-                break
-            for consumer in index.consumers.get(tensor, []):
-                if consumer not in rewritten:
-                    other = index.graph.node[consumer]
-                    blocker = (
-                        f"weight {site.weight.tensor!r} is also read by {other.op_type} node "
-                        f"{node_name(other, consumer)!r}, which keeps the dense copy"
-                    )
-                    break
-            if blocker:
-                break
-        if blocker:
-            skips.append(Skip(site.name, site.op_type, site.node_index, blocker, site.shape, site.dense_bytes))
-        else:
-            kept.append(site)
-    if len(kept) != len(sites):
-        # Dropping a site can strand a weight its group-mates share: repeat until stable.
-        again, more = _drop_shared_with_dense(index, kept)
-        return again, skips + more
-    return kept, skips

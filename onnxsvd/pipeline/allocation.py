@@ -27,7 +27,7 @@ from onnxsvd.data import Batches
 from onnxsvd.errors import FactorizationError, UsageError
 from onnxsvd.factorize import Decomposition, decompose, spectrum, truncate
 from onnxsvd.graph import EmitOptions, GraphIndex, Site, emit, load_weight, storage_dtype_for
-from onnxsvd.pipeline.group import TargetFn, byte_cost
+from onnxsvd.pipeline.group import TargetFn, byte_cost, factor_rounding
 from onnxsvd.rank import AllocationSite, allocate_budget, allocate_energy, break_even_rank, guard_rank, ratio_rank
 
 __all__ = ["GlobalPlan", "Sensitivities", "global_ranks", "measure_sensitivities"]
@@ -153,7 +153,7 @@ def _sensitivity(
         discarded = float(squared[rank:].sum())
         if discarded <= 0.0:
             continue
-        factors = truncate(decomposition, [rank], onnx.helper.tensor_dtype_to_np_dtype(storage))
+        factors = truncate(decomposition, [rank], *factor_rounding(site, storage))
         trial = copy.deepcopy(model)
         emit(trial, {key: factors}, sites, {key: storage}, EmitOptions(layout="fused"))
         value = _error(reference, _outputs(trial, sample, base_dir)) / discarded

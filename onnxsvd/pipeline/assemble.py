@@ -10,9 +10,9 @@ import onnx
 
 from onnxsvd import io
 from onnxsvd.config import LOW_KEPT_ENERGY, VERSION, RewriteConfig
-from onnxsvd.graph import EmitOptions, FactorTensors, Match, emit
+from onnxsvd.graph import EmitOptions, FactorTensors, Match, dtype_name, emit
 from onnxsvd.graph.records import SOURCE_FINGERPRINT_KEY
-from onnxsvd.pipeline.group import GroupOutcome
+from onnxsvd.pipeline.group import GroupOutcome, factor_bytes
 from onnxsvd.pipeline.report import RewriteReport, SiteReport
 
 __all__ = ["RewriteResult", "assemble", "emit_outcomes", "fallback_notes"]
@@ -47,7 +47,8 @@ def _site_reports(outcome: GroupOutcome) -> list[SiteReport]:
                 params_before=member.params,
                 params_after=rank * (member.k + member.n) if factorized else member.params,
                 dense_bytes=member.dense_bytes,
-                factor_bytes=io.dtype_bytes(outcome.storage, rank * (member.k + member.n)) if factorized else 0,
+                factor_bytes=factor_bytes(member, outcome.storage, rank) if factorized else 0,
+                factor_dtype=dtype_name(outcome.storage) if factorized else None,
                 kept_energy=outcome.kept_energy,
                 weight_error=outcome.weight_error,
                 shared_with=[n for n in names if n != member.name],
@@ -61,6 +62,8 @@ def _site_reports(outcome: GroupOutcome) -> list[SiteReport]:
                 sensitivity=outcome.sensitivity,
                 sensitivity_estimated=outcome.sensitivity_estimated is not None,
                 sensitivity_reason=outcome.sensitivity_estimated,
+                scope=member.scope,
+                data_free=outcome.data_free or None,
             )
         )
     return reports
@@ -147,15 +150,15 @@ def assemble(
     ``source_fingerprint`` is :func:`onnxsvd.io.fingerprint` of that model (stamped in the metadata, so
     ``finetune`` can check its teacher).
     """
-    # In graph order; a node holding a body comes before the skipped nodes inside it, in their order.
-    reports: dict[tuple[int, int], SiteReport] = {}
+    # In graph order; inside a node holding bodies, its sites (by key) and then its skipped nodes, in order.
+    reports: dict[tuple[int, int, int], SiteReport] = {}
     for outcome in outcomes:
         for site, report in zip(outcome.sites, _site_reports(outcome), strict=True):
-            reports[(site.node_index, 0)] = report
+            reports[(site.graph_position, 0, site.node_index)] = report
     for order, skip in enumerate(match.skips, start=1):
         params = skip.params or (int(np.prod(skip.shape)) if skip.shape else 0)
         matmul = skip.kind == "matmul"  # only a MatMul/Gemm of the main graph has a [K, N] normal form
-        reports[(skip.node_index, order)] = SiteReport(
+        reports[(skip.node_index, 1, order)] = SiteReport(
             name=skip.name,
             op_type=skip.op_type,
             shape=list(skip.shape) if matmul and skip.shape and len(skip.shape) == 2 else None,
@@ -164,6 +167,7 @@ def assemble(
             params_before=params,
             params_after=params,
             dense_bytes=skip.dense_bytes,
+            scope=skip.scope,
         )
     emit_outcomes(model, outcomes, config, tensors, source_fingerprint)
     notes = _summary_notes(outcomes, config)

@@ -23,11 +23,13 @@ from onnxsvd.errors import FactorizationError, StatsError
 from onnxsvd.factorize import (
     Decomposition,
     Factorization,
+    FactorRounding,
     Metric,
     SvdOptions,
     decompose,
     diagonal_metric,
     identity_metric,
+    round_int8,
     split_rank,
     truncate,
     whitening_metric,
@@ -43,6 +45,11 @@ __all__ = [
     "byte_cost",
     "factor_group",
     "aligned_sites",
+    "factor_bytes",
+    "factor_rounding",
+    "INT8_FACTORS_NOTE",
+    "data_free_reason",
+    "DATA_FREE_REASON",
     "group_statistics",
     "metric_for",
     "orientation_note",
@@ -73,12 +80,32 @@ def metric_for(config: RewriteConfig, stats: ActivationStats | None) -> Metric:
 
 
 def aligned_sites(sites: list[Site]) -> list[Site]:
-    """The sites of a group that read its weight as the first site does (``W_kn``, not ``W_knᵀ``).
+    """The sites of a group that read its weight as the first site does (``W_kn``, not ``W_knᵀ``) and
+    whose activations calibration can see (those of the main graph).
 
     A group is factorized in its first site's orientation; only these sites' activations are in that
-    orientation's input space, so only their statistics make its metric.
+    orientation's input space, so only their statistics make its metric. Activations inside an If/Loop/Scan
+    body cannot be exposed as outputs by ONNX Runtime, so sites there bring no statistics.
     """
-    return [site for site in sites if site.kn_transposed == sites[0].kn_transposed]
+    return [site for site in sites if site.kn_transposed == sites[0].kn_transposed and not site.scope]
+
+
+#: Why a site inside a body is factorized without data (ONNX Runtime exposes no value inside a body).
+DATA_FREE_REASON = (
+    "inside an If/Loop/Scan body, whose activations ONNX Runtime cannot expose for calibration: plain SVD "
+    "(data-free) instead of {method}"
+)
+
+
+def data_free_reason(sites: list[Site], config: RewriteConfig, sequential: bool = False) -> str:
+    """Why a group is factorized with plain SVD although the rewrite is activation-aware or sequential:
+    every site of it is inside a body (``""`` otherwise, and for plain SVD)."""
+    if config.method == "svd" and not sequential:
+        return ""
+    if not sites or any(not site.scope for site in sites):
+        return ""
+    what = f"--method {config.method}" + (" --sequential" if sequential else "")
+    return DATA_FREE_REASON.format(method=what)
 
 
 def group_statistics(sites: list[Site], statistics: Statistics | None) -> ActivationStats | None:
@@ -89,6 +116,8 @@ def group_statistics(sites: list[Site], statistics: Statistics | None) -> Activa
         return None
     aligned = aligned_sites(sites)
     keys = list(dict.fromkeys(site.statistics_key for site in aligned))
+    if not keys:
+        return None
     parts = [statistics.activations.get(key) for key in keys]
     if any(part is None for part in parts):
         return None
@@ -102,11 +131,18 @@ def group_statistics(sites: list[Site], statistics: Statistics | None) -> Activa
 
 
 def orientation_note(sites: list[Site], config: RewriteConfig) -> str:
-    """For an activation-aware group whose sites read the weight both ways round: which uses make the
-    metric (the others' inputs live in the other space), else empty."""
+    """For an activation-aware group whose sites read the weight both ways round, or partly inside bodies:
+    which uses make the metric (the others' inputs live in the other space, or cannot be exposed), else
+    empty."""
     aligned = aligned_sites(sites)
-    if config.method == "svd" or len(aligned) == len(sites):
+    if config.method == "svd" or len(aligned) == len(sites) or not aligned:
         return ""
+    inside = sum(1 for site in sites if site.scope)
+    if inside:
+        return (
+            f"metric from the {len(aligned)} main-graph use(s); the {inside} use(s) inside If/Loop/Scan bodies "
+            "share the factors without their statistics (ONNX Runtime cannot expose values inside a body)"
+        )
     others = len(sites) - len(aligned)
     return (
         f"metric from the {len(aligned)} use(s) reading the weight as [{sites[0].k}, {sites[0].n}]; "
@@ -183,6 +219,7 @@ class GroupOutcome:
     rank_note: str = ""
     sensitivity: float | None = None
     sensitivity_estimated: str | None = None
+    data_free: str = ""
 
     @property
     def factorized(self) -> bool:
@@ -253,6 +290,35 @@ def _choose_ranks(
     return _stage_ranks(config, decision.rank), decision.reason, decision.note
 
 
+def factor_rounding(site: Site, storage: int) -> tuple[np.dtype, FactorRounding | None]:
+    """The dtype a group's factors are held in while fitting, and the storage's rounding beyond a cast: int8
+    factors hold ``q·s`` in the compute dtype, a scale per rank component (A's columns, B's rows)."""
+    if storage != onnx.TensorProto.INT8:
+        return onnx.helper.tensor_dtype_to_np_dtype(storage), None
+    compute = onnx.helper.tensor_dtype_to_np_dtype(site.weight.compute_dtype)
+
+    def rounding(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return round_int8(a, 1, compute), round_int8(b, 0, compute)  # [K, r], [r, N]
+
+    return compute, rounding
+
+
+#: What the report says of a weight stored int8 and factorized with ``--dtype auto``.
+INT8_FACTORS_NOTE = (
+    "int8 factors: the weight is stored int8, so are its factors (a scale per rank component, read as "
+    "Cast → Mul); --dtype fp32|fp16 stores float factors"
+)
+
+
+def factor_bytes(site: Site, storage: int, rank: int) -> int:
+    """Bytes of a rank-r chain's factors in their storage: ``r·(K+N)`` values, plus the ``2·r`` scales (in
+    the compute dtype) of int8 factors."""
+    values = io.dtype_bytes(storage, rank * (site.k + site.n))
+    if storage == onnx.TensorProto.INT8:
+        values += io.dtype_bytes(site.weight.compute_dtype, 2 * rank)
+    return values
+
+
 def svd_options(config: RewriteConfig) -> SvdOptions:
     """How the SVDs of a rewrite are computed (solver, backend, device)."""
     return SvdOptions(solver=config.svd, backend="torch" if config.device != "cpu" else "auto", device=config.device)
@@ -280,16 +346,23 @@ def factor_group(
     refit: RefitFn | None = None,
     rank_override: int | None = None,
     keep_dense: str | None = None,
+    sequential: bool = False,
 ) -> GroupOutcome:
     """Load a group's weight, decompose ``target`` in its metric, choose ranks, truncate, measure.
 
     A failure of any step keeps the group dense with the reason; nothing is swapped silently.
     ``keep_dense`` is a reason decided before (``--min-share``, global allocation): the weight is not read.
+    A group whose every site is inside an If/Loop/Scan body has no statistics: with an activation-aware
+    method or ``sequential`` it is factorized with plain SVD, ``W`` itself with no refit, and
+    :attr:`GroupOutcome.data_free` and the reason say so.
     """
     site = sites[0]
     tick = time.perf_counter()
     storage = storage_dtype_for(site, config.dtype)
     outcome = GroupOutcome(sites=sites, factorization=None, reason="", ranks=[], storage=storage)
+    outcome.data_free = data_free_reason(sites, config, sequential)
+    if outcome.data_free:
+        target, refit = _plain_target, None
     if keep_dense is not None:
         outcome.reason = keep_dense
         return outcome
@@ -308,7 +381,8 @@ def factor_group(
         ranks, reason, outcome.rank_note = _choose_ranks(site, config, decomposition, rank_override)
         outcome.reason = reason
         if ranks is not None:
-            factorization = truncate(decomposition, ranks, onnx.helper.tensor_dtype_to_np_dtype(storage))
+            held, rounding = factor_rounding(site, storage)
+            factorization = truncate(decomposition, ranks, held, rounding)
             outcome.notes = list(factorization.notes)  # the decomposition's and every later stage's
             if refit is not None:
                 factorization = refit(sites, weight, factorization)
@@ -322,6 +396,10 @@ def factor_group(
                 outcome.kept_energy, outcome.weight_error = factorization.kept_energy, error
                 note = orientation_note(sites, config)
                 outcome.reason = f"{reason}; {note}" if note else reason
+                if outcome.data_free:
+                    outcome.reason += f"; {outcome.data_free}"
+                if storage == onnx.TensorProto.INT8:
+                    outcome.reason += f"; {INT8_FACTORS_NOTE}"
     except FactorizationError as error:
         outcome.reason = str(error)
     outcome.seconds = time.perf_counter() - tick
@@ -329,6 +407,11 @@ def factor_group(
     for note in outcome.notes:
         log.debug("%s: %s", site.name, note)
     return outcome
+
+
+def _plain_target(sites: list[Site], weight: np.ndarray) -> tuple[np.ndarray, Metric]:
+    """``W`` in the identity metric: plain SVD (Eckart–Young in the Frobenius norm)."""
+    return weight, identity_metric()
 
 
 def weight_groups(sites: Sequence[Site]) -> OrderedDict[str, list[Site]]:

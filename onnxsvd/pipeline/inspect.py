@@ -39,6 +39,7 @@ class SiteSummary:
 
     ``break_even_rank`` is in bytes: the first rank whose chain, in the factor dtype of ``config.dtype``,
     is no smaller than the weight as stored (``dense_bytes``), as the rewrite's guard counts it.
+    ``scope`` is the If/Loop/Scan body the site is in (``If_0/then_branch``), empty in the main graph.
     """
 
     name: str
@@ -52,6 +53,7 @@ class SiteSummary:
     shared_with: list[str]
     singular_values: list[float] | None = None
     note: str = ""
+    scope: str = ""
     dense_bytes: int = 0
 
 
@@ -133,6 +135,7 @@ def inspect_model(
                 shared_with=[n for n in groups[site.group] if n != site.name],
                 singular_values=[float(v) for v in spectrum] if spectrum is not None else None,
                 note=notes.get(site.group, ""),
+                scope=site.scope,
             )
         )
     skips = [

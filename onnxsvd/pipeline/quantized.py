@@ -249,7 +249,16 @@ def _without_quantized(model: onnx.ModelProto, match: Match) -> Match:
     would stack a second rounding on the first. Both are left as they are, with that reason."""
     sites, skips = [], list(match.skips)
     graph = model.graph
+    in_bodies = {site.group for site in match.sites if site.scope}
     for site in match.sites:
+        if site.group in in_bodies:
+            # A quantized base is a MatMulNBits of the main graph: not emitted inside bodies (yet).
+            where = f"inside {site.scope}" if site.scope else "shares its weight with a site inside a body"
+            reason = f"{where}: --quantize does not emit quantized bases inside If/Loop/Scan bodies; kept dense"
+            position = site.graph_position
+            skips.append(Skip(site.name, site.op_type, position, reason, site.shape, site.dense_bytes,
+                              "subgraph" if site.scope else "matmul", site.scope))
+            continue
         dequantize = [p for p in site.weight.chain if graph.node[p].op_type == "DequantizeLinear"]
         if dequantize:
             reason = (

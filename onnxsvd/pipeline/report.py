@@ -58,6 +58,11 @@ class SiteReport:
         sensitivity_estimated: True when ``sensitivity`` was not measured but estimated (the median of
             the measured ones); ``sensitivity_reason`` says why it could not be measured.
         sensitivity_reason: why the sensitivity is estimated (``None`` when it was measured).
+        scope: the If/Loop/Scan body the node is in (``If_0/then_branch``), empty in the main graph.
+        data_free: why an activation-aware or sequential rewrite factorized this site with plain SVD (a site
+            inside a body, whose activations ONNX Runtime cannot expose), else ``None``.
+        factor_dtype: the dtype the factors are stored in when factorized (``int8`` for a weight stored
+            int8: an int8 payload and a scale per rank component), else ``None``.
     """
 
     name: str
@@ -88,6 +93,9 @@ class SiteReport:
     sensitivity: float | None = None
     sensitivity_estimated: bool = False
     sensitivity_reason: str | None = None
+    scope: str = ""
+    data_free: str | None = None
+    factor_dtype: str | None = None
 
 
 @dataclasses.dataclass

@@ -131,6 +131,10 @@ def _combined(sites: list[Site], stats: Mapping[str, CrossStats]) -> CrossStats:
     return CrossStats(combine(p.compressed for p in parts), sum(p.cross for p in parts))
 
 
+def _no_target(sites: list[Site], weight: np.ndarray) -> tuple[np.ndarray, Metric]:
+    raise AssertionError("a group inside bodies only is factorized data-free (factor_group replaces the target)")
+
+
 def _require_finite(name: str, *arrays: np.ndarray) -> None:
     if not all(np.all(np.isfinite(array)) for array in arrays):
         raise FactorizationError(f"degenerate statistics: {name} holds NaN or Inf (the compressed model overflows)")
@@ -197,14 +201,23 @@ def rewrite_sequential(
     index = GraphIndex(working.graph)
     groups = weight_groups(match.sites)
     levels = site_levels(working, match.sites)
-    group_level = {key: min(levels[s.node_index] for s in sites) for key, sites in groups.items()}
+    # Groups used only inside If/Loop/Scan bodies have no level: their activations cannot be exposed, so
+    # they are factorized data-free (plain SVD, the reason in their report) before the levels.
+    group_level = {
+        key: min(levels[s.node_index] for s in sites if not s.scope)
+        for key, sites in groups.items() if any(not s.scope for s in sites)
+    }
     order = sorted(set(group_level.values()))
     kept_dense = share_floor(groups, config)
     outcomes: dict[str, GroupOutcome] = {}
+    for key, sites in groups.items():
+        if key not in group_level:
+            outcomes[key] = factor_group(index, sites, config, _no_target, base_dir, keep_dense=kept_dense.get(key),
+                                         sequential=True)
     compressed = original
     collect_seconds = 0.0
     for step, level in enumerate(order, start=1):
-        level_groups = {key: groups[key] for key in groups if group_level[key] == level}
+        level_groups = {key: groups[key] for key in groups if group_level.get(key) == level}
         level_sites = [site for sites in level_groups.values() for site in sites]
         tick = time.perf_counter()
         stats = _collect_cross(

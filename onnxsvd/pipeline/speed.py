@@ -422,6 +422,13 @@ def _signature(site: Site, node: onnx.NodeProto, shape: tuple[int, ...], outcome
     )
 
 
+#: Why ``--keep-dense-if-slower`` leaves a group used only inside If/Loop/Scan bodies factorized, untimed.
+UNTIMED_IN_BODY = (
+    "--keep-dense-if-slower: not timed (inside an If/Loop/Scan body, whose activation shapes ONNX Runtime cannot "
+    "expose); kept factorized"
+)
+
+
 class SiteSpeedCheck:
     """Keeps dense every factorized group whose chain is not faster than its dense layer.
 
@@ -462,7 +469,7 @@ class SiteSpeedCheck:
     def _activation_shapes(self, model: onnx.ModelProto, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
         # Computed once per model object (the sequential rewrite calls once per level on one model).
         if self._shapes_of is not model or any(site.activation not in self._shapes for site in sites):
-            every = find_sites(model).sites
+            every = tuple(site for site in find_sites(model).sites if not site.scope)  # a body's cannot be exposed
             self._shapes = activation_shapes(
                 model, every or sites, self.config.input_shapes or None, self.batch, self.config.providers
             )
@@ -480,14 +487,18 @@ class SiteSpeedCheck:
             base_dir: folder of the model file, for external data.
         """
         chosen = [outcome for outcome in outcomes if outcome.factorization is not None]
+        for outcome in [o for o in chosen if all(site.scope for site in o.sites)]:
+            outcome.reason += f"; {UNTIMED_IN_BODY}"
+            chosen.remove(outcome)
         if not chosen:
             return outcomes
-        shapes = self._activation_shapes(model, [site for outcome in chosen for site in outcome.sites])
+        main_sites = [site for outcome in chosen for site in outcome.sites if not site.scope]
+        shapes = self._activation_shapes(model, main_sites)
         index = GraphIndex(model.graph)
         opset = next((int(e.version) for e in model.opset_import if e.domain in ("", "ai.onnx")), 17)
         pending = {}
         for outcome in chosen:
-            site = outcome.sites[0]
+            site = next(site for site in outcome.sites if not site.scope)  # timed where its shape is known
             node = model.graph.node[site.node_index]
             shape = shapes.get(site.activation)
             if shape is None:
