@@ -684,17 +684,21 @@ class _Fingerprint:
                 left -= read
 
 
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Number of elements in all initializers and ``Constant`` node tensors of the main graph."""
-    total = 0
-    for tensor in model.graph.initializer:
-        total += _elements(tensor.dims)
-    for node in model.graph.node:
+def _scoped_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every initializer and ``Constant`` node tensor of ``graph`` and of the If/Loop/Scan bodies in it."""
+    yield from graph.initializer
+    for node in graph.node:
         if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    total += _elements(attribute.t.dims)
-    return total
+            yield from (attribute.t for attribute in node.attribute if attribute.name == "value")
+        for attribute in node.attribute:
+            for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _scoped_tensors(body)
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Number of elements in all initializers and ``Constant`` node tensors of the main graph and of every
+    If/Loop/Scan body in it."""
+    return sum(_elements(tensor.dims) for tensor in _scoped_tensors(model.graph))
 
 
 #: Bits per value of the dtypes ONNX packs below one byte (``raw_data`` holds them packed).
@@ -720,13 +724,9 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def count_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the values of all initializers and ``Constant`` node tensors of the main graph, each in
-    its own dtype (no data is read): what :func:`count_parameters` counts, in bytes."""
-    total = sum(tensor_bytes(tensor) for tensor in model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            total += sum(tensor_bytes(attribute.t) for attribute in node.attribute if attribute.name == "value")
-    return total
+    """Bytes of the values of all initializers and ``Constant`` node tensors, in the main graph and in every
+    body, each in its own dtype (no data is read): what :func:`count_parameters` counts, in bytes."""
+    return sum(tensor_bytes(tensor) for tensor in _scoped_tensors(model.graph))
 
 
 def _elements(dims: object) -> int:
