@@ -57,7 +57,7 @@ def inspect_command(
         if site.weight_side == "left":
             note = (note + "; " if note else "") + "weight on the left"
         if site.scope:
-            note = (note + "; " if note else "") + f"inside {site.scope} (data-free: plain SVD)"
+            note = (note + "; " if note else "") + f"inside {site.scope} (not calibrated: plain SVD)"
         table.add_row(
             site.name,
             *([] if narrow else [site.op_type]),

@@ -29,9 +29,9 @@ from onnx import helper, numpy_helper
 
 from onnxsvd.factorize import Factorization, quantize_int8
 from onnxsvd.graph.cleanup import remove_dead_weights
-from onnxsvd.graph.match import Site
+from onnxsvd.graph.match import GraphIndex, Site
 from onnxsvd.graph.records import FUSED, ChainRecord, write_record
-from onnxsvd.graph.scopes import ModelScopes, body_graphs
+from onnxsvd.graph.scopes import body_graphs
 
 if TYPE_CHECKING:
     from onnxsvd.io import DataFile
@@ -433,7 +433,7 @@ def emit(
     tensors = tensors or FactorTensors(model)
     names = tensors.names
     opset = _opset(model)
-    scopes = ModelScopes.of(model.graph) if any(site.scope for site in sites) else None
+    scopes = GraphIndex(model.graph).scopes if any(site.scope for site in sites) else None
     chains_for: dict[int, list[onnx.NodeProto]] = {}
     body_casts: dict[str, list[onnx.NodeProto]] = {}  # per body, the factor Casts/Transposes it reads
     unrecorded: list[onnx.NodeProto] = []  # Casts made in `prepare` for groups whose sites come later

@@ -26,7 +26,7 @@ import functools
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
@@ -34,10 +34,8 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from onnxsvd.config import RewriteConfig
+from onnxsvd.graph.scopes import ModelScopes, Scope, node_name
 from onnxsvd.io import tensor_bytes
-
-if TYPE_CHECKING:
-    from onnxsvd.graph.scopes import ModelScopes, Scope
 
 __all__ = [
     "SITE_OPS",
@@ -108,11 +106,6 @@ def dtype_name(data_type: int) -> str:
     if data_type in _FLOAT_NAMES:
         return _FLOAT_NAMES[data_type]
     return onnx.helper.tensor_dtype_to_string(data_type).removeprefix("TensorProto.").lower()
-
-
-def node_name(node: onnx.NodeProto, index: int) -> str:
-    """The node's name, or a deterministic one (``MatMul_12``) when the exporter left it empty."""
-    return node.name or f"{node.op_type}_{index}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,9 +308,7 @@ class GraphIndex:
     @functools.cached_property
     def scopes(self) -> ModelScopes:
         """The If/Loop/Scan bodies of the graph and the keys of their nodes (built on first use)."""
-        from onnxsvd.graph.scopes import ModelScopes  # scopes builds on this module
-
-        return ModelScopes(self)
+        return ModelScopes(self, _trace_in_scope)
 
     def node_at(self, key: int) -> onnx.NodeProto:
         """The node with ``key``: a position in ``graph.node``, or a body node's key (:attr:`scopes`)."""
@@ -375,6 +366,14 @@ class GraphIndex:
         if _chain_shape(stored, [self.node_at(p) for p in chain], self.constant_tensor) is None:
             return None  # a Reshape or a scale that does not fit the weight: not a weight chain
         return stored_name, stored, chain
+
+
+def _trace_in_scope(scope: Scope, name: str) -> tuple[str, onnx.TensorProto, tuple[int, ...]] | None:
+    """:meth:`GraphIndex.trace` inside a body: follow ``name`` to its stored constant, in the body or around it."""
+    found = trace_constant(name, scope.constant_tensor, scope.producer_node)
+    if found is None or _chain_shape(found[1], [scope.node_at(key) for key in found[2]], scope.constant_tensor) is None:
+        return None
+    return found
 
 
 def _value_input(node: onnx.NodeProto, constant_tensor: Callable[[str], onnx.TensorProto | None]) -> int | None:
@@ -681,7 +680,6 @@ def find_sites(model: onnx.ModelProto, config: RewriteConfig | None = None) -> M
     Sites that share a stored weight with a consumer that is not rewritten, in any scope, are skips too:
     their dense copy would stay.
     """
-    from onnxsvd.graph.scopes import body_sites, drop_shared_with_dense  # scopes builds on this module
 
     config = config or RewriteConfig()
     index = GraphIndex(model.graph)
@@ -699,9 +697,9 @@ def find_sites(model: onnx.ModelProto, config: RewriteConfig | None = None) -> M
             skips.append(Skip(result.name, result.op_type, position, reason, result.shape, result.dense_bytes))
         else:
             sites.append(result)
-    inner_sites, inner_skips = body_sites(index, config)
+    inner_sites, inner_skips = _body_sites(index, config)
     skips.extend(inner_skips)
-    kept_sites, shared_skips = drop_shared_with_dense(index, sites + inner_sites)
+    kept_sites, shared_skips = _drop_shared_with_dense(index, sites + inner_sites)
     skips.extend(shared_skips)
     skips.extend(_weight_holder_skips(index))
     skips.extend(_subgraph_skips(index))
@@ -918,3 +916,83 @@ def _match_node(index: GraphIndex, node: onnx.NodeProto, position: int) -> Site 
         group=group,
         kn_transposed=flipped != transpose_weight,
     )
+
+
+def _body_sites(index: GraphIndex, config: RewriteConfig) -> tuple[list[Site], list[Skip]]:
+    """Every MatMul/Gemm inside a body (:mod:`onnxsvd.graph.scopes`), at any depth: a :class:`Site` with its
+    ``scope`` (its weight an initializer or ``Constant`` of the body or of an outer scope, through the usual
+    chains), or a skip with the reason. A node with no constant operand at all (attention's ``Q·Kᵀ``) is no
+    skip: it holds no weight. ``config`` applies ``--include``/``--exclude``/``--min-params`` to the scoped names."""
+    sites: list[Site] = []
+    skips: list[Skip] = []
+    for scope in index.scopes.bodies:
+        for number, node in enumerate(scope.graph.node):
+            if node.op_type not in SITE_OPS:
+                continue
+            key = scope.keys[number]
+            name = f"{scope.name}/{node_name(node, number)}"
+            result = _match_node(scope, node, key)  # type: ignore[arg-type]  # a Scope resolves names as an index
+            if isinstance(result, Skip):
+                weights = {}
+                for operand in node.input[:2]:
+                    traced = scope.trace(operand) if operand else None
+                    if traced is not None:
+                        weights.setdefault(traced[0], traced[1])
+                if not weights:
+                    continue
+                skips.append(dataclasses.replace(
+                    _holder_skip(name, node, scope.holder, weights, "", "subgraph", scope.where),
+                    reason=f"inside {scope.where}: {result.reason}",
+                ))
+                continue
+            site = dataclasses.replace(result, name=name, scope=scope.name, holder_index=scope.holder)
+            reason = _filter_reason(site, config)
+            if reason:
+                skips.append(_site_skip(site, scope, reason))
+            else:
+                sites.append(site)
+    return sites, skips
+
+
+def _site_skip(site: Site, scope: Scope | None, reason: str) -> Skip:
+    if scope is None:
+        return Skip(site.name, site.op_type, site.node_index, reason, site.shape, site.dense_bytes)
+    return Skip(site.name, site.op_type, scope.holder, reason, site.shape, site.dense_bytes, "subgraph",
+                scope.where, site.params, (site.weight.tensor,))
+
+
+def _drop_shared_with_dense(index: GraphIndex, sites: Iterable[Site]) -> tuple[list[Site], list[Skip]]:
+    """Sites whose stored weight (or a chain output) is also read, in any scope, by a node that stays, or is
+    a graph's output: skipped, since factorizing them would add the factors while the dense copy stays.
+
+    Uses that are sites in other scopes (a main-graph MatMul and a MatMul inside an If reading one weight)
+    are no obstacle: they share one factorization.
+    """
+    scopes = index.scopes
+    sites = list(sites)
+    rewritten = {site.node_index for site in sites} | {key for site in sites for key in site.weight.chain}
+    kept: list[Site] = []
+    skips: list[Skip] = []
+    for site in sites:
+        tensors = [site.weight.tensor] + [scopes.nodes[key].output[0] for key in site.weight.chain]
+        blocker = ""
+        for tensor in tensors:
+            if tensor in scopes.outputs:
+                blocker = f"weight {tensor!r} is also a graph output"
+                break
+            reader = next((key for key in scopes.readers.get(tensor, []) if key not in rewritten), None)
+            if reader is not None:
+                blocker = (
+                    f"weight {site.weight.tensor!r} is also read by {scopes.describe(reader)}, "
+                    "which keeps the dense copy"
+                )
+                break
+        if blocker:
+            skips.append(_site_skip(site, scopes.scope_of(site.node_index), blocker))
+        else:
+            kept.append(site)
+    if len(kept) != len(sites):
+        # Dropping a site can strand a weight its group-mates share: repeat until stable.
+        again, more = _drop_shared_with_dense(index, kept)
+        return again, skips + more
+    return kept, skips

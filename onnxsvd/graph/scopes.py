@@ -13,9 +13,10 @@ inside a body, and a chain that starts in an outer scope and ends in a body, are
   outer reads to the outer value).
 - :class:`Scope` resolves constants and producers inside one body, falling back to the scopes around it,
   so :func:`~onnxsvd.graph.match.trace_constant` follows a weight from a body back into the main graph.
-- :func:`body_sites` matches every MatMul/Gemm of every body as a site (with its ``scope``) or a skip.
-- :func:`drop_shared_with_dense` keeps out sites whose stored weight is also read, in any scope, by a node
-  that stays dense.
+
+:mod:`onnxsvd.graph.match` builds on these: it matches every MatMul/Gemm of every body as a site (with its
+``scope``) or a skip, and keeps out sites whose stored weight is also read, in any scope, by a node that
+stays dense.
 
 The emitter (:mod:`onnxsvd.graph.emit`) writes a body site's chain in its own body and the factors where
 the weight is stored (visible to every use, since every use traced back to it); the cleanup pass
@@ -24,21 +25,24 @@ the weight is stored (visible to every use, since every use traced back to it); 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import onnx
 import onnx_ir as ir
 
-from onnxsvd.config import RewriteConfig
+__all__ = ["Scope", "ModelScopes", "Tracer", "body_graphs", "node_name"]
 
-if TYPE_CHECKING:
-    from onnxsvd.graph.match import GraphIndex, Site, Skip
+#: Follows a name back through weight-chain ops to a stored constant as ``scope`` sees it:
+#: ``tracer(scope, name) → (stored name, tensor, chain keys)`` or None (``onnxsvd.graph.match`` gives it).
+Tracer = Callable[["Scope", str], "tuple[str, onnx.TensorProto, tuple[int, ...]] | None"]
 
-__all__ = ["Scope", "ModelScopes", "body_graphs", "body_sites", "drop_shared_with_dense"]
+
+def node_name(node: onnx.NodeProto, index: int) -> str:
+    """The node's name, or a deterministic one (``MatMul_12``) when the exporter left it empty."""
+    return node.name or f"{node.op_type}_{index}"
 
 
 def body_graphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
@@ -110,27 +114,22 @@ class Scope:
 
     def trace(self, name: str) -> tuple[str, onnx.TensorProto, tuple[int, ...]] | None:
         """Follow ``name`` back through chain ops to a stored constant, in this body or around it."""
-        from onnxsvd.graph import match  # match builds on this module's scopes lazily: no import cycle at load
-
-        found = match.trace_constant(name, self.constant_tensor, self.producer_node)
-        if found is None:
-            return None
-        chain_nodes = [self.node_at(key) for key in found[2]]
-        if match._chain_shape(found[1], chain_nodes, self.constant_tensor) is None:
-            return None
-        return found
+        return self.model_scopes.tracer(self, name)
 
 
 class ModelScopes:
     """Every body of a model, the key of every node, and who reads each name in any scope.
 
     Args:
-        index: the main graph's index (the outermost scope).
+        index: the main graph's index (the outermost scope: ``graph``, ``constant_tensor``,
+            ``producer_node``), an :class:`onnxsvd.graph.match.GraphIndex`.
+        tracer: follows a name to its stored constant inside a body (see :data:`Tracer`).
     """
 
-    def __init__(self, index: GraphIndex) -> None:
+    def __init__(self, index: Any, tracer: Tracer) -> None:
         graph = index.graph
         self.index = index
+        self.tracer = tracer
         self.nodes: list[onnx.NodeProto] = list(graph.node)
         self.bodies: list[Scope] = []
         self.scope_of_key: dict[int, Scope] = {}
@@ -138,7 +137,6 @@ class ModelScopes:
         self.outputs = {value.name for value in graph.output}
         self._graph_of_key: list[onnx.GraphProto] = [graph] * len(graph.node)
         self._position_of_key: list[int] = list(range(len(graph.node)))
-        from onnxsvd.graph.match import node_name  # see Scope.trace
 
         def visit(outer: Any, holder: onnx.NodeProto, path: str, position: int, depth: int) -> None:
             for label, body in body_graphs(holder):
@@ -160,13 +158,6 @@ class ModelScopes:
         for position, node in enumerate(graph.node):
             visit(index, node, node_name(node, position), position, 1)
 
-    @classmethod
-    def of(cls, graph: onnx.GraphProto) -> ModelScopes:
-        """The scopes of ``graph`` (through a fresh :class:`GraphIndex`)."""
-        from onnxsvd.graph.match import GraphIndex  # see Scope.trace
-
-        return GraphIndex(graph).scopes
-
     def scope_of(self, key: int) -> Scope | None:
         """The body holding the node with ``key``, or None for a main-graph node."""
         return self.scope_of_key.get(key)
@@ -177,7 +168,6 @@ class ModelScopes:
 
     def display_name(self, key: int) -> str:
         """The node's name with its scope's path (``If_0/then_branch/MatMul_0``)."""
-        from onnxsvd.graph.match import node_name  # see Scope.trace
 
         scope = self.scope_of(key)
         graph, position = self.graph_of(key)
@@ -188,6 +178,16 @@ class ModelScopes:
         """Position in the main graph of the node itself, or of the outermost node holding its body."""
         scope = self.scope_of(key)
         return key if scope is None else scope.holder
+
+    def describe(self, key: int) -> str:
+        """``Neg node 'x'``; for a node inside a body ``Neg node 'If_0/then_branch/n' inside If node 'If_0'``."""
+        node = self.nodes[key]
+        text = f"{node.op_type} node {self.display_name(key)!r}"
+        scope = self.scope_of(key)
+        if scope is not None:
+            holder = self.nodes[scope.holder]
+            text += f" inside {holder.op_type} node {node_name(holder, scope.holder)!r}"
+        return text
 
     @functools.cached_property
     def readers(self) -> dict[str, list[int]]:
@@ -246,100 +246,3 @@ def _all_values(graph: ir.Graph) -> Iterable[ir.Value]:
                 bodies = list(attribute.as_graphs())
             for body in bodies:
                 yield from _all_values(body)
-
-
-def body_sites(index: GraphIndex, config: RewriteConfig) -> tuple[list[Site], list[Skip]]:
-    """Every MatMul/Gemm inside a body, at any depth: a :class:`Site` with its ``scope`` (its weight an
-    initializer or ``Constant`` of the body or of an outer scope, through the usual chains), or a skip with
-    the reason. A node with no constant operand at all (attention's ``Q·Kᵀ``) is no skip: it holds no weight.
-    ``config`` applies ``--include``/``--exclude``/``--min-params`` to the scoped names."""
-    from onnxsvd.graph import match  # see Scope.trace
-
-    sites: list[Site] = []
-    skips: list[Skip] = []
-    for scope in index.scopes.bodies:
-        for number, node in enumerate(scope.graph.node):
-            if node.op_type not in match.SITE_OPS:
-                continue
-            key = scope.keys[number]
-            name = f"{scope.name}/{match.node_name(node, number)}"
-            result = match._match_node(scope, node, key)  # type: ignore[arg-type]
-            if isinstance(result, match.Skip):
-                weights = {}
-                for operand in node.input[:2]:
-                    traced = scope.trace(operand) if operand else None
-                    if traced is not None:
-                        weights.setdefault(traced[0], traced[1])
-                if not weights:
-                    continue
-                skips.append(dataclasses.replace(
-                    match._holder_skip(name, node, scope.holder, weights, "", "subgraph", scope.where),
-                    reason=f"inside {scope.where}: {result.reason}",
-                ))
-                continue
-            site = dataclasses.replace(result, name=name, scope=scope.name, holder_index=scope.holder)
-            reason = match._filter_reason(site, config)
-            if reason:
-                skips.append(_site_skip(site, scope, reason))
-            else:
-                sites.append(site)
-    return sites, skips
-
-
-def _site_skip(site: Site, scope: Scope | None, reason: str) -> Skip:
-    from onnxsvd.graph.match import Skip  # see Scope.trace
-
-    if scope is None:
-        return Skip(site.name, site.op_type, site.node_index, reason, site.shape, site.dense_bytes)
-    return Skip(site.name, site.op_type, scope.holder, reason, site.shape, site.dense_bytes, "subgraph",
-                scope.where, site.params, (site.weight.tensor,))
-
-
-def drop_shared_with_dense(index: GraphIndex, sites: Iterable[Site]) -> tuple[list[Site], list[Skip]]:
-    """Sites whose stored weight (or a chain output) is also read, in any scope, by a node that stays, or is
-    a graph's output: skipped, since factorizing them would add the factors while the dense copy stays.
-
-    Uses that are sites in other scopes (a main-graph MatMul and a MatMul inside an If reading one weight)
-    are no obstacle: they share one factorization.
-    """
-    scopes = index.scopes
-    sites = list(sites)
-    rewritten = {site.node_index for site in sites} | {key for site in sites for key in site.weight.chain}
-    kept: list[Site] = []
-    skips: list[Skip] = []
-    for site in sites:
-        tensors = [site.weight.tensor] + [scopes.nodes[key].output[0] for key in site.weight.chain]
-        blocker = ""
-        for tensor in tensors:
-            if tensor in scopes.outputs:
-                blocker = f"weight {tensor!r} is also a graph output"
-                break
-            reader = next((key for key in scopes.readers.get(tensor, []) if key not in rewritten), None)
-            if reader is not None:
-                blocker = (
-                    f"weight {site.weight.tensor!r} is also read by {_describe(scopes, reader)}, "
-                    "which keeps the dense copy"
-                )
-                break
-        if blocker:
-            skips.append(_site_skip(site, scopes.scope_of(site.node_index), blocker))
-        else:
-            kept.append(site)
-    if len(kept) != len(sites):
-        # Dropping a site can strand a weight its group-mates share: repeat until stable.
-        again, more = drop_shared_with_dense(index, kept)
-        return again, skips + more
-    return kept, skips
-
-
-def _describe(scopes: ModelScopes, key: int) -> str:
-    """``Neg node 'x'``, or for a node inside a body ``Neg node 'If_0/then_branch/n' inside If node 'If_0'``."""
-    from onnxsvd.graph.match import node_name  # see Scope.trace
-
-    node = scopes.nodes[key]
-    text = f"{node.op_type} node {scopes.display_name(key)!r}"
-    scope = scopes.scope_of(key)
-    if scope is not None:
-        holder = scopes.nodes[scope.holder]
-        text += f" inside {holder.op_type} node {node_name(holder, scope.holder)!r}"
-    return text

@@ -311,7 +311,11 @@ def factor_storage(site: Site, config: RewriteConfig) -> int:
     """ONNX dtype the correction's factors are stored in (``--factor-dtype``; ``auto``: the weight's own
     float dtype; ``int8``: ``TensorProto.INT8``, with one scale per rank component in the compute dtype)."""
     requested = config.quantize.factor_dtype  # type: ignore[union-attr]
-    return onnx.TensorProto.INT8 if requested == "int8" else storage_dtype_for(site, requested)
+    if requested == "int8":
+        return onnx.TensorProto.INT8
+    if requested == "auto" and site.weight.weight_only_int8:
+        return site.weight.compute_dtype  # the base is re-quantized anyway; int8 corrections need --factor-dtype
+    return storage_dtype_for(site, requested)
 
 
 def correction_bytes(site: Site, storage: int, rank: int) -> int:
