@@ -22,6 +22,7 @@ from onnxsvd.graph.scopes import body_graphs
 from onnxsvd.pipeline.group import DATA_FREE_REASON
 from onnxsvd.pipeline.inspect import inspect_model
 from onnxsvd.pipeline.sequential import rewrite_sequential
+from onnxsvd.validate.profile import site_flops
 from tests.conftest import FULL_RANK
 from tests.models import assert_valid, make_model, relative_error, run
 
@@ -110,6 +111,14 @@ def test_if_sites_are_found_with_their_scope_and_unique_names(rng: np.random.Gen
     assert inspection.params_in_sites == 3 * 16 * 16  # Wout counted once
 
 
+def test_a_main_graph_name_like_a_scoped_path_keeps_names_unique(rng: np.random.Generator) -> None:
+    model = _if_model(rng)
+    model.graph.node[0].name = "gate/then_branch/cell"  # the main MatMul named like the Gemm in the branch
+    names = [site.name for site in find_sites(model).sites]
+    assert names[0] == "gate/then_branch/cell" and "gate/then_branch/cell#2" in names
+    assert len(set(names)) == len(names)
+
+
 def test_if_full_rank_is_exact_on_both_branches_and_shares_one_factorization(rng: np.random.Generator) -> None:
     model = _if_model(rng)
     result = rewrite(model, RewriteConfig(policy=FULL_RANK))
@@ -138,6 +147,18 @@ def test_if_reduced_rank_shrinks_bytes_and_stays_close(rng: np.random.Generator)
     assert report.bytes_after == 4 * (4 * 32 * 3)  # each at rank 4, Wout's factors once
     assert_valid(result.model)
     assert max(_both_branches(rng, model, result.model)) < 1.5  # random weights: bounded, not exact
+
+
+def test_flops_find_the_chains_inside_bodies(rng: np.random.Generator) -> None:
+    model = _if_model(rng)
+    rewritten = rewrite(model, RewriteConfig(policy=LOW_RANK, exclude="^gate/else_branch/")).model
+    flops = site_flops(model, rewritten)
+    # Inferred from the rewritten model's names in every scope: the else branch's MatMul stays, and so do the
+    # two others reading its weight Wout; the chains are found by name inside the then branch.
+    assert flops.source == "inferred"
+    assert {cost.name: cost.flops_per_row_after for cost in flops.sites} == {
+        "pre": 2 * 4 * 32, "gate/then_branch/cell": 2 * 4 * 32,
+    }
 
 
 def _loop_scan_model(rng: np.random.Generator) -> onnx.ModelProto:

@@ -324,6 +324,8 @@ def _chain_nodes(
     """
     nodes: list[onnx.NodeProto] = []
     gemm = site.op_type == "Gemm"
+    # Inside a body, node names are the body's own (the scope is the path around them): ``cell/svd_a``.
+    local = site.name.removeprefix(f"{site.scope}/") if site.scope else site.name
     chain_outputs: list[str] = []
 
     def add(node: onnx.NodeProto, stage: int, role: str, chain: ChainFactors) -> None:
@@ -342,7 +344,7 @@ def _chain_nodes(
         if gemm and site.transpose_activation and opset < 11:
             # Old opsets need C on every Gemm; transpose the activation and use MatMul instead.
             transposed = names.fresh(f"{site.activation}/{tag}_t")
-            transpose_name = names.fresh(f"{site.name}/{tag}_t")
+            transpose_name = names.fresh(f"{local}/{tag}_t")
             add(helper.make_node("Transpose", [activation], [transposed], name=transpose_name), stage, "transpose",
                 chain)
             activation = transposed
@@ -350,7 +352,7 @@ def _chain_nodes(
             first_inputs, second_inputs = [activation, chain.first], [hidden, chain.second]
         else:
             first_inputs, second_inputs = [chain.first, activation], [chain.second, hidden]
-        first_name, second_name = names.fresh(f"{site.name}/{tag}_a"), names.fresh(f"{site.name}/{tag}_b")
+        first_name, second_name = names.fresh(f"{local}/{tag}_a"), names.fresh(f"{local}/{tag}_b")
         if gemm and opset >= 11:
             trans = {"transA": 1} if site.weight_side == "right" else {"transB": 1}
             first = helper.make_node(
@@ -376,7 +378,7 @@ def _chain_nodes(
     for position, term in enumerate(chain_outputs[1:], start=1):
         last = position == len(chain_outputs) - 1
         out = site.output if last else names.fresh(f"{site.output}/svd_sum{position}")
-        node = helper.make_node("Add", [total, term], [out], name=names.fresh(f"{site.name}/svd_add{position}"))
+        node = helper.make_node("Add", [total, term], [out], name=names.fresh(f"{local}/svd_add{position}"))
         add(node, position + 1, "sum", factors[position])
         total = out
     return nodes
@@ -443,7 +445,9 @@ def emit(
         )
         node = scopes.nodes[site.node_index] if scopes is not None else graph.node[site.node_index]
         broadcast = _broadcast(node) if opset < 7 else 0
-        unrecorded = _record_casts(site, unrecorded + tensors.pending_casts, factor_names)
+        seen = {id(node) for node in unrecorded}  # a body's pending nodes stay pending across other scopes' sites
+        fresh = [node for node in tensors.pending_casts if id(node) not in seen]
+        unrecorded = _record_casts(site, unrecorded + fresh, factor_names)
         chain = _chain_nodes(site, factor_names, names, opset, broadcast)
         if site.scope:
             # They read only initializers: at the head of the body they are before every reader.

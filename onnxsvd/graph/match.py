@@ -697,7 +697,8 @@ def find_sites(model: onnx.ModelProto, config: RewriteConfig | None = None) -> M
             skips.append(Skip(result.name, result.op_type, position, reason, result.shape, result.dense_bytes))
         else:
             sites.append(result)
-    inner_sites, inner_skips = _body_sites(index, config)
+    taken = {site.name for site in sites} | {skip.name for skip in skips}
+    inner_sites, inner_skips = _body_sites(index, config, taken)
     skips.extend(inner_skips)
     kept_sites, shared_skips = _drop_shared_with_dense(index, sites + inner_sites)
     skips.extend(shared_skips)
@@ -918,11 +919,13 @@ def _match_node(index: GraphIndex, node: onnx.NodeProto, position: int) -> Site 
     )
 
 
-def _body_sites(index: GraphIndex, config: RewriteConfig) -> tuple[list[Site], list[Skip]]:
+def _body_sites(index: GraphIndex, config: RewriteConfig, taken: set[str]) -> tuple[list[Site], list[Skip]]:
     """Every MatMul/Gemm inside a body (:mod:`onnxsvd.graph.scopes`), at any depth: a :class:`Site` with its
     ``scope`` (its weight an initializer or ``Constant`` of the body or of an outer scope, through the usual
     chains), or a skip with the reason. A node with no constant operand at all (attention's ``Q·Kᵀ``) is no
-    skip: it holds no weight. ``config`` applies ``--include``/``--exclude``/``--min-params`` to the scoped names."""
+    skip: it holds no weight. ``config`` applies ``--include``/``--exclude``/``--min-params`` to the scoped
+    names. A scoped name equal to one in ``taken`` (a main-graph node named like a path) gets a ``#2``, ``#3``…,
+    so every name is unique."""
     sites: list[Site] = []
     skips: list[Skip] = []
     for scope in index.scopes.bodies:
@@ -930,7 +933,12 @@ def _body_sites(index: GraphIndex, config: RewriteConfig) -> tuple[list[Site], l
             if node.op_type not in SITE_OPS:
                 continue
             key = scope.keys[number]
-            name = f"{scope.name}/{node_name(node, number)}"
+            name = wanted = f"{scope.name}/{node_name(node, number)}"
+            copies = 1
+            while name in taken:
+                copies += 1
+                name = f"{wanted}#{copies}"
+            taken.add(name)
             result = _match_node(scope, node, key)  # type: ignore[arg-type]  # a Scope resolves names as an index
             if isinstance(result, Skip):
                 weights = {}

@@ -29,6 +29,7 @@ from onnxsvd.pipeline.assemble import RewriteResult, assemble
 from onnxsvd.pipeline.group import (
     GroupOutcome,
     SpeedCheck,
+    data_free_reason,
     factor_group,
     group_statistics,
     metric_for,
@@ -100,6 +101,8 @@ def rewrite(
     groups = weight_groups(match.sites)
 
     def target(sites: list[Site], weight: np.ndarray) -> tuple[np.ndarray, Metric]:
+        if data_free_reason(sites, config):  # only inside bodies: no statistics (global allocation too)
+            return weight, identity_metric()
         return weight, metric_for(config, group_statistics(sites, statistics))
 
     base = str(base_dir) if base_dir is not None else None

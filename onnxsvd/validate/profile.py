@@ -40,7 +40,7 @@ import onnx
 from onnxsvd import io
 from onnxsvd.config import PROFILE_RUNS
 from onnxsvd.errors import UsageError
-from onnxsvd.graph import Site, find_sites
+from onnxsvd.graph import GraphIndex, Site, find_sites
 from onnxsvd.validate.latency import make_runner, open_session
 
 __all__ = [
@@ -245,7 +245,8 @@ def factorized_sites(
                 "pass the rewrite report of this model"
             )
         return tuple(sites[name] for name in names), "given"
-    remaining = {node.name for node in rewritten.graph.node if node.name}
+    scopes = GraphIndex(rewritten.graph).scopes  # a site inside a body is named with its scope's path
+    remaining = {scopes.display_name(key) for key, node in enumerate(scopes.nodes) if node.name}
     return tuple(site for name, site in sites.items() if name not in remaining), "inferred"
 
 
