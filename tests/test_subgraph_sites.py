@@ -15,13 +15,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxsvd import RewriteConfig, rewrite
 from onnxsvd.calibrate import calibrate
-from onnxsvd.config import RankPolicy
+from onnxsvd.config import QuantizeConfig, RankPolicy
 from onnxsvd.finetune.sites import find_factor_pairs
+from onnxsvd.finetune.torch_graph import UnsupportedOpError, check_supported
 from onnxsvd.graph import find_sites
 from onnxsvd.graph.scopes import body_graphs
 from onnxsvd.pipeline.group import DATA_FREE_REASON
 from onnxsvd.pipeline.inspect import inspect_model
 from onnxsvd.pipeline.sequential import rewrite_sequential
+from onnxsvd.pipeline.speed import UNTIMED_IN_BODY, SiteSpeedCheck, SpeedCheckConfig
 from onnxsvd.validate.profile import site_flops
 from tests.conftest import FULL_RANK
 from tests.models import assert_valid, make_model, relative_error, run
@@ -298,6 +300,23 @@ def test_finetune_lists_body_chains_as_not_trained(rng: np.random.Generator) -> 
     reasons = {skip.site: skip.reason for skip in skips}
     assert "finetune trains no factors inside bodies" in reasons["gate/then_branch/cell"]
     assert "shared with a chain inside an If/Loop/Scan body" in reasons["post"]
+    # finetune refuses a model with control flow, in one line
+    with pytest.raises(UnsupportedOpError, match="op 'If' .node 'gate'. is not supported"):
+        check_supported(rewritten)
+
+
+def test_speed_check_and_quantize_leave_body_sites_with_their_reason(rng: np.random.Generator) -> None:
+    model = _loop_scan_model(rng)
+    check = SiteSpeedCheck(SpeedCheckConfig(), batch=_loop_feeds(rng, True))
+    report = rewrite(model, RewriteConfig(policy=LOW_RANK), speed_check=check).report
+    assert [site.action for site in report.sites] == ["factorized"] * 4
+    assert all(UNTIMED_IN_BODY in site.reason for site in report.sites)
+    quantized = rewrite(_if_model(rng), RewriteConfig(policy=LOW_RANK, quantize=QuantizeConfig(block_size=16)))
+    by_name = {site.name: site for site in quantized.report.sites}
+    assert len(by_name) == 5 and by_name["pre"].action == "factorized"
+    assert "--quantize does not emit quantized bases inside" in by_name["gate/then_branch/cell"].reason
+    assert "shares its weight with a site inside a body" in by_name["post"].reason
+    assert_valid(quantized.model)
 
 
 def _int8_model(rng: np.random.Generator, k: int = 256, n: int = 192) -> onnx.ModelProto:

@@ -542,14 +542,15 @@ def _report(
     started: float,
 ) -> RewriteReport:
     label = config.quantize.label  # type: ignore[union-attr]
-    reports: dict[int, SiteReport] = {}
+    # In graph order; a node holding bodies is followed by the skipped nodes inside it, in their order.
+    reports: dict[tuple[int, int, int], SiteReport] = {}
     for outcome in outcomes:
         names = [s.name for s in outcome.sites]
         for member in outcome.sites:
             done = outcome.quantized
             correction = correction_bytes(member, outcome.storage, outcome.rank) if done else 0
             base = outcome.weight.base_bytes if outcome.weight is not None else 0
-            reports[member.node_index] = SiteReport(
+            reports[(member.graph_position, 0, member.node_index)] = SiteReport(
                 name=member.name,
                 op_type=member.op_type,
                 shape=[member.k, member.n],
@@ -570,13 +571,16 @@ def _report(
                 correction_bytes=correction,
                 base_error=outcome.base_error if done else None,
             )
-    for skip in match.skips:
+    latest: dict[tuple[int, str], Skip] = {}
+    for skip in match.skips:  # a node skipped twice (a weight holder, then already quantized): the later reason
+        latest[(skip.node_index, skip.name)] = skip
+    for order, skip in enumerate(latest.values(), start=1):
         params = int(np.prod(skip.shape)) if skip.shape else 0
-        reports[skip.node_index] = SiteReport(
+        reports[(skip.node_index, 1, order)] = SiteReport(
             name=skip.name, op_type=skip.op_type,
             shape=list(skip.shape) if skip.shape and len(skip.shape) == 2 else None,
             action="kept", reason=skip.reason, params_before=params, params_after=params,
-            dense_bytes=skip.dense_bytes,
+            dense_bytes=skip.dense_bytes, scope=skip.scope,
         )
     policy = "quantize only (--rank 0)" if not config.quantize.correction else (  # type: ignore[union-attr]
         config.policy.describe() if config.stage_ranks is None else f"stage ranks {list(config.stage_ranks)}"
