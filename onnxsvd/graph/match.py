@@ -680,7 +680,6 @@ def find_sites(model: onnx.ModelProto, config: RewriteConfig | None = None) -> M
     Sites that share a stored weight with a consumer that is not rewritten, in any scope, are skips too:
     their dense copy would stay.
     """
-
     config = config or RewriteConfig()
     index = GraphIndex(model.graph)
     sites: list[Site] = []

@@ -1,4 +1,4 @@
-"""Scopes: the If/Loop/Scan bodies of a model, the sites inside them, and sharing across scopes.
+"""Scopes: the If/Loop/Scan bodies of a model, one key per node across them, and who reads what in any scope.
 
 A *scope* is one graph: the main graph, or a body held by a node's graph attribute (``then_branch`` and
 ``else_branch`` of If, ``body`` of Loop and Scan), at any depth. A body reads names of the scopes around it
