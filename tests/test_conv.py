@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+from typing import Any
+
 import numpy as np
 import onnx
 import pytest
@@ -148,3 +152,93 @@ def test_conv_skips_carry_their_reasons(rng: np.random.Generator) -> None:
     ), opset_imports=[helper.make_opsetid("", 17)])
     (skip,) = find_sites(dynamic).skips
     assert skip.reason == "the Conv weight is dynamic (no constant weight)"
+
+
+@functools.lru_cache(maxsize=1)
+def spec_conv_cases() -> list[tuple[str, onnx.NodeProto, list[np.ndarray], np.ndarray]]:
+    """ONNX's own Conv node test cases (``onnx.backend.test.case.node.conv``): ``(name, node, inputs,
+    expected output)``, captured from the spec's ``export*`` functions (the wheel ships no data folders)."""
+    from onnx.backend.test.case.node import conv as spec
+
+    cases = []
+
+    def capture(node: onnx.NodeProto, inputs: list, outputs: list, name: str, **_: Any) -> None:
+        cases.append((name, node, [np.asarray(x) for x in inputs], np.asarray(outputs[0])))
+
+    original = spec.expect
+    spec.expect = capture
+    try:
+        for attribute in dir(spec.Conv):
+            if attribute.startswith("export"):
+                getattr(spec.Conv, attribute)()
+    finally:
+        spec.expect = original
+    return cases
+
+
+def _constant_weight_model(node: onnx.NodeProto, inputs: list[np.ndarray], expected: np.ndarray) -> onnx.ModelProto:
+    """The case's node with its weight (and bias) as initializers; the first input stays the graph's."""
+    constants = [numpy_helper.from_array(array.astype(np.float32), name)
+                 for name, array in zip(node.input[1:], inputs[1:], strict=True) if name]
+    graph = helper.make_graph(
+        [copy.deepcopy(node)], "spec_conv",
+        [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, list(inputs[0].shape))],
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, list(expected.shape))], constants,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_onnx_conv_node_cases_at_full_rank_reproduce_the_reference() -> None:
+    cases = spec_conv_cases()
+    assert len(cases) >= 5, [name for name, *_ in cases]
+    for name, node, inputs, expected in cases:
+        model = _constant_weight_model(node, inputs, expected)
+        onnx.checker.check_model(model, full_check=True)
+        for form in ("channel", "spatial"):
+            result = rewrite(model, RewriteConfig(policy=FULL_RANK, conv=form))
+            assert [n.op_type for n in result.model.graph.node] == ["Conv", "Conv"], name
+            assert_valid(result.model)
+            (actual,) = run(result.model, {node.input[0]: inputs[0].astype(np.float32)})
+            assert actual.shape == expected.shape, name
+            assert relative_error(actual, expected) < FULL_RANK_TOLERANCE, (name, form)
+
+
+def frobenius_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """``‖Y' − Y‖_F / ‖Y‖_F``: on the calibration data, the error in the data metric."""
+    return float(np.linalg.norm(actual.astype(np.float64) - expected) / np.linalg.norm(expected))
+
+
+def correlated_images(rng: np.random.Generator, mixing: np.ndarray, batch: int, size: int) -> np.ndarray:
+    """Images ``[B, C, S, S]`` whose channels mix two latent maps (``mixing`` ``[C, 2]``), with a little noise:
+    their 3×3 patches span about 18 of their ``9·C`` dimensions."""
+    latent = rng.standard_normal((batch, 2, size, size))
+    images = np.einsum("cl,blhw->bchw", mixing, latent)
+    return (images + 0.01 * rng.standard_normal(images.shape)).astype(np.float32)
+
+
+def test_patch_statistics_match_the_conv_and_whiten_beats_svd(rng: np.random.Generator) -> None:
+    from onnxsvd.calibrate import CalibrateConfig, calibrate
+
+    model, _ = conv_model(rng, channels=8, filters=16, size=10, batch=4, pads=[1, 1, 1, 1])
+    mixing = rng.standard_normal((8, 2))
+    batches = [{"x": correlated_images(rng, mixing, 4, 10)} for _ in range(3)]
+    statistics = calibrate(model, lambda: iter(batches), CalibrateConfig(patch_rows=None))
+    (site,) = find_sites(model).sites
+    stats = statistics.activations[site.statistics_key]
+    assert stats.gram.shape == (8 * 9, 8 * 9) and stats.rows == 3 * 4 * 10 * 10 and not stats.sampled
+    policy = RankPolicy("rank", 12, align=1, min_rank=1)  # under break-even (13), under the data's 18 dimensions
+    errors = {}
+    for method in ("svd", "whiten"):
+        result = rewrite(model, RewriteConfig(policy=policy, method=method), statistics=statistics)
+        assert_valid(result.model)
+        errors[method] = max(frobenius_error(run(result.model, feeds)[0], run(model, feeds)[0]) for feeds in batches)
+    assert errors["whiten"] < 0.6 * errors["svd"], errors
+
+    sampled = calibrate(model, lambda: iter(batches), CalibrateConfig(patch_rows=50, seed=3))
+    stats = sampled.activations[site.statistics_key]
+    assert (stats.rows, stats.positions) == (150, 1200) and stats.sampled
+    again = calibrate(model, lambda: iter(batches), CalibrateConfig(patch_rows=50, seed=3))
+    np.testing.assert_array_equal(again.activations[site.statistics_key].gram, stats.gram)  # seeded
+    result = rewrite(model, RewriteConfig(policy=policy, method="whiten"), statistics=sampled)
+    (report,) = result.report.sites
+    assert any("from 150 of 1,200 positions" in note for note in report.notes)

@@ -47,6 +47,7 @@ __all__ = [
     "metric_for",
     "orientation_note",
     "share_floor",
+    "sampling_notes",
     "conv_notes",
     "SPATIAL_DATA_FREE",
     "svd_options",
@@ -88,6 +89,21 @@ def conv_notes(site: Site, config: RewriteConfig) -> list[str]:
     notes = [site.conv.note] if site.conv.note else []
     if site.conv.form == "spatial" and config.method != "svd":
         notes.append(SPATIAL_DATA_FREE)
+    return notes
+
+
+def sampling_notes(sites: list[Site], statistics: Statistics | None, config: RewriteConfig) -> list[str]:
+    """A note for each Conv input of a group whose patch Gram is from a sample of its positions."""
+    if statistics is None or config.method == "svd" or sites[0].conv is None or sites[0].conv.form != "channel":
+        return []
+    notes = []
+    for key in dict.fromkeys(site.statistics_key for site in aligned_sites(sites)):
+        stats = statistics.activations.get(key)
+        if stats is not None and stats.sampled:
+            notes.append(
+                f"patch statistics of {key.split('#')[0]!r} from {stats.rows:,} of {stats.positions:,} positions "
+                "(sampled with a seed; 'calibrate --patch-rows' keeps more)"
+            )
     return notes
 
 
