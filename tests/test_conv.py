@@ -287,8 +287,8 @@ def two_conv_model(rng: np.random.Generator, channels: int = 8, width: int = 16)
         helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
     ]
     graph = helper.make_graph(
-        nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, channels, 10, 10])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, width, 10, 10])],
+        nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width, 10, 10])],
         [numpy_helper.from_array(w, f"w{i + 1}") for i, w in enumerate(weights)],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
