@@ -311,3 +311,59 @@ def test_sequential_whiten_on_conv_sites_beats_one_shot_svd(rng: np.random.Gener
         for name, result in (("sequential", sequential), ("svd", plain))
     }
     assert errors["sequential"] < 0.8 * errors["svd"], errors
+
+
+@pytest.mark.parametrize("form", ["channel", "spatial"])
+def test_keep_dense_if_slower_times_conv_chains(form: str, rng: np.random.Generator) -> None:
+    from onnxsvd.pipeline.speed import SiteSpeedCheck, SpeedCheckConfig, site_models
+
+    model, feeds = conv_model(rng, channels=16, filters=32, size=12, strides=[2, 1], pads=[1, 1, 1, 1])
+    check = SiteSpeedCheck(SpeedCheckConfig(input_shapes={"x": feeds["x"].shape}, warmup=1, iters=3, threads=1))
+    policy = RankPolicy("ratio", 0.25, align=1, min_rank=1)
+    result = rewrite(model, RewriteConfig(policy=policy, conv=form), speed_check=check)
+    (report,) = result.report.sites
+    assert report.dense_ms is not None and report.factorized_ms is not None and report.speed_provider == "cpu"
+    assert report.action in ("factorized", "kept")  # which one is the machine's, not the test's, to say
+    # The two timed models compute the same layer: the chain timed is the chain that would be written.
+    (site,) = find_sites(model, RewriteConfig(conv=form)).sites
+    from onnxsvd.factorize import decompose, truncate
+    from onnxsvd.graph import GraphIndex, load_weight
+
+    weight = load_weight(GraphIndex(model.graph), site)
+    full = truncate(decompose(weight), [min(weight.shape)], np.float32)
+    dense, factorized = site_models(site, model.graph.node[0], weight, np.zeros(32), feeds["x"].shape, full,
+                                    TensorProto.FLOAT)
+    assert [n.op_type for n in factorized.graph.node] == ["Conv", "Conv"]
+    assert relative_error(run(factorized, feeds)[0], run(dense, feeds)[0]) < FULL_RANK_TOLERANCE
+
+
+def test_inspect_lists_conv_sites_and_skips(rng: np.random.Generator) -> None:
+    from onnxsvd.pipeline.inspect import inspect_model
+
+    model = two_conv_model(rng)
+    depthwise = helper.make_node("Conv", ["y", "dw"], ["z"], name="depthwise", group=16, pads=[1, 1, 1, 1])
+    model.graph.node.append(depthwise)
+    model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((16, 1, 3, 3)).astype(np.float32), "dw"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 16, 10, 10]))
+    onnx.checker.check_model(model, full_check=True)
+    inspection = inspect_model(model, RewriteConfig(conv="spatial"))
+    assert [(s.name, s.op_type, s.shape) for s in inspection.sites] == [
+        ("conv1", "Conv", [24, 48]), ("conv2", "Conv", [48, 48]),
+    ]
+    assert inspection.sites[0].note == "Conv 3×3, spatial form"
+    (skip,) = inspection.skips
+    assert (skip.name, skip.kind, skip.params) == ("depthwise", "weights", 16 * 9)
+    assert skip.reason.startswith("depthwise Conv (group=16")
+    assert inspection.params_in_skipped + sum(s.params for s in inspection.sites) == 8 * 16 * 9 + 16 * 16 * 9 + 144
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_conv_stages_layout_and_fp16_factors(dtype: str, rng: np.random.Generator) -> None:
+    model, feeds = conv_model(rng, channels=8, filters=16)
+    config = RewriteConfig(policy=FULL_RANK, conv="spatial", stages=2, layout="stages", dtype=dtype)
+    result = rewrite(model, config)
+    assert_valid(result.model)
+    ops = [node.op_type for node in result.model.graph.node]
+    assert ops.count("Conv") == 4 and ops.count("Add") == 1 and ops.count("Cast") == (4 if dtype == "fp16" else 0)
+    (expected,), (actual,) = run(model, feeds), run(result.model, feeds)
+    assert relative_error(actual, expected) < (5e-3 if dtype == "fp16" else FULL_RANK_TOLERANCE)
