@@ -367,3 +367,28 @@ def test_conv_stages_layout_and_fp16_factors(dtype: str, rng: np.random.Generato
     assert ops.count("Conv") == 4 and ops.count("Add") == 1 and ops.count("Cast") == (4 if dtype == "fp16" else 0)
     (expected,), (actual,) = run(model, feeds), run(result.model, feeds)
     assert relative_error(actual, expected) < (5e-3 if dtype == "fp16" else FULL_RANK_TOLERANCE)
+
+
+def test_cli_calibrate_and_rewrite_conv_sites(tmp_path, capsys: pytest.CaptureFixture[str], rng) -> None:
+    import json
+
+    from onnxsvd.cli import main
+
+    model_path, stats_path, data_path = tmp_path / "two.onnx", tmp_path / "stats.npz", tmp_path / "calib.npz"
+    onnx.save(two_conv_model(rng), model_path)
+    np.savez(data_path, x=correlated_images(rng, rng.standard_normal((8, 2)), 8, 10))
+    args = ["calibrate", model_path, "--data", data_path, "-o", stats_path, "--patch-rows", "100", "--seed", "1"]
+    assert main([str(a) for a in args]) == 0
+    report_path, output = tmp_path / "report.json", tmp_path / "small.onnx"
+    args = ["rewrite", model_path, "-o", output, "--ratio", "0.5", "--method", "whiten", "--stats", stats_path,
+            "--conv", "spatial", "--min-rank", "1", "--align", "1", "--report", report_path]
+    assert main([str(a) for a in args]) == 0
+    sites = json.loads(report_path.read_text())["sites"]
+    assert [(s["name"], s["conv_form"], s["action"]) for s in sites] == [
+        ("conv1", "spatial", "factorized"), ("conv2", "spatial", "factorized"),
+    ]
+    assert all(any("data-free" in note for note in s["notes"]) for s in sites)
+    assert_valid(onnx.load(output))
+    capsys.readouterr()
+    assert main(["rewrite", str(model_path), "-o", str(tmp_path / "x.onnx"), "--conv", "diagonal"]) != 0
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
