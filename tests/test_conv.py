@@ -392,3 +392,16 @@ def test_cli_calibrate_and_rewrite_conv_sites(tmp_path, capsys: pytest.CaptureFi
     capsys.readouterr()
     assert main(["rewrite", str(model_path), "-o", str(tmp_path / "x.onnx"), "--conv", "diagonal"]) != 0
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_profile_flops_count_conv_sites(rng: np.random.Generator) -> None:
+    from onnxsvd.validate.profile import site_flops
+
+    model = two_conv_model(rng)
+    rewritten = rewrite(model, RewriteConfig(policy=RankPolicy("ratio", 0.5, align=1, min_rank=1))).model
+    flops = site_flops(model, rewritten)
+    assert [cost.name for cost in flops.sites] == ["conv1", "conv2"]
+    assert flops.per_row_before == 2 * (72 * 16 + 144 * 16)  # 2 × multiply-adds per output position
+    ranks = [site.rank for site in rewrite(model, RewriteConfig(policy=RankPolicy("ratio", 0.5, align=1,
+                                                                                     min_rank=1))).report.sites]
+    assert flops.per_row_after == 2 * (ranks[0] * (72 + 16) + ranks[1] * (144 + 16))
