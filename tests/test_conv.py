@@ -405,3 +405,36 @@ def test_profile_flops_count_conv_sites(rng: np.random.Generator) -> None:
     ranks = [site.rank for site in rewrite(model, RewriteConfig(policy=RankPolicy("ratio", 0.5, align=1,
                                                                                      min_rank=1))).report.sites]
     assert flops.per_row_after == 2 * (ranks[0] * (72 + 16) + ranks[1] * (144 + 16))
+
+
+@pytest.mark.parametrize("source", ["constant_node", "fp16_cast", "dequantize_per_channel"])
+def test_conv_weight_through_chains(source: str, rng: np.random.Generator) -> None:
+    weight = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+    if source == "constant_node":
+        nodes.append(helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight, "w_value")))
+    elif source == "fp16_cast":
+        initializers.append(numpy_helper.from_array(weight.astype(np.float16), "w16"))
+        nodes.append(helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT))
+    else:
+        scale = (np.abs(weight).reshape(6, -1).max(axis=1) / 127).astype(np.float32)  # [N]
+        quantized = np.round(weight / scale[:, None, None, None]).astype(np.int8)
+        initializers += [numpy_helper.from_array(quantized, "wq"), numpy_helper.from_array(scale, "ws")]
+        nodes.append(helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=0))
+    nodes.append(helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]))
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 7, 7])], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    (site,) = find_sites(model).sites
+    assert site.shape == (36, 6) and site.weight.tensor == {"constant_node": "w", "fp16_cast": "w16",
+                                                            "dequantize_per_channel": "wq"}[source]
+    feeds = {"x": rng.standard_normal((2, 4, 7, 7)).astype(np.float32)}
+    result = rewrite(model, RewriteConfig(policy=FULL_RANK, conv="spatial"))
+    assert_valid(result.model)
+    assert "Conv" in [n.op_type for n in result.model.graph.node] and len(result.report.factorized) == 1
+    tolerance = 2e-3 if source == "fp16_cast" else FULL_RANK_TOLERANCE  # fp16 factors of an fp16 weight
+    assert relative_error(run(result.model, feeds)[0], run(model, feeds)[0]) < tolerance
