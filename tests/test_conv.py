@@ -438,3 +438,11 @@ def test_conv_weight_through_chains(source: str, rng: np.random.Generator) -> No
     assert "Conv" in [n.op_type for n in result.model.graph.node] and len(result.report.factorized) == 1
     tolerance = 2e-3 if source == "fp16_cast" else FULL_RANK_TOLERANCE  # fp16 factors of an fp16 weight
     assert relative_error(run(result.model, feeds)[0], run(model, feeds)[0]) < tolerance
+
+
+def test_auto_factorizes_no_weight_the_channel_form_keeps_dense(rng: np.random.Generator) -> None:
+    model, _ = conv_model(rng, channels=16, filters=16)  # ratio 0.5: r = 7, aligned down to 0 (--align 8)
+    channel = rewrite(model, RewriteConfig(conv="channel")).report.sites[0]
+    auto = rewrite(model, RewriteConfig(conv="auto")).report.sites[0]
+    assert channel.action == auto.action == "kept" and auto.conv_form == "channel"
+    assert any("the channel form stays dense at ratio 0.5" in note for note in auto.notes)
