@@ -26,6 +26,7 @@ from onnxsvd.factorize import Metric, decompose, identity_metric
 from onnxsvd.graph import FactorTensors, GraphIndex, Site, find_sites
 from onnxsvd.pipeline.allocation import GlobalPlan, global_ranks
 from onnxsvd.pipeline.assemble import RewriteResult, assemble
+from onnxsvd.pipeline.conv_form import choose_conv_forms
 from onnxsvd.pipeline.group import (
     GroupOutcome,
     SpeedCheck,
@@ -33,6 +34,7 @@ from onnxsvd.pipeline.group import (
     factor_group,
     group_statistics,
     metric_for,
+    sampling_notes,
     share_floor,
     svd_options,
     weight_groups,
@@ -98,6 +100,7 @@ def rewrite(
     model = copy.deepcopy(model)
     match = find_sites(model, config)
     index = GraphIndex(model.graph)
+    match = choose_conv_forms(match, index, config, statistics, str(base_dir) if base_dir is not None else None)
     groups = weight_groups(match.sites)
 
     def target(sites: list[Site], weight: np.ndarray) -> tuple[np.ndarray, Metric]:
@@ -127,6 +130,7 @@ def rewrite(
         outcome = factor_group(
             index, sites, config, target, base, rank_override=override, keep_dense=kept_dense.get(key)
         )
+        outcome.notes += sampling_notes(sites, statistics, config)
         if plan is not None and key in plan.sensitivities:
             outcome.sensitivity = plan.sensitivities[key]
             outcome.sensitivity_estimated = plan.estimated.get(key)

@@ -63,6 +63,10 @@ class SiteReport:
             inside a body, whose activations ONNX Runtime cannot expose), else ``None``.
         factor_dtype: the dtype the factors are stored in when factorized (``int8`` for a weight stored
             int8: an int8 payload and a scale per rank component), else ``None``.
+        conv_form: a Conv site's factor form (``"channel"`` or ``"spatial"``), else ``None``.
+        flops_before: a Conv site's multiply-adds per output position, dense (``N·C·∏k``), else ``None``.
+        flops_after: those of its chain when factorized (channel ``r·(C·∏k + N)``; spatial
+            ``r·(C·k_h·s_w + k_w·N)``: its first Conv runs at the input's width), else ``flops_before``.
     """
 
     name: str
@@ -96,6 +100,9 @@ class SiteReport:
     scope: str = ""
     data_free: str | None = None
     factor_dtype: str | None = None
+    conv_form: str | None = None
+    flops_before: float | None = None
+    flops_after: float | None = None
 
 
 @dataclasses.dataclass

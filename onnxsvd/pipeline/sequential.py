@@ -34,7 +34,8 @@ import onnx
 import scipy.linalg
 
 from onnxsvd import io
-from onnxsvd.calibrate.collect import ActivationSpec, expose, rows_of, session_for, specs_for_sites
+from onnxsvd.calibrate.collect import ActivationSpec, activation_rows, expose, session_for, specs_for_sites
+from onnxsvd.calibrate.patches import DEFAULT_PATCH_ROWS
 from onnxsvd.calibrate.stats import ActivationStats, combine
 from onnxsvd.config import Progress, RewriteConfig
 from onnxsvd.data import Batches
@@ -42,6 +43,7 @@ from onnxsvd.errors import FactorizationError, UsageError
 from onnxsvd.factorize import Factorization, Metric, diagonal_metric, identity_metric, whitening_metric
 from onnxsvd.graph import GraphIndex, Site, find_sites
 from onnxsvd.pipeline.assemble import RewriteResult, assemble, emit_outcomes
+from onnxsvd.pipeline.conv_form import choose_conv_forms
 from onnxsvd.pipeline.group import GroupOutcome, SpeedCheck, aligned_sites, factor_group, share_floor, weight_groups
 
 __all__ = ["CrossStats", "site_levels", "rewrite_sequential"]
@@ -99,7 +101,7 @@ def _collect_cross(
     abs_sum = {spec.key: np.zeros(spec.channels) for spec in specs}  # Σ|x̃| [K]
     abs_max = {spec.key: np.zeros(spec.channels) for spec in specs}  # max|x̃| [K]
     rows = dict.fromkeys(gram, 0)
-    for batch in batches():
+    for batch_index, batch in enumerate(batches()):
         outputs = []
         for session, output_names in sessions:
             feed_names = {value.name for value in session.get_inputs()}
@@ -107,8 +109,10 @@ def _collect_cross(
             outputs.append(dict(zip(names, session.run(output_names, feed), strict=True)))
         mask = batch.get(mask_input) if mask_input else None
         for spec in specs:
-            x = rows_of(outputs[0][spec.tensor], spec.channel_axis, mask).astype(np.float64)  # X [T, K]
-            x_tilde = rows_of(outputs[1][spec.tensor], spec.channel_axis, mask).astype(np.float64)  # X̃ [T, K]
+            # The same positions of both models (a Conv input's patches are sampled by batch and shape).
+            x = activation_rows(spec, outputs[0][spec.tensor], mask, batch_index=batch_index)[0]  # X [T, K]
+            x_tilde = activation_rows(spec, outputs[1][spec.tensor], mask, batch_index=batch_index)[0]  # X̃ [T, K]
+            x, x_tilde = x.astype(np.float64), x_tilde.astype(np.float64)
             gram[spec.key] += x_tilde.T @ x_tilde  # [K, K]
             cross[spec.key] += x_tilde.T @ x  # [K, K]
             magnitude = np.abs(x_tilde)  # [T, K]
@@ -173,6 +177,8 @@ def rewrite_sequential(
     base_dir: str | None = None,
     progress: Progress | None = None,
     speed_check: SpeedCheck | None = None,
+    patch_rows: int | None = DEFAULT_PATCH_ROWS,
+    seed: int = 0,
 ) -> RewriteResult:
     """Rewrite ``model`` level by level against the partly compressed model's own activations.
 
@@ -187,6 +193,8 @@ def rewrite_sequential(
         progress: callback per level.
         speed_check: applied to each level's factorized groups before the next level sees them (keeps
             dense the groups whose chain is not faster).
+        patch_rows: im2col patches kept per batch of each Conv input (sampled with ``seed`` past it; the
+            original's and the compressed model's at the same positions).
 
     Returns:
         The rewritten model and its report; the report's notes give the levels and their cost.
@@ -199,6 +207,7 @@ def rewrite_sequential(
     working = copy.deepcopy(model)
     match = find_sites(working, config)
     index = GraphIndex(working.graph)
+    match = choose_conv_forms(match, index, config, None, base_dir)  # data-free: no statistics of the original yet
     groups = weight_groups(match.sites)
     levels = site_levels(working, match.sites)
     # Groups used only inside If/Loop/Scan bodies have no level: their activations cannot be exposed, so
@@ -221,7 +230,8 @@ def rewrite_sequential(
         level_sites = [site for sites in level_groups.values() for site in sites]
         tick = time.perf_counter()
         stats = _collect_cross(
-            original, compressed, specs_for_sites(level_sites), batches, providers, mask_input, base_dir
+            original, compressed, specs_for_sites(level_sites, patch_rows, seed), batches, providers, mask_input,
+            base_dir,
         )
         collect_seconds += time.perf_counter() - tick
         for key, sites in level_groups.items():
