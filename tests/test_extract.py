@@ -193,6 +193,27 @@ def test_global_allocation_within_budget(models: dict[str, Path], tmp_path: Path
     assert all("global allocation" in d.reason for d in deltas)
 
 
+def test_changes_outside_sites_are_reported(models: dict[str, Path], tmp_path: Path) -> None:
+    weights = _tuned(_weights(0), 2, 10)
+    weights["bias"] = weights["bias"] + np.float32(0.5)  # Gemm's C: no site's weight, not in the adapter
+    onnx.save(_model(weights), tmp_path / "bias.onnx")
+    report = extract(models["base"], [tmp_path / "bias.onnx"], tmp_path / "out", _exact(2))
+    assert report.adapters[0].changed_elsewhere == ["bias"]
+    assert extract(models["base"], [models["task_a"]], tmp_path / "out2", _exact(2)).adapters[0].changed_elsewhere == []
+
+
+def test_data_per_tuned_model(models: dict[str, Path], tmp_path: Path) -> None:
+    for name, seed in (("a.npz", 1), ("b.npz", 2)):
+        np.savez(tmp_path / name, x=_x(32, seed=seed))
+    config = ExtractConfig(policy=RankPolicy(kind="rank", value=2, align=1), method="whiten")
+    report = extract(models["base"], [models["task_a"], models["task_b"]], tmp_path / "out", config,
+                     data_path=[tmp_path / "a.npz", tmp_path / "b.npz"])
+    assert all(adapter.calibrated for adapter in report.adapters)
+    with pytest.raises(UsageError, match="one per tuned model"):
+        extract(models["base"], [models["task_a"], models["task_b"]], tmp_path / "out3", config,
+                data_path=[tmp_path / "a.npz"] * 3)
+
+
 def test_mismatched_graph_is_one_line_error(models: dict[str, Path], tmp_path: Path) -> None:
     other = _model(_weights(1))
     other.graph.node[1].op_type = "Sigmoid"

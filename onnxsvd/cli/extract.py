@@ -33,8 +33,9 @@ __all__ = ["extract_command", "render_extract"]
 @click.option("--method", type=click.Choice(METHODS), default="svd", show_default=True,
               help="svd: plain; whiten (or asvd): in the tuned model's activations on --data.")
 @click.option("--damping", type=float, default=1e-2, show_default=True, help="Whitening damping (relative).")
-@click.option("--data", "data_path", type=click.Path(path_type=Path),
-              help="Calibration data (.npz or folder), run through each tuned model; implies --method whiten.")
+@click.option("--data", "data_paths", multiple=True, type=click.Path(path_type=Path),
+              help="Calibration data (.npz or folder) run through each tuned model: once for all, or once per "
+                   "tuned model in order; implies --method whiten.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration samples per run.")
 @click.option("--max-samples", type=int, help="Use at most this many calibration samples.")
 @click.option("--providers", type=PROVIDER_LIST, default="cpu", show_default=True, help="Providers for calibration.")
@@ -62,7 +63,7 @@ def extract_command(
     stages: int,
     method: str,
     damping: float,
-    data_path: Path | None,
+    data_paths: tuple[Path, ...],
     batch_size: int,
     max_samples: int | None,
     providers: tuple[str, ...],
@@ -86,7 +87,7 @@ def extract_command(
 
     if rank is None and ratio is None and energy is None:
         rank = 16
-    if data_path is not None and method == "svd":
+    if data_paths and method == "svd":
         method = "whiten"
     config = ExtractConfig(
         policy=rank_policy(rank, ratio, energy, align, allow_growth, min_rank),
@@ -104,7 +105,7 @@ def extract_command(
         calibration=CalibrateConfig(batch_size=batch_size, max_samples=max_samples, providers=providers),
     )
     with progress_bar("extracting") as update:
-        report = extract(base, list(tuned), output, config, data_path=data_path, progress=update)
+        report = extract(base, list(tuned), output, config, data_path=list(data_paths) or None, progress=update)
     render_extract(report)
 
 
@@ -123,6 +124,9 @@ def render_extract(report: ExtractReport) -> None:
         stdout.print(f"adapter: {adapter.adapter} ({human_bytes(adapter.adapter_bytes)}, {share:.2%} of the base "
                      f"model's {human_bytes(report.base_bytes)}); {len(adapter.adapted)} of {len(adapter.deltas)} "
                      "weight groups adapted")
+        if adapter.changed_elsewhere:
+            stdout.print(f"warning: {len(adapter.changed_elsewhere)} weights that are no site changed and are not in "
+                         f"the adapter: {', '.join(adapter.changed_elsewhere[:8])}")
         if adapter.merged:
             stdout.print(f"merged: {adapter.merged} ({human_bytes(adapter.merged_bytes)})")
     stdout.print(f"adapter model: {report.base_lora} ({len(report.slots)} adapted sites, model version "

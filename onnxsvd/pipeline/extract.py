@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,12 @@ class DeltaReport:
 
 @dataclasses.dataclass
 class AdapterReport:
-    """What was extracted from one tuned model."""
+    """What was extracted from one tuned model.
+
+    Attributes:
+        changed_elsewhere: initializers whose values differ from the base's but that are no site's weight
+            (biases, norms, embeddings…): the adapter does not carry these changes.
+    """
 
     tuned: str
     adapter: str
@@ -167,6 +173,7 @@ class AdapterReport:
     adapter_bytes: int = 0
     merged_bytes: int | None = None
     calibrated: bool = False
+    changed_elsewhere: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def adapted(self) -> list[DeltaReport]:
@@ -256,6 +263,43 @@ def _metric_statistics(
     batches, count = batch_source(data_path, tuned, config.calibration)
     return calibrate(tuned, batches, config.calibration, progress=progress, total_batches=count,
                      base_dir=tuned_path.parent)
+
+
+def _data_paths(
+    data_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None, count: int
+) -> list[Path | None]:
+    """One calibration data path (or ``None``) per tuned model.
+
+    Raises:
+        UsageError: a list whose length is neither 1 nor the number of tuned models.
+    """
+    if data_path is None:
+        return [None] * count
+    if isinstance(data_path, str | os.PathLike):
+        return [Path(data_path)] * count
+    given = [Path(path) for path in data_path]
+    if len(given) == 1:
+        return given * count
+    if len(given) != count:
+        raise UsageError(f"give one --data for all tuned models or one per tuned model ({count}), got {len(given)}")
+    return list(given)
+
+
+def _changed_elsewhere(
+    base: onnx.ModelProto, tuned: onnx.ModelProto, sites: Sequence[Site], base_path: Path, tuned_path: Path
+) -> list[str]:
+    """Initializers that differ in value between the models and hold no site's weight."""
+    weights = {site.weight.tensor for site in sites}
+    theirs = {tensor.name: tensor for tensor in tuned.graph.initializer}
+    changed = []
+    for tensor in base.graph.initializer:
+        if tensor.name in weights:
+            continue
+        ours = io.tensor_array(tensor, base_path.parent)
+        other = io.tensor_array(theirs[tensor.name], tuned_path.parent)
+        if not np.array_equal(ours, other):
+            changed.append(tensor.name)
+    return changed
 
 
 def _factor_dtype(site: Site, config: ExtractConfig) -> int:
@@ -397,7 +441,7 @@ def extract(
     tuned_paths: list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],
     output_dir: str | os.PathLike[str],
     config: ExtractConfig | None = None,
-    data_path: str | os.PathLike[str] | None = None,
+    data_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Extract each tuned model's delta from the base as an ONNX Runtime adapter of one adapter model.
@@ -407,7 +451,8 @@ def extract(
         tuned_paths: one or more fine-tunes of it (the same graph with other weights).
         output_dir: the folder to write into (made if missing; removed again if extract fails there).
         config: ranks, method, factor dtype, tolerance, merge (defaults: rank 16, plain SVD).
-        data_path: calibration data for ``method`` ``whiten``/``asvd`` (run through each tuned model).
+        data_path: calibration data for ``method`` ``whiten``/``asvd``, run through each tuned model: one
+            path for all, or one per tuned model (each task's own data), in order.
         progress: optional callback ``(done, total, item)``.
 
     Returns:
@@ -425,8 +470,9 @@ def extract(
     tuned = [Path(path) for path in tuned_paths]
     if not tuned:
         raise UsageError("give at least one tuned model to extract from")
-    if config.method != "svd" and data_path is None:
+    if config.method != "svd" and not data_path:
         raise UsageError(f"--method {config.method} factorizes in the tuned model's activations: give --data")
+    data_paths = _data_paths(data_path, len(tuned))
     paths = _output_paths(base_path, tuned, folder, config.merge)
     base = io.load_model(base_path)
     tuned_models = []
@@ -440,14 +486,20 @@ def extract(
 
     per_tuned: list[tuple[AdapterReport, OrderedDict[str, _Delta]]] = []
     for done, (path, model) in enumerate(zip(tuned, tuned_models, strict=True), start=1):
-        statistics = _metric_statistics(model, path, Path(data_path) if data_path else None, config, None)
+        statistics = _metric_statistics(model, path, data_paths[done - 1], config, None)
         deltas = _deltas(groups, base_index, GraphIndex(model.graph), str(base_path.parent), str(path.parent),
                          statistics, config)
         _truncate(groups, deltas, _choose_ranks(groups, deltas, config), config)
         stem = _stem(path)
         merged = paths.get(f"merged:{stem}")
         report = AdapterReport(str(path), str(paths[f"adapter:{stem}"]), str(merged) if merged else None,
-                               [entry.report for entry in deltas.values()], calibrated=statistics is not None)
+                               [entry.report for entry in deltas.values()], calibrated=statistics is not None,
+                               changed_elsewhere=_changed_elsewhere(base, model, match.sites, base_path, path))
+        if report.changed_elsewhere:
+            log.warning(
+                "%s: %d weights that are no site's changed and are not in the adapter: %s", path,
+                len(report.changed_elsewhere), ", ".join(report.changed_elsewhere[:5]),
+            )
         per_tuned.append((report, deltas))
         log.info("%s: %d of %d weight groups adapted", path, len(report.adapted), len(groups))
         if progress is not None:
