@@ -214,6 +214,17 @@ def test_data_per_tuned_model(models: dict[str, Path], tmp_path: Path) -> None:
                 data_path=[tmp_path / "a.npz"] * 3)
 
 
+def test_stages_and_energy_policies(models: dict[str, Path], tmp_path: Path) -> None:
+    staged = extract(models["base"], [models["task_a"]], tmp_path / "staged",
+                     ExtractConfig(policy=RankPolicy(kind="rank", value=2, align=1), stages=2))
+    assert all(d.rank == 2 and d.delta_error < 1e-5 for d in staged.adapters[0].deltas)  # 1 + 1, still exact
+    energy = extract(models["base"], [models["task_b"]], tmp_path / "energy",
+                     ExtractConfig(policy=RankPolicy(kind="energy", value=0.999999, align=1, min_rank=1)))
+    assert {d.rank for d in energy.adapters[0].adapted} == {3}  # the delta's exact rank keeps all its energy
+    with pytest.raises(UsageError, match="--allocate global takes --ratio"):
+        ExtractConfig(policy=RankPolicy(kind="rank", value=2), allocate="global")
+
+
 def test_mismatched_graph_is_one_line_error(models: dict[str, Path], tmp_path: Path) -> None:
     other = _model(_weights(1))
     other.graph.node[1].op_type = "Sigmoid"
