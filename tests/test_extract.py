@@ -225,6 +225,34 @@ def test_stages_and_energy_policies(models: dict[str, Path], tmp_path: Path) -> 
         ExtractConfig(policy=RankPolicy(kind="rank", value=2), allocate="global")
 
 
+def _shared_model(weight: np.ndarray) -> onnx.ModelProto:
+    """x [B, H] → MatMul(x, W) → MatMul(·, Wᵀ): one stored weight read both ways round."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
+        helper.make_node("Transpose", ["w"], ["w_t"], name="transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "w_t"], ["y"], name="second"),
+    ]
+    graph = helper.make_graph(
+        nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", H])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", H])], [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_shared_weight_read_both_ways(tmp_path: Path) -> None:
+    weight = np.random.default_rng(3).standard_normal((H, H)).astype(np.float32)
+    onnx.save(_shared_model(weight), tmp_path / "base.onnx")
+    onnx.save(_shared_model(weight + _low_rank((H, H), 2, 4)), tmp_path / "tuned.onnx")
+    report = extract(tmp_path / "base.onnx", [tmp_path / "tuned.onnx"], tmp_path / "out", _exact(2))
+    assert [slot.sites for slot in report.slots] == [("first", "second")]  # one pair of inputs for both uses
+    x = np.random.default_rng(5).standard_normal((4, H)).astype(np.float32)
+    session = ort.InferenceSession(str(tmp_path / "out" / "base_lora.onnx"), providers=["CPUExecutionProvider"])
+    got = adapter_session(session, tmp_path / "out" / "tuned.onnx_adapter").run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, _run(tmp_path / "tuned.onnx", x), rtol=1e-4, atol=1e-4)
+
+
 def test_mismatched_graph_is_one_line_error(models: dict[str, Path], tmp_path: Path) -> None:
     other = _model(_weights(1))
     other.graph.node[1].op_type = "Sigmoid"

@@ -10,7 +10,7 @@ outputs (``same_module`` uses the first 2, so that every model has the base's gr
 torch on each task for ``--steps`` steps: only the weight matrices of the top 2 encoder layers (12 of the
 36 MatMul sites) and the head are trained. Biases, norms and embeddings are frozen because they are no
 site and an adapter could not carry them; the lower 4 layers are frozen so that their forward pass runs
-once, up front, and a few hundred steps fit on 2 shared cores (their 24 sites are reported unchanged).
+once, up front, and the default 150 steps fit on 2 shared cores (their 24 sites are reported unchanged).
 The base (pretrained encoder, seeded head) and both tuned models are exported to ONNX; for ranks 4, 8,
 16, 32 and 64, plain and whitened (the tuned model's activations on its own training sentences),
 ``extract`` writes ``base_lora.onnx``, the adapter and the merged model, and this script measures through
@@ -20,7 +20,7 @@ merged model. One more extraction puts both tasks' adapters on one base and swit
 
 Writes ``adapters.json``, ``adapters.md`` and ``adapters.png`` to ``--out`` (default ``docs/results``)::
 
-    python tools/bench_adapters.py --out docs/results --steps 300
+    python tools/bench_adapters.py --out docs/results --steps 150
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ CLASSES = 8  # head outputs: the package task's classes; the pair task uses the 
 PER_PACKAGE = 260  # sentences per package (train + test)
 PAIRS = 2400  # sentence pairs (train + test)
 TEST_SHARE = 0.2
-SEQ_LEN = {"package": 32, "same_module": 64}
+SEQ_LEN = {"package": 32, "same_module": 48}
 TRAINED_LAYERS = 2  # the top encoder layers whose weight matrices are fine-tuned (with the head)
 
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     parser.add_argument("--work", type=Path, default=Path("build/adapters"))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=30)

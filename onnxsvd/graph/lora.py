@@ -230,6 +230,7 @@ def emit_lora(
     result.CopyFrom(model)
     graph = result.graph
     names = _Names(graph)
+    names.used.update(name for slot in slots for name in (slot.a_name, slot.b_name))
     inserts: dict[int, list[onnx.NodeProto]] = {}
     emitted: list[LoraSlot] = []
     for slot in slots:
@@ -247,17 +248,23 @@ def emit_lora(
             a_default, b_default = a_default.astype(np_dtype), b_default.astype(np_dtype)
         graph.initializer.append(numpy_helper.from_array(a_default, slot.a_name))
         graph.initializer.append(numpy_helper.from_array(b_default, slot.b_name))
+        first = groups[slot.key][0]
         for site in groups[slot.key]:
             node = graph.node[site.node_index]
             stem = _clean(site.name)
             a_name, b_name = slot.a_name, slot.b_name
             nodes: list[onnx.NodeProto] = []
+            if site.kn_transposed != first.kn_transposed:  # this use reads Vᵀ: ΔW_kn = (A·B)ᵀ = Bᵀ·Aᵀ
+                a_name, b_name = names.fresh(f"{stem}/lora_Bt"), names.fresh(f"{stem}/lora_At")
+                for source, target in ((slot.b_name, a_name), (slot.a_name, b_name)):
+                    nodes.append(helper.make_node("Transpose", [source], [target], name=names.fresh(f"{target}_node")))
             if slot.dtype != site.weight.compute_dtype:  # fp16 factors of an fp32 site: cast in the graph
-                a_name, b_name = names.fresh(f"{stem}/lora_A_cast"), names.fresh(f"{stem}/lora_B_cast")
-                nodes.append(helper.make_node("Cast", [slot.a_name], [a_name], to=site.weight.compute_dtype,
+                cast_a, cast_b = names.fresh(f"{stem}/lora_A_cast"), names.fresh(f"{stem}/lora_B_cast")
+                nodes.append(helper.make_node("Cast", [a_name], [cast_a], to=site.weight.compute_dtype,
                                               name=names.fresh(f"{stem}/lora_A_cast")))
-                nodes.append(helper.make_node("Cast", [slot.b_name], [b_name], to=site.weight.compute_dtype,
+                nodes.append(helper.make_node("Cast", [b_name], [cast_b], to=site.weight.compute_dtype,
                                               name=names.fresh(f"{stem}/lora_B_cast")))
+                a_name, b_name = cast_a, cast_b
             base_output = names.fresh(f"{site.output}/lora_base")
             delta = names.fresh(f"{stem}/lora_delta")
             node.output[0] = base_output

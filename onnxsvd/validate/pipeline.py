@@ -103,7 +103,15 @@ def _check_adapter(rewritten: onnx.ModelProto, rewritten_path: Path, adapter_pat
     for slot in info.slots:
         inputs[slot.a_name] = (slot.dtype, slot.k, 0)
         inputs[slot.b_name] = (slot.dtype, 0, slot.n)
-    check_adapter(read_adapter(adapter_path), info.model_version, inputs, str(rewritten_path))
+    adapter = read_adapter(adapter_path)
+    check_adapter(adapter, info.model_version, inputs, str(rewritten_path))
+    for slot in info.slots:
+        given = [name in adapter.values for name in (slot.a_name, slot.b_name)]
+        if any(given) and not all(given):
+            raise ModelError(
+                f"adapter {adapter_path} sets only one of {slot.a_name!r} and {slot.b_name!r}; ONNX Runtime would pair "
+                "it with the other's rank-0 default: give both factors of each site"
+            )
 
 
 def _sessions(
