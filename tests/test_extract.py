@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsvd.adapter import adapter_session, read_adapter
+from onnxsvd.adapter import adapter_session, read_adapter, write_adapter
 from onnxsvd.cli.main import main
 from onnxsvd.config import RankPolicy, ValidateConfig
 from onnxsvd.errors import ModelError, UsageError
@@ -295,6 +295,12 @@ def test_adapter_for_another_base_is_refused(models: dict[str, Path], tmp_path: 
     with pytest.raises(ModelError, match="extracted for another base"):
         validate(models["task_a"], tmp_path / "one" / "base_lora.onnx", data, config,
                  adapter=tmp_path / "two" / "task_a.onnx_adapter")
+    partial = tmp_path / "partial.onnx_adapter"
+    values = dict(read_adapter(tmp_path / "one" / "task_a.onnx_adapter").values)
+    values.pop(next(name for name in values if name.endswith("lora_B")))
+    write_adapter(partial, values, report_version(tmp_path / "one"))
+    with pytest.raises(ModelError, match="sets only one of"):
+        validate(models["task_a"], tmp_path / "one" / "base_lora.onnx", data, config, adapter=partial)
     with pytest.raises(ModelError, match="declares no LoRA adapter inputs"):
         validate(models["task_a"], models["base"], data, config, adapter=tmp_path / "one" / "task_a.onnx_adapter")
 
@@ -346,6 +352,10 @@ def test_cli_missing_model_and_output_inside_input(models: dict[str, Path], tmp_
     runner = CliRunner()
     result = runner.invoke(main_group(), ["extract", "--help"])
     assert result.exit_code == 0 and "--merge" in result.output
+
+
+def report_version(folder: Path) -> int:
+    return int(json.loads((folder / "extract.json").read_text())["model_version"])
 
 
 def main_group():
