@@ -451,13 +451,17 @@ def markdown(results: dict) -> str:
                 f"{r['merged_p50_ms']:.2f} | {r['tuned_p50_ms']:.2f} |"
             )
         lines.append("")
-    shared = results["shared_session"]
+    shared = results.get("shared_session")
+    if shared is not None:
+        lines += [
+            "## Both adapters on one base, one session",
+            "",
+            f"rank {shared['rank']} {shared['method']}: accuracy switching adapters run by run on one session: "
+            + ", ".join(f"{t} {a:.4f}" for t, a in shared["accuracy"].items()),
+            "",
+        ]
+    lines += [f"Note: {note}" for note in results.get("notes", [])] + [""] * bool(results.get("notes"))
     lines += [
-        "## Both adapters on one base, one session",
-        "",
-        f"rank {shared['rank']} {shared['method']}: accuracy switching adapters run by run on one session: "
-        + ", ".join(f"{t} {a:.4f}" for t, a in shared["accuracy"].items()),
-        "",
         "## Targets",
         "",
         "| task | rank ≤ 16 within 0.5 points | smallest drop at rank ≤ 16 | whitened cosine > plain at every rank | "
