@@ -34,10 +34,15 @@ _EXPORTS = {
     "RewriteJob": "onnxsvd.files",
     "rewrite_file": "onnxsvd.files",
     "rewrite_quantized": "onnxsvd.pipeline.quantized",
+    "ExtractConfig": "onnxsvd.pipeline.extract",
+    "ExtractReport": "onnxsvd.pipeline.extract",
+    "extract": "onnxsvd.pipeline.extract",
 }
 
 __all__ = [
     "__version__",
+    "ExtractConfig",
+    "ExtractReport",
     "Inspection",
     "OnnxSvdError",
     "QuantizeConfig",
@@ -47,6 +52,7 @@ __all__ = [
     "RewriteReport",
     "RewriteResult",
     "SiteReport",
+    "extract",
     "inspect_model",
     "rewrite",
     "rewrite_file",
@@ -59,6 +65,7 @@ if TYPE_CHECKING:
     from onnxsvd.errors import OnnxSvdError
     from onnxsvd.files import RewriteJob, rewrite_file
     from onnxsvd.pipeline.assemble import RewriteResult
+    from onnxsvd.pipeline.extract import ExtractConfig, ExtractReport, extract
     from onnxsvd.pipeline.inspect import Inspection, inspect_model
     from onnxsvd.pipeline.oneshot import rewrite
     from onnxsvd.pipeline.quantized import rewrite_quantized

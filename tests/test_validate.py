@@ -501,7 +501,7 @@ def test_command_parses_options_into_the_config(digits: dict[str, Path], monkeyp
         min_cosine=0.9, max_top1_drop=0.02, profile=False,
         factorized_sites=("/layers/layers.0/Gemm", "/layers/layers.2/Gemm", "/layers/layers.4/Gemm"),
     )
-    paths = {"original", "rewritten", "data_path", "json_path", "rewrite_report"}
+    paths = {"original", "rewritten", "data_path", "json_path", "rewrite_report", "adapter"}
     options = {param.name for param in validate_command.params} - paths
     assert options <= {field.name for field in dataclasses.fields(ValidateConfig)}
     assert parse_config({"iters": 7}) == ValidateConfig(iters=7)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import click
 
 from onnxsvd.cli.calibrate import calibrate_command
+from onnxsvd.cli.extract import extract_command
 from onnxsvd.cli.finetune import finetune_command
 from onnxsvd.cli.inspect import inspect_command
 from onnxsvd.cli.rewrite import rewrite_command
@@ -41,6 +42,7 @@ COMMANDS = (
     validate_command,
     sweep_command,
     finetune_command,
+    extract_command,
 )
 for _command in COMMANDS:
     cli.add_command(_command)

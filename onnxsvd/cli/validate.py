@@ -68,6 +68,9 @@ def parse_config(options: Mapping[str, Any], rewrite_report: Path | None = None)
 @click.option("--rewrite-report", type=click.Path(path_type=Path),
               help="The JSON of 'onnxsvd rewrite --report': names the factorized sites for the speedup bound "
                    "[default: inferred from node names].")
+@click.option("--adapter", type=click.Path(path_type=Path),
+              help="An ONNX Runtime adapter from 'onnxsvd extract', active on every run of REWRITTEN "
+                   "(its base_lora.onnx).")
 @click.option("--profile/--no-profile", default=_DEFAULTS.profile, show_default=True,
               help="Profile the original to compute the speedup bound.")
 def validate_command(
@@ -76,6 +79,7 @@ def validate_command(
     data_path: Path,
     json_path: Path | None,
     rewrite_report: Path | None,
+    adapter: Path | None,
     **options: Any,
 ) -> None:
     """Compare REWRITTEN with ORIGINAL on data: accuracy per output (cosine, SQNR, errors, top-1/top-5
@@ -91,12 +95,13 @@ def validate_command(
     if json_path is not None:
         io.check_outputs(
             {"--json": json_path},
-            {"original": original, "rewritten": rewritten, "--data": data_path, "--rewrite-report": rewrite_report},
+            {"original": original, "rewritten": rewritten, "--data": data_path, "--rewrite-report": rewrite_report,
+             "--adapter": adapter},
         )
         io.check_output_path(json_path, None, force=False)
     config = parse_config(options, rewrite_report)  # options: every option but the paths
     with progress_bar("validating") as update:
-        report = validate(original, rewritten, data_path, config, progress=update, enforce_gate=False)
+        report = validate(original, rewritten, data_path, config, progress=update, enforce_gate=False, adapter=adapter)
     if json_path is not None:
         report.write_json(json_path)
     render_report(report, stdout, gate_details=False)
@@ -112,8 +117,9 @@ def render_report(report: ValidationReport, console: Console, gate_details: bool
     :class:`ValidationGateError` next and so prints the failures once, in its error line.
     """
     batching = f"batches of {report.batch_size}" if report.batch_size else "one batch per file"
+    active = f" with adapter {report.adapter}" if report.adapter else ""
     accuracy = Table(
-        title=f"accuracy: {report.rewritten} vs {report.original} — {report.samples} samples "
+        title=f"accuracy: {report.rewritten}{active} vs {report.original} — {report.samples} samples "
         f"({batching}, {report.accuracy_provider})"
     )
     columns = ["output", "shape", "cosine", "cos min", "cos global", "SQNR dB", "rel err", "max abs",

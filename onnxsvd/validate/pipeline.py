@@ -20,9 +20,11 @@ import numpy as np
 import onnx
 
 from onnxsvd import io
+from onnxsvd.adapter import adapter_session, check_adapter, read_adapter
 from onnxsvd.config import VALIDATE_BATCH_SIZE, Progress, ValidateConfig
 from onnxsvd.data import LABELS_KEY, InputData, iter_batches, load_inputs, model_inputs
 from onnxsvd.errors import DataError, ModelError, UsageError
+from onnxsvd.graph.lora import lora_info
 from onnxsvd.validate.latency import execution_provider, open_session, time_models
 from onnxsvd.validate.metrics import MetricAccumulator, OutputMetrics
 from onnxsvd.validate.profile import ProfileCache, site_flops, size_summary, speedup_bound
@@ -94,6 +96,39 @@ def _run(session: Any, names: list[str], feeds: dict[str, np.ndarray], which: st
         raise DataError(f"onnxruntime failed to run the {which} model on the data: {first}") from error
 
 
+def _check_adapter(rewritten: onnx.ModelProto, rewritten_path: Path, adapter_path: Path) -> None:
+    """Refuse an adapter that is not for this adapter model (another base, other inputs or shapes)."""
+    info = lora_info(rewritten, str(rewritten_path))
+    inputs: dict[str, tuple[int, int, int]] = {}
+    for slot in info.slots:
+        inputs[slot.a_name] = (slot.dtype, slot.k, 0)
+        inputs[slot.b_name] = (slot.dtype, 0, slot.n)
+    adapter = read_adapter(adapter_path)
+    check_adapter(adapter, info.model_version, inputs, str(rewritten_path))
+    for slot in info.slots:
+        given = [name in adapter.values for name in (slot.a_name, slot.b_name)]
+        if any(given) and not all(given):
+            raise ModelError(
+                f"adapter {adapter_path} sets only one of {slot.a_name!r} and {slot.b_name!r}; ONNX Runtime would pair "
+                "it with the other's rank-0 default: give both factors of each site"
+            )
+
+
+def _sessions(
+    original_path: Path,
+    rewritten_path: Path,
+    provider: str,
+    config: ValidateConfig,
+    adapter: str | os.PathLike[str] | None,
+) -> tuple[tuple[Any, float], tuple[Any, float]]:
+    """Sessions of both models on ``provider``; the rewritten one with ``adapter`` active on every run."""
+    original = open_session(original_path, provider, config.threads)
+    session, seconds = open_session(rewritten_path, provider, config.threads)
+    if adapter is not None:
+        session = adapter_session(session, adapter)
+    return original, (session, seconds)
+
+
 def compare_accuracy(
     original_session: Any,
     rewritten_session: Any,
@@ -139,6 +174,7 @@ def validate(
     progress: Progress | None = None,
     enforce_gate: bool = True,
     profiles: ProfileCache | None = None,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> ValidationReport:
     """Compare ``rewritten_path`` with ``original_path`` on the data at ``data_path``.
 
@@ -154,6 +190,8 @@ def validate(
         enforce_gate: raise when the gate fails (the CLI renders the report first, then raises).
         profiles: profiles of originals already measured, reused when the model file, provider, threads
             and batch shapes match (a sweep passes one cache to every validation); new ones are added.
+        adapter: an ONNX Runtime adapter (``.onnx_adapter`` from ``onnxsvd extract``) active on every run of
+            the rewritten model, which must be the adapter model it was extracted for (``base_lora.onnx``).
 
     Returns:
         The report.
@@ -174,17 +212,14 @@ def validate(
     original = io.load_model(original_path)
     rewritten = io.load_model(rewritten_path)
     _check_interfaces(original, rewritten, rewritten_path)
+    if adapter is not None:
+        _check_adapter(rewritten, rewritten_path, Path(adapter))
     data = load_inputs(data_path, original, config.max_samples)
     batch_size = _batch_size(config, data)
     notes: list[str] = []
 
     first_provider = config.providers[0]
-    sessions = {
-        first_provider: (
-            open_session(original_path, first_provider, config.threads),
-            open_session(rewritten_path, first_provider, config.threads),
-        )
-    }
+    sessions = {first_provider: _sessions(original_path, rewritten_path, first_provider, config, adapter)}
     (session_a, _), (session_b, _) = sessions[first_provider]
     outputs, first_batch, samples = compare_accuracy(session_a, session_b, data, batch_size, progress)
     if first_batch is None:
@@ -207,7 +242,8 @@ def validate(
     for done, provider in enumerate(config.providers, start=1):
         timing = time_models(
             original_path, rewritten_path, first_batch, provider, config.warmup, config.iters, config.threads,
-            sessions=sessions.pop(provider, None),
+            sessions=sessions.pop(provider, None)
+            or _sessions(original_path, rewritten_path, provider, config, adapter),
         )
         share = bound = None
         if config.profile and flops.sites:
@@ -251,6 +287,7 @@ def validate(
         gate=gate,
         notes=notes,
         seconds=time.perf_counter() - started,
+        adapter=str(adapter) if adapter is not None else None,
     )
     log.info(
         "validated %s against %s on %d samples: worst cosine %.4f",

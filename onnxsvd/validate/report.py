@@ -156,6 +156,7 @@ class ValidationReport:
         gate: the gate's verdict.
         notes: anything a reader should know about these numbers.
         seconds: wall time of the whole validation.
+        adapter: the ONNX Runtime adapter active on every run of the rewritten model, or ``None``.
     """
 
     original: str
@@ -173,6 +174,7 @@ class ValidationReport:
     gate: GateResult = dataclasses.field(default_factory=GateResult)
     notes: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    adapter: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (inf and NaN written as strings)."""
@@ -180,6 +182,7 @@ class ValidationReport:
             {
                 "original": self.original,
                 "rewritten": self.rewritten,
+                "adapter": self.adapter,
                 "data": self.data,
                 "samples": self.samples,
                 "batch_size": self.batch_size,
