@@ -13,6 +13,7 @@ from onnxsvd.cli.options import PROVIDER_LIST, RANK, CommaList, floor_options, r
 from onnxsvd.cli.render import NARROW, add_name_column, human_bytes, progress_bar, stdout
 from onnxsvd.config import (
     ALLOCATIONS,
+    BRANCH_FORMS,
     DEVICES,
     FACTOR_DTYPES,
     LAYOUTS,
@@ -103,6 +104,9 @@ STAGE_RANKS = CommaList(int, example="32,16")
 @click.option("--factor-dtype", type=click.Choice(FACTOR_DTYPES),
               help="--quantize: storage of the correction's factors (int8: a scale per rank component) "
                    "[default: auto, the weight's own float dtype].")
+@click.option("--branch", type=click.Choice(BRANCH_FORMS),
+              help="--quantize: unfused, MatMulNBits(X) + (X·A)·B; or fused, A quantized as extra output columns "
+                   "of the base (one MatMulNBits, a Split, B refitted to the quantized A) [default: unfused].")
 def rewrite_command(
     model: Path,
     output: Path | None,
@@ -149,6 +153,7 @@ def rewrite_command(
     symmetric: bool | None,
     quant_algo: str | None,
     factor_dtype: str | None,
+    branch: str | None,
 ) -> None:
     """Replace constant-weight MatMul/Gemm nodes by low-rank factor chains.
 
@@ -160,7 +165,8 @@ def rewrite_command(
     from onnxsvd.calibrate import CalibrateConfig
     from onnxsvd.files import RewriteJob, nothing_factorized, rewrite_file
 
-    quantization = _quantize_config(quantize, rank, block, accuracy_level, symmetric, quant_algo, factor_dtype)
+    quantization = _quantize_config(quantize, rank, block, accuracy_level, symmetric, quant_algo, factor_dtype,
+                                    branch)
     if quantization is not None and not quantization.correction:
         rank = None  # --rank 0: quantize only; no rank policy applies
     config = RewriteConfig(
@@ -222,10 +228,11 @@ def _quantize_config(
     symmetric: bool | None,
     quant_algo: str | None,
     factor_dtype: str | None,
+    branch: str | None = None,
 ) -> QuantizeConfig | None:
     """The ``--quantize`` configuration, or None; its options without ``--quantize`` are a usage error."""
     given = {"--block": block, "--accuracy-level": accuracy_level, "--symmetric/--asymmetric": symmetric,
-             "--quant-algo": quant_algo, "--factor-dtype": factor_dtype}
+             "--quant-algo": quant_algo, "--factor-dtype": factor_dtype, "--branch": branch}
     if quantize is None:
         stray = [flag for flag, value in given.items() if value is not None]
         if stray:
@@ -240,6 +247,7 @@ def _quantize_config(
         algorithm=algorithm,
         correction=rank != 0,
         factor_dtype=factor_dtype or "auto",
+        branch=branch or "unfused",
     )
 
 

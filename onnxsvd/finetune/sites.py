@@ -224,6 +224,7 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
     chains: dict[tuple[str, int], dict[str, tuple[onnx.NodeProto, ChainRecord]]] = {}
     skips: list[PairSkip] = []
     corrected: set[str] = set()  # sites whose chain is the correction of a quantized base
+    fused_branches: set[str] = set()  # corrections whose A lives in the quantized weight (--branch fused)
     for node in model.graph.node:
         try:
             record = read_record(node)
@@ -232,6 +233,8 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
             continue
         if record is not None and record.role == "base":
             corrected.add(record.site)
+        if record is not None and record.role == "split":
+            fused_branches.add(record.site)
         if record is None or record.role not in ("first", "second"):
             continue
         roles = chains.setdefault((record.site, record.stage), {})
@@ -243,6 +246,11 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
     order: list[tuple[str, str]] = []
     for roles in chains.values():
         present = next(iter(roles.values()))[1]
+        if present.site in fused_branches and "first" not in roles:
+            skips.append(PairSkip(present.label, (
+                "a fused correction branch (--branch fused): its A is stored quantized in the MatMulNBits "
+                "weight, which finetune keeps fixed; rewrite with --branch unfused to fine-tune the correction")))
+            continue
         if set(roles) != {"first", "second"}:
             missing = "first" if "first" not in roles else "second"
             skips.append(PairSkip(present.label, f"the chain has no node recording the role '{missing}'"))

@@ -71,6 +71,7 @@ from onnxsvd.graph import (
     storage_dtype_for,
 )
 from onnxsvd.pipeline.assemble import RewriteResult
+from onnxsvd.pipeline.fused_branch import fuse_branch
 from onnxsvd.pipeline.group import group_statistics, metric_for, svd_options, weight_groups
 from onnxsvd.pipeline.report import RewriteReport, SiteReport
 from onnxsvd.pipeline.sequential import (
@@ -108,6 +109,7 @@ class QuantOutcome:
     base_error: float | None = None
     weight_error: float | None = None
     seconds: float = 0.0
+    fused: QuantizedWeight | None = None  # --branch fused: [W | A] quantized together ([K, N + r])
 
     @property
     def quantized(self) -> bool:
@@ -375,6 +377,16 @@ def _fit_group(
             factorization, ranks, how = _correction(site, sites, config, target, refit, weight, dequantized, base,
                                                     rank_override)
             outcome.kept_energy = factorization.kept_energy
+            if quantize.branch == "fused":
+                goal, metric = target(sites, weight, dequantized)  # [K, N], Lᵀ
+                held, _ = _fit_rounding(site, storage)
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(site.weight.compute_dtype)
+                outcome.fused, factorization = fuse_branch(weight, quantized, factorization, goal, metric, dtype,
+                                                           held, quantize)
+                a_bytes = outcome.fused.base_bytes - quantized.base_bytes
+                b_bytes = io.dtype_bytes(storage, factorization.rank * site.n)
+                how += (f"; fused branch: A in {a_bytes:,} B of int{quantize.bits} base columns, B refitted to it "
+                        f"({a_bytes + b_bytes:,} B in all)")
         corrected = dequantized + (factorization.product() if factorization is not None else 0.0)  # [K, N]
         error = float(np.linalg.norm(weight - corrected)) / norm if norm > 0 else 0.0
         if not np.isfinite(error):
@@ -515,8 +527,17 @@ def _sequential_fit(config: RewriteConfig, stats: CrossStats) -> tuple[QuantTarg
 
 def _emitted(outcomes) -> list[QuantizedGroup]:
     return [
-        QuantizedGroup(o.sites, o.weight, o.factorization, o.storage) for o in outcomes if o.weight is not None
+        QuantizedGroup(o.sites, o.weight, o.factorization, o.storage, fused=o.fused)
+        for o in outcomes if o.weight is not None
     ]
+
+
+def _outcome_correction_bytes(outcome: QuantOutcome, site: Site) -> int:
+    """The correction's bytes as stored: its factors, or with ``--branch fused`` the columns of ``A`` in the
+    fused quantized weight and ``B`` in its dtype."""
+    if outcome.fused is None or outcome.weight is None:
+        return correction_bytes(site, outcome.storage, outcome.rank)
+    return outcome.fused.base_bytes - outcome.weight.base_bytes + io.dtype_bytes(outcome.storage, outcome.rank * site.n)
 
 
 def _report(
@@ -534,7 +555,7 @@ def _report(
         names = [s.name for s in outcome.sites]
         for member in outcome.sites:
             done = outcome.quantized
-            correction = correction_bytes(member, outcome.storage, outcome.rank) if done else 0
+            correction = _outcome_correction_bytes(outcome, member) if done else 0
             base = outcome.weight.base_bytes if outcome.weight is not None else 0
             reports[member.node_index] = SiteReport(
                 name=member.name,
@@ -590,7 +611,7 @@ def _summary(outcomes: list[QuantOutcome], config: RewriteConfig) -> str:
     done = [o for o in outcomes if o.quantized]
     dense = sum(site.dense_bytes for o in done for site in o.sites[:1])
     base = sum(o.weight.base_bytes for o in done if o.weight is not None)
-    correction = sum(correction_bytes(o.sites[0], o.storage, o.rank) for o in done)
+    correction = sum(_outcome_correction_bytes(o, o.sites[0]) for o in done)
     share = (base + correction) / dense if dense else math.nan
     return (
         f"quantized: {len(done)} weights with ONNX Runtime's quantizer ({config.quantize.label}, "  # type: ignore[union-attr]
