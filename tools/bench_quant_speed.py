@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxsvd import io
 from onnxsvd.calibrate import CalibrateConfig, batch_source, calibrate
-from onnxsvd.validate.latency import time_models
+from onnxsvd.validate.latency import open_session, time_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import embed, mean_cosine, nearest_neighbours  # noqa: E402
@@ -83,6 +83,32 @@ def timed(base: Path, other: Path, feeds: dict, args: argparse.Namespace) -> dic
             "speedup_p10_p90": [timing.speedup_p10, timing.speedup_p90]}
 
 
+#: Node names of an unfused branch, as emit_quant writes them (``site/q_corr_a``, ``/q_corr_b``, ``/q_add``).
+BRANCH_NODES = ("/q_corr_a", "/q_corr_b", "/q_add")
+
+
+def branch_share(path: Path, feeds: dict, args: argparse.Namespace, runs: int = 12) -> float:
+    """The unfused branch's kernels' share of all kernel time, from ONNX Runtime's profile of the corrected
+    model itself (both parts slowed alike by a busy machine, so steadier than two timings): the correction's
+    cost over the int4 model alone is then ``share / (1 − share)``."""
+    with tempfile.TemporaryDirectory(prefix="bench-quant-profile-") as folder:
+        session, _ = open_session(path, "cpu", args.threads, profile_prefix=str(Path(folder) / "trace"))
+        for _ in range(runs + 1):
+            session.run(None, feeds)
+        trace = json.loads(Path(session.end_profiling()).read_text())
+    starts = sorted(e["ts"] + e.get("dur", 0) for e in trace if e.get("name") == "model_run")
+    first = starts[0] if starts else 0  # the first run warms up
+    branch = total = 0.0
+    for event in trace:
+        name = str(event.get("name", ""))
+        if event.get("cat") != "Node" or not name.endswith("_kernel_time") or event.get("ts", 0) < first:
+            continue
+        total += event.get("dur", 0)
+        if any(part in name for part in BRANCH_NODES):
+            branch += event.get("dur", 0)
+    return branch / total if total else float("nan")
+
+
 def run_layers(args: argparse.Namespace, ranks: list[int], scratch: Path) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
@@ -97,6 +123,9 @@ def run_layers(args: argparse.Namespace, ranks: list[int], scratch: Path) -> lis
                                                             args.accuracy_level)).model, path)
             row = {"layer": f"{k}x{n}", "form": label, "rank": rank, "branch": branch, "factor_dtype": factor_dtype,
                    **timed(base, path, feeds, args)}
+            if branch == "unfused":
+                share = branch_share(path, feeds, args)
+                row["profiled_cost"] = share / (1.0 - share)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -134,9 +163,17 @@ def run_model(args: argparse.Namespace, ranks: list[int], scratch: Path) -> tupl
         path, quality = build(rank, branch, factor_dtype, f"model_{rank}_{branch}_{factor_dtype}")
         row = {"form": label, "rank": rank, "branch": branch, "factor_dtype": factor_dtype, **quality,
                **timed(base, path, feeds, args)}
+        if branch == "unfused":
+            share = branch_share(path, feeds, args)
+            row["profiled_cost"] = share / (1.0 - share)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows, summary
+
+
+def _profiled(row: dict) -> str:
+    """The profile's estimate (unfused forms only: a fused branch runs inside the MatMulNBits kernel)."""
+    return f"{row['profiled_cost']:+.1%}" if "profiled_cost" in row else "inside MatMulNBits"
 
 
 def markdown(record: dict) -> str:
@@ -160,23 +197,25 @@ def markdown(record: dict) -> str:
             f"int4 base alone: {base['int4_ms']:.1f} ms ({base['int4_speedup_vs_fp32']:.2f}× against fp32's "
             f"{base['fp32_ms']:.1f} ms), cosine {base['cosine']:.4f}, nn-agreement {base['nn_agreement']:.3f}.",
             "",
-            "| form | cosine | nn-agreement | linear bytes / fp32 | ms | cost vs int4 alone (p10–p90 speedup) |",
-            "|---|---|---|---|---|---|",
+            "| form | cosine | nn-agreement | linear bytes / fp32 | ms | cost vs int4 alone, A/B (p10–p90 of "
+            "the paired speedups) | cost from the profile |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in record["model"]:
             low, high = row["speedup_p10_p90"]
             lines.append(
                 f"| {row['form']} | {row['cosine']:.4f} | {row['nn_agreement']:.3f} | "
                 f"{row['linear_bytes'] / row['linear_fp32_bytes']:.3f} | {row['ms']:.1f} | "
-                f"{row['cost']:+.1%} ({low:.2f}–{high:.2f}) |"
+                f"{row['cost']:+.1%} ({low:.2f}–{high:.2f}) | {_profiled(row)} |"
             )
         lines.append("")
     if record.get("layers"):
         lines += ["## Single layers of MiniLM-L6's shapes (activations [32, 64, K])", "",
-                  "| layer | form | int4 ms | with correction ms | cost |", "|---|---|---|---|---|"]
+                  "| layer | form | int4 ms | with correction ms | cost, A/B | cost from the profile |",
+                  "|---|---|---|---|---|---|"]
         for row in record["layers"]:
             lines.append(f"| {row['layer']} | {row['form']} | {row['base_ms']:.2f} | {row['ms']:.2f} | "
-                         f"{row['cost']:+.1%} |")
+                         f"{row['cost']:+.1%} | {_profiled(row)} |")
         lines.append("")
     return "\n".join(lines)
 

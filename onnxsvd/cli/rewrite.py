@@ -66,12 +66,16 @@ STAGE_RANKS = CommaList(int, example="32,16")
               help="Storage dtype of the factors.")
 @click.option("--keep-dense-if-slower", is_flag=True,
               help="Time each factorized site dense against factorized on --providers; keep dense the "
-              "sites whose chain is not faster.")
+              "sites whose chain is not faster. With --quantize: time each corrected site against its quantized "
+              "layer alone and drop the corrections over --max-branch-cost.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1,…",
               help="Input shape for --keep-dense-if-slower timing (repeat per input; default: a --data batch).")
 @click.option("--speed-iters", type=int, default=30, show_default=True,
               help="Timed runs of each form per site for --keep-dense-if-slower.")
 @click.option("--threads", type=int, help="onnxruntime intra-op threads for --keep-dense-if-slower timing.")
+@click.option("--max-branch-cost", type=float,
+              help="--quantize --keep-dense-if-slower: drop a site's correction when it makes the site more than "
+                   "this fraction slower than its quantized layer alone [default: 0.10].")
 @selection_options
 @floor_options
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON here.")
@@ -154,6 +158,7 @@ def rewrite_command(
     quant_algo: str | None,
     factor_dtype: str | None,
     branch: str | None,
+    max_branch_cost: float | None,
 ) -> None:
     """Replace constant-weight MatMul/Gemm nodes by low-rank factor chains.
 
@@ -203,7 +208,8 @@ def rewrite_command(
         calibration=calibration,
         sequential=sequential,
         external_data=external_data,
-        speed_check=_speed_check(keep_dense_if_slower, shapes, providers, speed_iters, threads),
+        speed_check=_speed_check(keep_dense_if_slower, shapes, providers, speed_iters, threads, max_branch_cost,
+                                 quantization is not None),
         report=report,
         force=force,
         allow_unchanged=allow_unchanged,
@@ -252,9 +258,12 @@ def _quantize_config(
 
 
 def _speed_check(
-    enabled: bool, shapes: tuple[str, ...], providers: tuple[str, ...], iters: int, threads: int | None
+    enabled: bool, shapes: tuple[str, ...], providers: tuple[str, ...], iters: int, threads: int | None,
+    max_branch_cost: float | None = None, quantized: bool = False,
 ) -> Any:
     """The ``--keep-dense-if-slower`` configuration, or None."""
+    if max_branch_cost is not None and not (enabled and quantized):
+        raise UsageError("--max-branch-cost is the budget of --quantize --keep-dense-if-slower; add both or drop it")
     if not enabled:
         if shapes:
             raise UsageError("--shape only sets the timing shapes of --keep-dense-if-slower; add that flag")
@@ -262,7 +271,8 @@ def _speed_check(
     from onnxsvd.pipeline.speed import SpeedCheckConfig, parse_shape  # the library, when the command runs
 
     declared = dict(parse_shape(text) for text in shapes)
-    return SpeedCheckConfig(providers=providers, input_shapes=declared, iters=iters, threads=threads)
+    budget = {} if max_branch_cost is None else {"max_branch_cost": max_branch_cost}
+    return SpeedCheckConfig(providers=providers, input_shapes=declared, iters=iters, threads=threads, **budget)
 
 
 def _require_torch_cuda() -> None:

@@ -31,6 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -110,6 +111,9 @@ class QuantOutcome:
     weight_error: float | None = None
     seconds: float = 0.0
     fused: QuantizedWeight | None = None  # --branch fused: [W | A] quantized together ([K, N + r])
+    base_ms: float | None = None  # --keep-dense-if-slower: the quantized layer alone, and with its correction
+    corrected_ms: float | None = None
+    speed_provider: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -131,6 +135,7 @@ def rewrite_quantized(
     providers: tuple[str, ...] = ("cpu",),
     mask_input: str | None = None,
     data_file: io.DataFile | None = None,
+    speed_check: Any | None = None,
 ) -> RewriteResult:
     """Quantize every eligible MatMul/Gemm of ``model`` with ONNX Runtime and add a low-rank correction.
 
@@ -146,6 +151,11 @@ def rewrite_quantized(
         providers: ONNX Runtime providers of the sequential model runs.
         mask_input: a ``[B, S]`` token mask whose zero rows the sequential statistics leave out.
         data_file: the output's data file: the new tensors are written there as they are made.
+        speed_check: ``--keep-dense-if-slower``: a :class:`onnxsvd.pipeline.speed.SiteSpeedCheck`; every
+            corrected site is timed against its quantized layer alone before it is emitted, and corrections
+            over its ``max_branch_cost`` are dropped (the site keeps its quantized base). With
+            ``sequential`` the check runs after every level is fitted: later levels were fitted with the
+            earlier corrections in place.
 
     Returns:
         The rewritten model and a report of every MatMul/Gemm (and of every already quantized node).
@@ -207,6 +217,11 @@ def rewrite_quantized(
             if progress is not None:
                 progress(done, len(groups), sites[0].name)
     ordered = [outcomes[key] for key in groups]
+    if speed_check is not None:
+        check = getattr(speed_check, "check_corrections", None)
+        if check is None:
+            raise UsageError("this speed check cannot time quantized sites: use onnxsvd.pipeline.SiteSpeedCheck")
+        check(model, ordered, base_dir)
     emit_quantized(model, _emitted(ordered), FactorTensors(model, data_file), ranks_of_activations)
     if any(outcome.quantized for outcome in ordered):
         _stamp(model, config)
@@ -577,6 +592,9 @@ def _report(
                 base_bytes=base,
                 correction_bytes=correction,
                 base_error=outcome.base_error if done else None,
+                base_ms=outcome.base_ms,
+                corrected_ms=outcome.corrected_ms,
+                speed_provider=outcome.speed_provider,
             )
     for skip in match.skips:
         params = int(np.prod(skip.shape)) if skip.shape else 0

@@ -58,6 +58,8 @@ class SiteReport:
         sensitivity_estimated: True when ``sensitivity`` was not measured but estimated (the median of
             the measured ones); ``sensitivity_reason`` says why it could not be measured.
         sensitivity_reason: why the sensitivity is estimated (``None`` when it was measured).
+        base_ms: ``--quantize --keep-dense-if-slower``: median time of the quantized layer alone (slowest
+            provider); ``corrected_ms`` that of the site with its correction branch, on the same activation.
     """
 
     name: str
@@ -88,6 +90,8 @@ class SiteReport:
     sensitivity: float | None = None
     sensitivity_estimated: bool = False
     sensitivity_reason: str | None = None
+    base_ms: float | None = None
+    corrected_ms: float | None = None
 
 
 @dataclasses.dataclass
