@@ -53,6 +53,10 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--max-samples", type=int, help="fine-tune on the first this many sentences only")
+    parser.add_argument("--outputs-only", action="store_true", help="distil the outputs alone (no site activations)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     model = io.load_model(args.minilm / "model.onnx")
@@ -68,9 +72,11 @@ def main() -> int:
     print(f"rewritten: {before}", flush=True)
     data_path = args.finetune_data or args.minilm / "calib_2000.npz"
     tune = FinetuneConfig(steps=args.steps, lr=args.lr, threads=args.threads, device=args.device,
-                          patience=max(4, args.steps // 100))
+                          patience=max(4, args.steps // 100), batch_size=args.batch_size, eval_every=args.eval_every,
+                          match_activations=not args.outputs_only)
+    samples = {name: value[: args.max_samples] for name, value in np.load(data_path).items()}
     started = time.perf_counter()
-    result = finetune(rewritten, model, dict(np.load(data_path)), tune)
+    result = finetune(rewritten, model, samples, tune)
     minutes = (time.perf_counter() - started) / 60
     after = quality(result.model, evaluation, reference, args.threads)
     print(f"fine-tuned: {after} in {minutes:.1f} min", flush=True)
@@ -83,7 +89,8 @@ def main() -> int:
     record = {
         "model": "all-MiniLM-L6-v2", "rewrite": f"int4 b{args.block} accuracy_level {args.accuracy_level} "
         f"+ whitened rank {args.rank} correction (fp32 factors)",
-        "finetune_data": str(data_path), "steps": args.steps, "steps_run": report.steps_run,
+        "finetune_data": str(data_path), "samples": len(next(iter(samples.values()))), "steps": args.steps,
+        "batch_size": args.batch_size, "match_activations": not args.outputs_only, "steps_run": report.steps_run,
         "best_step": report.best_step, "lr": args.lr, "minutes": minutes, "device": args.device,
         "threads": args.threads, "pairs": report.pairs, "skipped": report.skipped,
         "heldout_loss_before": report.heldout_before, "heldout_loss_after": report.heldout_after,
@@ -95,7 +102,9 @@ def main() -> int:
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     stem.with_suffix(".md").write_text(
         f"# Fine-tuning the correction: MiniLM-L6, {record['rewrite']}\n\n"
-        f"Fine-tuned on {data_path.name} (10% held out) for at most {args.steps} steps of 32 sentences "
+        f"Fine-tuned on {record['samples']} sentences of {data_path.name} (10% held out) for at most "
+        f"{args.steps} steps of {args.batch_size} sentences"
+        f"{', site activations matched' if record['match_activations'] else ', outputs only'} "
         f"(ran {report.steps_run}, best {report.best_step}), {minutes:.1f} min on {args.device}, "
         f"{args.threads} threads; only the {report.pairs} correction branches train, the int4 base is "
         f"{'byte-identical after' if frozen else 'CHANGED (a bug)'}. 512 held-out sentences, mean-pooled "

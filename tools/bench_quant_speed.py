@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import platform
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -46,8 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ((384, 384), (384, 1536), (1536, 384))
 
 
-def forms(ranks: list[int]) -> list[tuple[str, int, str, str]]:
-    """(label, rank, branch, factor dtype) of every form timed."""
+def forms(ranks: list[int], only: str | None = None) -> list[tuple[str, int, str, str]]:
+    """(label, rank, branch, factor dtype) of every form timed (those whose label matches ``only``)."""
     rows = []
     for rank in ranks:
         rows += [(f"rank {rank} unfused fp32", rank, "unfused", "fp32"),
@@ -55,7 +56,7 @@ def forms(ranks: list[int]) -> list[tuple[str, int, str, str]]:
                  (f"rank {rank} fused (A int4 in the base, B fp32)", rank, "fused", "fp32")]
     rows.append(("rank 20 unfused fp32 (not aligned to 16)", 20, "unfused", "fp32"))
     rows.append(("rank 24 unfused fp32 (aligned to 8, not 16)", 24, "unfused", "fp32"))
-    return rows
+    return [row for row in rows if only is None or re.search(only, row[0])]
 
 
 def config_for(rank: int, branch: str, factor_dtype: str, method: str, accuracy_level: int) -> onnxsvd.RewriteConfig:
@@ -117,7 +118,7 @@ def run_layers(args: argparse.Namespace, ranks: list[int], scratch: Path) -> lis
         feeds = {"x": rng.standard_normal((32, 64, k)).astype(np.float32)}
         base = scratch / f"layer_{k}_{n}_base.onnx"
         io.save_model(onnxsvd.rewrite(model, config_for(0, "unfused", "auto", "svd", args.accuracy_level)).model, base)
-        for label, rank, branch, factor_dtype in forms(ranks):
+        for label, rank, branch, factor_dtype in forms(ranks, args.only):
             path = scratch / f"layer_{k}_{n}_{rank}_{branch}_{factor_dtype}.onnx"
             io.save_model(onnxsvd.rewrite(model, config_for(rank, branch, factor_dtype, "svd",
                                                             args.accuracy_level)).model, path)
@@ -159,7 +160,7 @@ def run_model(args: argparse.Namespace, ranks: list[int], scratch: Path) -> tupl
                "int4_ms": fp32_timing.rewritten.p50_ms, **base_quality}
     print(json.dumps({"int4 base": summary}), flush=True)
     rows = []
-    for label, rank, branch, factor_dtype in forms(ranks):
+    for label, rank, branch, factor_dtype in forms(ranks, args.only):
         path, quality = build(rank, branch, factor_dtype, f"model_{rank}_{branch}_{factor_dtype}")
         row = {"form": label, "rank": rank, "branch": branch, "factor_dtype": factor_dtype, **quality,
                **timed(base, path, feeds, args)}
@@ -231,6 +232,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--skip-model", action="store_true", help="time the single layers only")
     parser.add_argument("--skip-layers", action="store_true", help="time the whole model only")
+    parser.add_argument("--only", help="a regular expression: time the forms whose label matches it")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
