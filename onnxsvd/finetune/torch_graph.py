@@ -31,6 +31,7 @@ from onnxsvd.finetune import torch_kernels as kernels
 from onnxsvd.finetune import torch_nn_kernels as nn_kernels
 from onnxsvd.finetune import torch_rnn_kernels as rnn_kernels
 from onnxsvd.finetune.torch_kernels import Builder, Kernel, Tensor, torch_dtype
+from onnxsvd.quantize import dequantized_weight
 
 __all__ = ["CONTRIB_OPS", "OPS", "TorchGraph", "supported_ops", "check_supported", "torch_dtype"]
 
@@ -350,7 +351,6 @@ class TorchGraph(torch.nn.Module):
     ) -> list[str]:
         """The inputs of a MatMulNBits step: ``X``, ``Ŵ`` ``[K, N]`` (read back from ONNX Runtime and stored
         once per packed weight, in the scales' dtype) and the bias (input 5) if any."""
-        from onnxsvd.quantize import dequantized_weight  # onnxruntime: only for a model that has the op
 
         packed = node.input[1] if len(node.input) > 1 else ""
         if any(name in self.provided for name in node.input[1:4]):
