@@ -155,16 +155,20 @@ def run_model(args: argparse.Namespace, ranks: list[int], scratch: Path) -> tupl
                       "linear_fp32_bytes": sum(site.dense_bytes for site in linear)}
 
     base, base_quality = build(0, "unfused", "auto", "base")
-    fp32_timing = time_models(args.minilm / "model.onnx", base, feeds, "cpu", args.warmup, args.iters, args.threads)
-    summary = {"int4_speedup_vs_fp32": fp32_timing.speedup, "fp32_ms": fp32_timing.original.p50_ms,
-               "int4_ms": fp32_timing.rewritten.p50_ms, **base_quality}
+    summary = dict(base_quality)
+    if not args.quality_only:
+        fp32_timing = time_models(args.minilm / "model.onnx", base, feeds, "cpu", args.warmup, args.iters,
+                                  args.threads)
+        summary.update(int4_speedup_vs_fp32=fp32_timing.speedup, fp32_ms=fp32_timing.original.p50_ms,
+                       int4_ms=fp32_timing.rewritten.p50_ms)
     print(json.dumps({"int4 base": summary}), flush=True)
     rows = []
     for label, rank, branch, factor_dtype in forms(ranks, args.only):
         path, quality = build(rank, branch, factor_dtype, f"model_{rank}_{branch}_{factor_dtype}")
-        row = {"form": label, "rank": rank, "branch": branch, "factor_dtype": factor_dtype, **quality,
-               **timed(base, path, feeds, args)}
-        if branch == "unfused":
+        row = {"form": label, "rank": rank, "branch": branch, "factor_dtype": factor_dtype, **quality}
+        if not args.quality_only:
+            row.update(timed(base, path, feeds, args))
+        if branch == "unfused" and not args.quality_only:
             share = branch_share(path, feeds, args)
             row["profiled_cost"] = share / (1.0 - share)
         rows.append(row)
@@ -192,22 +196,25 @@ def markdown(record: dict) -> str:
     ]
     if record.get("model"):
         base = record["model_base"]
+        timing_line = (f"{base['int4_ms']:.1f} ms ({base['int4_speedup_vs_fp32']:.2f}× against fp32's "
+                       f"{base['fp32_ms']:.1f} ms), " if "int4_ms" in base else "")
         lines += [
             "## Whole MiniLM-L6 (36 linear layers, whitened correction)",
             "",
-            f"int4 base alone: {base['int4_ms']:.1f} ms ({base['int4_speedup_vs_fp32']:.2f}× against fp32's "
-            f"{base['fp32_ms']:.1f} ms), cosine {base['cosine']:.4f}, nn-agreement {base['nn_agreement']:.3f}.",
+            f"int4 base alone: {timing_line}cosine {base['cosine']:.4f}, nn-agreement {base['nn_agreement']:.3f}.",
             "",
             "| form | cosine | nn-agreement | linear bytes / fp32 | ms | cost vs int4 alone, A/B (p10–p90 of "
             "the paired speedups) | cost from the profile |",
             "|---|---|---|---|---|---|---|",
         ]
         for row in record["model"]:
-            low, high = row["speedup_p10_p90"]
+            timing = "| not timed | not timed | not timed"
+            if "cost" in row:
+                low, high = row["speedup_p10_p90"]
+                timing = f"| {row['ms']:.1f} | {row['cost']:+.1%} ({low:.2f}–{high:.2f}) | {_profiled(row)}"
             lines.append(
                 f"| {row['form']} | {row['cosine']:.4f} | {row['nn_agreement']:.3f} | "
-                f"{row['linear_bytes'] / row['linear_fp32_bytes']:.3f} | {row['ms']:.1f} | "
-                f"{row['cost']:+.1%} ({low:.2f}–{high:.2f}) | {_profiled(row)} |"
+                f"{row['linear_bytes'] / row['linear_fp32_bytes']:.3f} {timing} |"
             )
         lines.append("")
     if record.get("layers"):
@@ -232,6 +239,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--skip-model", action="store_true", help="time the single layers only")
     parser.add_argument("--skip-layers", action="store_true", help="time the whole model only")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="whole model: fidelity and bytes of each form, no timing")
     parser.add_argument("--only", help="a regular expression: time the forms whose label matches it")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
