@@ -26,6 +26,7 @@ __all__ = [
     "METHODS",
     "LAYOUTS",
     "STORAGE_DTYPES",
+    "BRANCH_FORMS",
     "SVD_SOLVERS",
     "ALLOCATIONS",
     "RankPolicy",
@@ -69,6 +70,8 @@ QUANT_BLOCK_SIZES = (16, 32, 64, 128, 256)
 #: ``--factor-dtype`` of a quantized site's correction (``auto``: the weight's own float dtype; ``int8``: one
 #: scale per rank component, behind ``DequantizeLinear``).
 FACTOR_DTYPES = ("auto", "fp32", "fp16", "int8")
+#: ``--branch``: how a quantized site's correction is emitted (see :class:`QuantizeConfig`).
+BRANCH_FORMS = ("unfused", "fused")
 #: Provider names the CLI and the configs accept → ONNX Runtime execution providers.
 PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 #: Where the SVDs (and fine-tuning) run.
@@ -176,6 +179,11 @@ class QuantizeConfig:
         correction: fit the low-rank correction; ``False`` quantizes only (``--rank 0``).
         factor_dtype: storage of the correction's factors (``auto``, ``fp32``, ``fp16`` or ``int8``); each
             residual stage is fitted after the earlier stages are rounded to it.
+        branch: how the correction is emitted (``--branch``): ``"unfused"``, ``MatMulNBits(X) + (X·A)·B``;
+            or ``"fused"``, ``A`` quantized as ``r`` extra output columns of the base's weight, so one
+            ``MatMulNBits`` computes ``[X·Ŵ | X·Â]``, then ``Split`` and ``(X·Â)·B`` added; ``B`` is refitted
+            to ``Â`` exactly as ONNX Runtime dequantizes it, in the rewrite's metric. ``B`` is stored in
+            ``factor_dtype`` (not int8).
     """
 
     bits: int = 4
@@ -185,8 +193,16 @@ class QuantizeConfig:
     algorithm: str = "rtn"
     correction: bool = True
     factor_dtype: str = "auto"
+    branch: str = "unfused"
 
     def __post_init__(self) -> None:
+        if self.branch not in BRANCH_FORMS:
+            raise UsageError(f"unknown --branch {self.branch!r}; use one of {', '.join(BRANCH_FORMS)}")
+        if self.branch == "fused" and self.factor_dtype == "int8":
+            raise UsageError(
+                "--branch fused stores A quantized in the base's weight and B in float: use --factor-dtype "
+                "fp16/fp32/auto with it, or --branch unfused for int8 factors"
+            )
         if self.factor_dtype not in FACTOR_DTYPES:
             raise UsageError(f"unknown --factor-dtype {self.factor_dtype!r}; use one of {', '.join(FACTOR_DTYPES)}")
         if self.bits not in QUANT_TYPES.values():
@@ -210,7 +226,8 @@ class QuantizeConfig:
         """``int4 b32 sym rtn``: the base in a few words, for reports."""
         kind = "sym" if self.symmetric else "asym"
         level = f" acc{self.accuracy_level}" if self.accuracy_level else ""
-        return f"int{self.bits} b{self.block_size} {kind} {self.algorithm}{level}"
+        fused = " fused branch" if self.branch == "fused" and self.correction else ""
+        return f"int{self.bits} b{self.block_size} {kind} {self.algorithm}{level}{fused}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -218,8 +218,6 @@ def _rewrite_loaded(
     base_dir = Path(job.model).parent
     check = _site_speed_check(job, model, progress)
     if job.sequential and job.config.quantize is not None:
-        if check is not None:
-            raise UsageError("--keep-dense-if-slower does not time quantized sites yet: drop it with --quantize")
         batches, _ = batch_source(job.data, model, job.calibration)  # type: ignore[arg-type]
         return rewrite_quantized(
             model,
@@ -230,6 +228,7 @@ def _rewrite_loaded(
             mask_input=resolve_mask(model, job.calibration),
             base_dir=str(base_dir),
             progress=progress,
+            speed_check=check,
         )
     if job.sequential:
         batches, _ = batch_source(job.data, model, job.calibration)  # type: ignore[arg-type]

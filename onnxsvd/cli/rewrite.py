@@ -13,6 +13,7 @@ from onnxsvd.cli.options import PROVIDER_LIST, RANK, CommaList, floor_options, r
 from onnxsvd.cli.render import NARROW, add_name_column, human_bytes, progress_bar, stdout
 from onnxsvd.config import (
     ALLOCATIONS,
+    BRANCH_FORMS,
     CONV_FORMS,
     DEVICES,
     FACTOR_DTYPES,
@@ -71,12 +72,16 @@ STAGE_RANKS = CommaList(int, example="32,16")
               help="Storage dtype of the factors.")
 @click.option("--keep-dense-if-slower", is_flag=True,
               help="Time each factorized site dense against factorized on --providers; keep dense the "
-              "sites whose chain is not faster.")
+              "sites whose chain is not faster. With --quantize: time each corrected site against its quantized "
+              "layer alone and drop the corrections over --max-branch-cost.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=d0,d1,…",
               help="Input shape for --keep-dense-if-slower timing (repeat per input; default: a --data batch).")
 @click.option("--speed-iters", type=int, default=30, show_default=True,
               help="Timed runs of each form per site for --keep-dense-if-slower.")
 @click.option("--threads", type=int, help="onnxruntime intra-op threads for --keep-dense-if-slower timing.")
+@click.option("--max-branch-cost", type=float,
+              help="--quantize --keep-dense-if-slower: drop a site's correction when it makes the site more than "
+                   "this fraction slower than its quantized layer alone [default: 0.10].")
 @selection_options
 @floor_options
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report as JSON here.")
@@ -109,6 +114,9 @@ STAGE_RANKS = CommaList(int, example="32,16")
 @click.option("--factor-dtype", type=click.Choice(FACTOR_DTYPES),
               help="--quantize: storage of the correction's factors (int8: a scale per rank component) "
                    "[default: auto, the weight's own float dtype].")
+@click.option("--branch", type=click.Choice(BRANCH_FORMS),
+              help="--quantize: unfused, MatMulNBits(X) + (X·A)·B; or fused, A quantized as extra output columns "
+                   "of the base (one MatMulNBits, a Split, B refitted to the quantized A) [default: unfused].")
 def rewrite_command(
     model: Path,
     output: Path | None,
@@ -157,6 +165,8 @@ def rewrite_command(
     symmetric: bool | None,
     quant_algo: str | None,
     factor_dtype: str | None,
+    branch: str | None,
+    max_branch_cost: float | None,
 ) -> None:
     """Replace constant-weight MatMul/Gemm nodes by low-rank factor chains.
 
@@ -168,7 +178,8 @@ def rewrite_command(
     from onnxsvd.calibrate import CalibrateConfig
     from onnxsvd.files import RewriteJob, nothing_factorized, rewrite_file
 
-    quantization = _quantize_config(quantize, rank, block, accuracy_level, symmetric, quant_algo, factor_dtype)
+    quantization = _quantize_config(quantize, rank, block, accuracy_level, symmetric, quant_algo, factor_dtype,
+                                    branch)
     if quantization is not None and not quantization.correction:
         rank = None  # --rank 0: quantize only; no rank policy applies
     config = RewriteConfig(
@@ -208,7 +219,8 @@ def rewrite_command(
         calibration=calibration,
         sequential=sequential,
         external_data=external_data,
-        speed_check=_speed_check(keep_dense_if_slower, shapes, providers, speed_iters, threads),
+        speed_check=_speed_check(keep_dense_if_slower, shapes, providers, speed_iters, threads, max_branch_cost,
+                                 quantization is not None),
         report=report,
         force=force,
         allow_unchanged=allow_unchanged,
@@ -233,10 +245,11 @@ def _quantize_config(
     symmetric: bool | None,
     quant_algo: str | None,
     factor_dtype: str | None,
+    branch: str | None = None,
 ) -> QuantizeConfig | None:
     """The ``--quantize`` configuration, or None; its options without ``--quantize`` are a usage error."""
     given = {"--block": block, "--accuracy-level": accuracy_level, "--symmetric/--asymmetric": symmetric,
-             "--quant-algo": quant_algo, "--factor-dtype": factor_dtype}
+             "--quant-algo": quant_algo, "--factor-dtype": factor_dtype, "--branch": branch}
     if quantize is None:
         stray = [flag for flag, value in given.items() if value is not None]
         if stray:
@@ -251,13 +264,17 @@ def _quantize_config(
         algorithm=algorithm,
         correction=rank != 0,
         factor_dtype=factor_dtype or "auto",
+        branch=branch or "unfused",
     )
 
 
 def _speed_check(
-    enabled: bool, shapes: tuple[str, ...], providers: tuple[str, ...], iters: int, threads: int | None
+    enabled: bool, shapes: tuple[str, ...], providers: tuple[str, ...], iters: int, threads: int | None,
+    max_branch_cost: float | None = None, quantized: bool = False,
 ) -> Any:
     """The ``--keep-dense-if-slower`` configuration, or None."""
+    if max_branch_cost is not None and not (enabled and quantized):
+        raise UsageError("--max-branch-cost is the budget of --quantize --keep-dense-if-slower; add both or drop it")
     if not enabled:
         if shapes:
             raise UsageError("--shape only sets the timing shapes of --keep-dense-if-slower; add that flag")
@@ -265,7 +282,8 @@ def _speed_check(
     from onnxsvd.pipeline.speed import SpeedCheckConfig, parse_shape  # the library, when the command runs
 
     declared = dict(parse_shape(text) for text in shapes)
-    return SpeedCheckConfig(providers=providers, input_shapes=declared, iters=iters, threads=threads)
+    budget = {} if max_branch_cost is None else {"max_branch_cost": max_branch_cost}
+    return SpeedCheckConfig(providers=providers, input_shapes=declared, iters=iters, threads=threads, **budget)
 
 
 def _require_torch_cuda() -> None:

@@ -18,6 +18,10 @@ where the weight's side puts it, without a Gemm ``trans`` attribute on it, and t
 ``alpha``, ``transA`` on the activation and ``C``/``beta`` on the second node are left as they are:
 training changes the stored factors only. A chain that fails a check is skipped with its reason.
 
+A correction branch of a quantized rewrite (``--quantize``: ``MatMulNBits(X) + (X·A)·B``) is a chain like
+any other; its quantized base is recorded with the role ``base`` and stays fixed. Its ``outputs`` are the
+branch's, which the original does not compute: ``finetune`` matches the site's own output instead.
+
 Sites that share factors (a weight read by several nodes) are one :class:`FactorPair` with several
 chains, so they stay shared. A pair whose factors are also read elsewhere in another role is skipped with
 its reason.
@@ -62,6 +66,7 @@ class FactorPair:
             of ``a_shape`` and ``b_shape``); ``None`` for MatMul/Gemm chains.
         a_shape: the stored first factor's shape (a Conv chain's).
         b_shape: the stored second factor's shape (a Conv chain's).
+        corrects: the chains are correction branches added to a quantized base (``--quantize``).
     """
 
     sites: tuple[str, ...]
@@ -90,6 +95,7 @@ class FactorPair:
             moved = shaped.permute(2, 0, 1) if hasattr(shaped, "permute") else shaped.transpose(2, 0, 1)
             return first, moved.reshape(self.b_shape)  # [N, r, 1, k_w]
         return first, b.T.reshape(self.b_shape)  # [N, r, 1…]
+    corrects: bool = False
 
     def normal_form(self, stored_a: np.ndarray, stored_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(A [K, r], B [r, N])`` from the stored tensors."""
@@ -166,6 +172,11 @@ class _Graph:
             current = node.input[0]
         return False
 
+    def reads_dequantized(self, name: str, initializer: str) -> bool:
+        """Whether ``name`` is a ``DequantizeLinear`` of ``initializer`` (an int8 factor of a quantized rewrite)."""
+        node = self.producer.get(name)
+        return node is not None and node.op_type == "DequantizeLinear" and node.input[0] == initializer
+
     def reads_transposed(self, name: str, initializer: str) -> bool:
         """Whether ``name`` is a ``Transpose`` of ``initializer`` (through Cast/Identity nodes on either side),
         as rewrite emits for a site that reads shared factors the other way round."""
@@ -233,6 +244,11 @@ def _check_chain(graph: _Graph, first: onnx.NodeProto, second: onnx.NodeProto, r
                     f"reads the shared factor {factor!r} transposed (a use of a shared weight the other way "
                     "round): it is trained with the chains that read it directly"
                 )
+            if graph.reads_dequantized(node.input[factor_position], factor):
+                return (
+                    f"its factors are stored as int8 and read through DequantizeLinear ({factor!r}): fine-tuning "
+                    "trains float factors; rewrite with --factor-dtype fp16 or fp32 to fine-tune them"
+                )
             return f"node {node.name!r} does not read its recorded factor {factor!r} (an initializer)"
         if node.op_type == "Gemm" and _attribute(node, trans, 0):
             return f"node {node.name!r} has {trans}=1 on its factor"
@@ -261,12 +277,18 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
     graph = _Graph(model.graph)
     chains: dict[tuple[str, int], dict[str, tuple[onnx.NodeProto, ChainRecord]]] = {}
     skips: list[PairSkip] = []
+    corrected: set[str] = set()  # sites whose chain is the correction of a quantized base
+    fused_branches: set[str] = set()  # corrections whose A lives in the quantized weight (--branch fused)
     for node in model.graph.node:
         try:
             record = read_record(node)
         except RecordError as error:
             skips.append(PairSkip(node.name, f"node {node.name!r}: {error}"))
             continue
+        if record is not None and record.role == "base":
+            corrected.add(record.site)
+        if record is not None and record.role == "split":
+            fused_branches.add(record.site)
         if record is None or record.role not in ("first", "second"):
             continue
         roles = chains.setdefault((record.site, record.stage), {})
@@ -278,6 +300,11 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
     order: list[tuple[str, str]] = []
     for roles in chains.values():
         present = next(iter(roles.values()))[1]
+        if present.site in fused_branches and "first" not in roles:
+            skips.append(PairSkip(present.label, (
+                "a fused correction branch (--branch fused): its A is stored quantized in the MatMulNBits "
+                "weight, which finetune keeps fixed; rewrite with --branch unfused to fine-tune the correction")))
+            continue
         if set(roles) != {"first", "second"}:
             missing = "first" if "first" not in roles else "second"
             skips.append(PairSkip(present.label, f"the chain has no node recording the role '{missing}'"))
@@ -300,7 +327,7 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
                 "sites": [], "outputs": [], "transposed": transposed,
                 "k": int(a_tensor.dims[1] if transposed else a_tensor.dims[0]),
                 "n": int(b_tensor.dims[0] if transposed else b_tensor.dims[1]),
-                "rank": record.rank, "dtype": a_tensor.data_type, "conv": {},
+                "rank": record.rank, "dtype": a_tensor.data_type, "conv": {}, "corrects": False,
             }
             if first.op_type == "Conv":
                 form = _conv_form(a_tensor, b_tensor)
@@ -329,6 +356,7 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
         order.remove(key)
         skips.extend(PairSkip(site, "its factors are shared with a chain inside an If/Loop/Scan body, which "
                                     "finetune does not train; kept as rewritten") for site in found[key]["sites"])
+        entry["corrects"] = entry["corrects"] or record.site in corrected
     # A factor tensor in two different pairs cannot be trained as either without changing the other.
     counts: dict[str, int] = defaultdict(int)
     for a_name, b_name in order:
@@ -353,6 +381,7 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
                 rank=entry["rank"],
                 dtype=entry["dtype"],
                 **entry["conv"],
+                corrects=entry["corrects"],
             )
         )
     return pairs, skips

@@ -26,13 +26,14 @@ import onnx
 import torch
 from onnx import helper
 
-from onnxsvd.errors import ModelError, UnsupportedOpError
+from onnxsvd.errors import ModelError, QuantizationError, UnsupportedOpError
 from onnxsvd.finetune import torch_kernels as kernels
 from onnxsvd.finetune import torch_nn_kernels as nn_kernels
 from onnxsvd.finetune import torch_rnn_kernels as rnn_kernels
 from onnxsvd.finetune.torch_kernels import Builder, Kernel, Tensor, torch_dtype
+from onnxsvd.quantize import dequantized_weight
 
-__all__ = ["OPS", "TorchGraph", "supported_ops", "check_supported", "torch_dtype"]
+__all__ = ["CONTRIB_OPS", "OPS", "TorchGraph", "supported_ops", "check_supported", "torch_dtype"]
 
 #: The supported ops: op type → builder. One registry, read by :func:`supported_ops` and the error message.
 OPS: dict[str, Builder] = {
@@ -178,14 +179,30 @@ OPS: dict[str, Builder] = {
     "And": kernels.binary(torch.logical_and),
     "Or": kernels.binary(torch.logical_or),
     "Xor": kernels.binary(torch.logical_xor),
+    # quantized weights: the dequantized weight is a fixed tensor (see CONTRIB_OPS for MatMulNBits)
+    "DequantizeLinear": kernels.dequantize_linear,
     # Constant is evaluated once when the module is built (see TorchGraph).
     "Constant": kernels.identity_op,
 }
 
+#: Ops of other domains: (domain, op type) → builder. ``MatMulNBits`` reads its packed weight as a fixed
+#: ``Ŵ`` that :class:`TorchGraph` reads back from ONNX Runtime's kernel when it is built
+#: (:func:`onnxsvd.quantize.dequantized_weight`), so torch multiplies by exactly the weight ONNX Runtime
+#: uses; with ``accuracy_level=4`` ONNX Runtime also rounds the activations to int8, which torch does not.
+CONTRIB_OPS: dict[tuple[str, str], Builder] = {
+    ("com.microsoft", "MatMulNBits"): kernels.matmul_nbits,
+}
+
 
 def supported_ops() -> list[str]:
-    """The op types the evaluator runs, sorted."""
-    return sorted(OPS)
+    """The op types the evaluator runs, sorted (those of other domains as ``domain.op``)."""
+    return sorted(OPS) + sorted(f"{domain}.{op}" for domain, op in CONTRIB_OPS)
+
+
+def _builder(node: onnx.NodeProto) -> Builder | None:
+    if node.domain in ("", "ai.onnx"):
+        return OPS.get(node.op_type)
+    return CONTRIB_OPS.get((node.domain, node.op_type))
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -238,7 +255,7 @@ def check_supported(model: onnx.ModelProto) -> None:
             of a type torch cannot hold here (strings, unsigned integers wider than 8 bits, float8…).
     """
     for position, node in enumerate(model.graph.node):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
+        if _builder(node) is None:
             raise _unsupported(node, position)
         subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
         if any(attribute.type in subgraphs for attribute in node.attribute):
@@ -318,13 +335,38 @@ class TorchGraph(torch.nn.Module):
                 self._store(node.output[0], _constant_value(node, position))
                 continue
             attrs = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
-            kernel = OPS[node.op_type](node, attrs, opset)
-            self._steps.append((kernel, list(node.input), list(node.output)))
+            kernel = _builder(node)(node, attrs, opset)  # type: ignore[misc]
+            inputs = list(node.input)
+            if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
+                inputs = self._dequantized_inputs(node, position, graph, initializer_names)
+            self._steps.append((kernel, inputs, list(node.output)))
         # The last step that reads each tensor, so intermediates are released as soon as possible.
         self._last_use: dict[str, int] = {}
         for index, (_, inputs, _) in enumerate(self._steps):
             for name in inputs:
                 self._last_use[name] = index
+
+    def _dequantized_inputs(
+        self, node: onnx.NodeProto, position: int, graph: onnx.GraphProto, initializer_names: set[str]
+    ) -> list[str]:
+        """The inputs of a MatMulNBits step: ``X``, ``Ŵ`` ``[K, N]`` (read back from ONNX Runtime and stored
+        once per packed weight, in the scales' dtype) and the bias (input 5) if any."""
+
+        packed = node.input[1] if len(node.input) > 1 else ""
+        if any(name in self.provided for name in node.input[1:4]):
+            raise _unsupported(node, position, " with a trained packed weight")
+        key = f"{packed}::dequantized"
+        if key not in self._buffer_of:
+            wanted = [name for name in node.input[1:4] if name in initializer_names]
+            tensors = {t.name: t for t in graph.initializer if t.name in wanted}
+            try:
+                weight = dequantized_weight(node, tensors)  # Ŵ [K, N]
+            except QuantizationError as error:
+                raise _unsupported(node, position, f" ({error})") from error
+            scales = next(t for t in graph.initializer if t.name == node.input[2])
+            self._store(key, torch.from_numpy(weight).to(torch_dtype(scales.data_type)))
+        bias = node.input[5] if len(node.input) > 5 else ""
+        return [node.input[0], key, bias]
 
     def _store(self, name: str, value: Tensor) -> None:
         if value.is_floating_point():

@@ -157,6 +157,50 @@ def gemm(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
     return run
 
 
+def dequantize_linear(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    """``y = (x − zero_point) · scale``, per tensor, per ``axis`` (1-D scale) or per block of ``block_size``
+    along ``axis`` (opset 21); ``y`` in the scale's dtype, computed in float32 as ONNX Runtime does."""
+    axis = int(attrs.get("axis", 1))
+    block = int(attrs.get("block_size", 0))
+    if int(attrs.get("output_dtype", 0)):
+        raise refuse(node, "output_dtype")
+
+    def broadcast(value: Tensor, x: Tensor) -> Tensor:
+        """``value`` (scale or zero point) expanded to ``x``'s shape."""
+        if value.dim() == 0 or x.dim() == 0:
+            return value
+        where = positive_axis(axis, x.dim())
+        if block > 0:  # [.., ceil(D/b), ..] → repeat each entry b times along the axis, cut to D
+            return value.repeat_interleave(block, dim=where).narrow(where, 0, x.shape[where])
+        shape = [1] * x.dim()
+        shape[where] = value.numel()
+        return value.reshape(shape)
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        x, scale = xs[0], xs[1]
+        zero = xs[2] if len(xs) > 2 else None
+        values = x.to(torch.float32)
+        if zero is not None:
+            values = values - broadcast(zero, x).to(torch.float32)
+        y = values * broadcast(scale, x).to(torch.float32)
+        return (y.to(scale.dtype),)
+
+    return run
+
+
+def matmul_nbits(node: onnx.NodeProto, attrs: dict[str, Any], opset: int) -> Kernel:
+    """com.microsoft ``MatMulNBits`` as ``X · Ŵ (+ bias)``: the evaluator hands it ``Ŵ`` ``[K, N]``, read
+    back from ONNX Runtime's kernel when the graph is built, in place of the packed weight (inputs: ``X``,
+    ``Ŵ``, then the node's bias, its input 5, or ``None``)."""
+
+    def run(xs: list[Any]) -> tuple[Tensor]:
+        y = torch.matmul(xs[0], xs[1])  # [..., N]
+        bias = xs[2] if len(xs) > 2 else None
+        return (y + bias if bias is not None else y,)
+
+    return run
+
+
 def softmax(x: Tensor, dim: int) -> Tensor:
     """Softmax; in a half type step by step (max, exp, sum, divide each rounded), as the spec computes it."""
     if x.dtype not in (torch.float16, torch.bfloat16):

@@ -667,9 +667,22 @@ def _to_torch(arrays: Mapping[str, np.ndarray], device: Any, torch: Any) -> dict
 
 
 def _matched_activations(pairs: list[FactorPair], teacher: onnx.ModelProto) -> list[str]:
-    """Site outputs that the teacher computes under the same name."""
+    """Site outputs that the teacher computes under the same name.
+
+    A chain's output is the site's when the chain replaces the layer; a correction branch of a quantized
+    base writes only its own term, so there the output of the teacher's node of the site's name is matched
+    (the rewrite writes the site's output under that name, base and branch summed).
+    """
     produced = {name for node in teacher.graph.node for name in node.output}
-    return [name for pair in pairs for name in pair.outputs if name in produced]
+    by_node = {node.name: node.output[0] for node in teacher.graph.node if node.name and node.output}
+    matched: list[str] = []
+    for pair in pairs:
+        for label, name in zip(pair.sites, pair.outputs, strict=True):
+            if name in produced:
+                matched.append(name)
+            elif label in by_node and pair.corrects:
+                matched.append(by_node[label])
+    return matched
 
 
 def _training_loss(student: Any, teacher_graph: Any, feeds: dict[str, np.ndarray], wanted: dict[str, np.ndarray],

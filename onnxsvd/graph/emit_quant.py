@@ -13,6 +13,12 @@ activation in normal form (``[..., K]``):
 - int8 factors (``--factor-dtype int8``): ``A`` and ``B`` are ``DequantizeLinear`` of int8 initializers with
   one scale per rank component (``axis=1`` for ``A``, ``axis=0`` for ``B``).
 - Gemm's ``β·C`` is added last (``α`` is already in ``W_kn``, hence in the base and the branch).
+- fused branch (``--branch fused``): ``[Z_base | H] = MatMulNBits_{[W | A]}(X_nf)`` (``N + r`` outputs),
+  ``Split`` on the last axis into ``N`` and ``r``, then ``Z = Z_base + H · B``.
+
+Every node of a corrected site carries a :class:`~onnxsvd.graph.records.ChainRecord` (roles ``base``,
+``first``, ``second``, ``sum``; fused: ``base``, ``split``, ``second``, ``sum``, with ``factor_a`` naming
+the fused packed weight that holds ``Â``).
 
 The MatMulNBits node is built as ONNX Runtime's quantizer builds it (domain ``com.microsoft``, attributes
 ``K``, ``N``, ``bits``, ``block_size`` and ``accuracy_level``, its tensors as the quantizer wrote them), and
@@ -32,8 +38,9 @@ from onnx import helper, numpy_helper
 
 from onnxsvd.factorize import Factorization, quantize_int8
 from onnxsvd.graph.cleanup import remove_dead_weights
-from onnxsvd.graph.emit import FactorTensors, _clean
+from onnxsvd.graph.emit import ChainFactors, FactorTensors, _clean
 from onnxsvd.graph.match import Site
+from onnxsvd.graph.records import FUSED, ChainRecord, write_record
 
 if TYPE_CHECKING:
     from onnxsvd.quantize import QuantizedWeight
@@ -57,12 +64,16 @@ class QuantizedGroup:
         factorization: the correction ``E ≈ Σ A_i B_i`` (stages concatenated), ``None`` at rank 0.
         storage: ONNX dtype of the correction factors (``INT8``: stored with a scale per rank component and
             read through ``DequantizeLinear``).
+        fused: the fused branch (``--branch fused``): ``[W | A]`` quantized together ``[K, N + r]``; the
+            emitted ``MatMulNBits`` reads it and only ``B`` is stored as a factor (``weight`` is then ``W``'s
+            own quantization, for the report).
     """
 
     sites: list[Site]
     weight: QuantizedWeight
     factorization: Factorization | None
     storage: int
+    fused: QuantizedWeight | None = None
 
 
 def activation_ranks(model: onnx.ModelProto, sites: Sequence[Site]) -> dict[str, int | None]:
@@ -95,7 +106,8 @@ class _BaseTensors:
     def __init__(self, tensors: FactorTensors) -> None:
         self.tensors = tensors
         self.made: dict[str, list[str]] = {}
-        self.int8_made: dict[str, tuple[str, str]] = {}
+        self.int8_made: dict[str, ChainFactors] = {}
+        self.second_made: dict[str, ChainFactors] = {}
 
     def _initializer(self, wanted: str, array: np.ndarray) -> str:
         name = self.tensors.names.fresh(wanted)
@@ -105,15 +117,16 @@ class _BaseTensors:
         self.tensors.graph.initializer.append(tensor)
         return name
 
-    def int8_factors(self, site: Site, factorization: Factorization) -> tuple[tuple[str, str], list[onnx.NodeProto]]:
-        """The names of ``A`` and ``B`` as the graph computes them (``DequantizeLinear`` of int8 with a scale
-        per rank component), and the nodes that make them (only for the group's first site)."""
+    def int8_factors(self, site: Site, factorization: Factorization) -> tuple[ChainFactors, list[onnx.NodeProto]]:
+        """``A`` and ``B`` as the graph computes them (``DequantizeLinear`` of int8 with a scale per rank
+        component; ``first_stored``/``second_stored`` name the int8 initializers), and the nodes that make
+        them (only for the group's first site)."""
         if site.group in self.int8_made:
             return self.int8_made[site.group], []
         a, b = factorization.fused()  # [K, r], [r, N]: the values q·s the fit used
         compute = helper.tensor_dtype_to_np_dtype(site.weight.compute_dtype)
         base = _clean(site.weight.tensor) + ".lowrank"
-        nodes, outputs = [], []
+        nodes, outputs, payloads = [], [], []
         for which, factor, axis in (("a", a, 1), ("b", b, 0)):
             quantized, scale = quantize_int8(factor, axis, compute)  # int8 [K, r] / [r, N], scales [r]
             payload = self._initializer(f"{base}_{which}_q", quantized)
@@ -124,8 +137,21 @@ class _BaseTensors:
                 axis=axis,
             ))
             outputs.append(value)
-        self.int8_made[site.group] = (outputs[0], outputs[1])
+            payloads.append(payload)
+        self.int8_made[site.group] = ChainFactors(payloads[0], payloads[1], outputs[0], outputs[1], int(a.shape[1]))
         return self.int8_made[site.group], nodes
+
+    def second_factor(self, site: Site, factorization: Factorization, storage: int) -> ChainFactors:
+        """The fused branch's ``B`` ``[r, N]`` (stored once per group, read through a Cast when the storage
+        differs from the compute dtype); ``first``/``first_stored`` name the fused packed weight."""
+        if site.group in self.second_made:
+            return self.second_made[site.group]
+        _, b = factorization.fused()  # [r, N]
+        normal = dataclasses.replace(site, weight_side="right")
+        stored, read = self.tensors._tensor(normal, -1, "b", b, False, storage)
+        packed = self.made[site.group][0]
+        self.second_made[site.group] = ChainFactors(packed, stored, packed, read, int(b.shape[0]))
+        return self.second_made[site.group]
 
     def names(self, site: Site, weight: QuantizedWeight) -> list[str]:
         if site.group in self.made:
@@ -144,13 +170,26 @@ def _site_nodes(
     site: Site,
     group: QuantizedGroup,
     base_names: list[str],
-    factor_names: tuple[str, str] | None,
+    chain: ChainFactors | None,
     tensors: FactorTensors,
     rank: int | None,
+    opset: int = 17,
 ) -> list[onnx.NodeProto]:
-    """The nodes computing ``site.output`` from ``site.activation`` (see the module docstring)."""
+    """The nodes computing ``site.output`` from ``site.activation`` (see the module docstring).
+
+    The base, the branch's two MatMuls and their Add carry a :class:`ChainRecord` (roles ``base``,
+    ``first``, ``second``, ``sum``; the normal form's side, ``right``), so ``finetune`` finds the branch.
+    """
     names = tensors.names
     nodes: list[onnx.NodeProto] = []
+    factor_names = (chain.first, chain.second) if chain is not None else None
+
+    def recorded(node: onnx.NodeProto, role: str) -> onnx.NodeProto:
+        if chain is not None:
+            write_record(node, ChainRecord(site.name, FUSED, role, "right", chain.first_stored,
+                                           chain.second_stored, chain.rank))
+        return node
+
     transpose_in = site.channel_axis == -2
     transpose_out = site.weight_side == "left"
     activation_rank = 2 if site.op_type == "Gemm" else rank
@@ -169,24 +208,47 @@ def _site_nodes(
     def output(tag: str, is_last: bool) -> str:
         return site.output if is_last else names.fresh(f"{site.output}/{tag}")
 
-    attributes = dict(group.weight.attributes)
+    fused = group.fused is not None and chain is not None
+    attributes = dict((group.fused if fused else group.weight).attributes)  # type: ignore[union-attr]
     if not attributes.get("accuracy_level"):
         attributes.pop("accuracy_level", None)
     base_out = output("q_base", last_step and factor_names is None)
-    nodes.append(helper.make_node(
-        "MatMulNBits", [activation, *base_names], [base_out], name=names.fresh(f"{site.name}/q_base"),
+    both = names.fresh(f"{site.output}/q_base_and_h") if fused else base_out
+    nodes.append(recorded(helper.make_node(
+        "MatMulNBits", [activation, *base_names], [both], name=names.fresh(f"{site.name}/q_base"),
         domain=MS_DOMAIN, **attributes,
-    ))
+    ), "base"))
     current = base_out
-    if factor_names is not None:
+    if fused:
+        assert chain is not None
+        hidden = names.fresh(f"{site.output}/q_corr_h")
+        split = helper.make_node("Split", [both], [base_out, hidden], name=names.fresh(f"{site.name}/q_split"),
+                                 axis=-1)
+        sizes = [site.n, chain.rank]
+        if opset >= 13:
+            sizes_name = names.fresh(f"{site.name}/q_split_sizes")
+            tensors.graph.initializer.append(numpy_helper.from_array(np.array(sizes, dtype=np.int64), sizes_name))
+            split.input.append(sizes_name)
+        else:
+            split.attribute.append(helper.make_attribute("split", sizes))
+        nodes.append(recorded(split, "split"))
+        branch = names.fresh(f"{site.output}/q_corr_y")
+        second_name = names.fresh(f"{site.name}/q_corr_b")
+        nodes.append(recorded(helper.make_node("MatMul", [hidden, chain.second], [branch], name=second_name), "second"))
+        summed = output("q_sum", last_step)
+        add = helper.make_node("Add", [current, branch], [summed], name=names.fresh(f"{site.name}/q_add"))
+        nodes.append(recorded(add, "sum"))
+        current = summed
+    elif factor_names is not None:
         first, second = factor_names
         hidden = names.fresh(f"{site.output}/q_corr_h")
         branch = names.fresh(f"{site.output}/q_corr_y")
         first_name, second_name = names.fresh(f"{site.name}/q_corr_a"), names.fresh(f"{site.name}/q_corr_b")
-        nodes.append(helper.make_node("MatMul", [activation, first], [hidden], name=first_name))  # X_nf·A [..., r]
-        nodes.append(helper.make_node("MatMul", [hidden, second], [branch], name=second_name))  # ·B [..., N]
+        nodes.append(recorded(helper.make_node("MatMul", [activation, first], [hidden], name=first_name), "first"))
+        nodes.append(recorded(helper.make_node("MatMul", [hidden, second], [branch], name=second_name), "second"))
         summed = output("q_sum", last_step)
-        nodes.append(helper.make_node("Add", [current, branch], [summed], name=names.fresh(f"{site.name}/q_add")))
+        add = helper.make_node("Add", [current, branch], [summed], name=names.fresh(f"{site.name}/q_add"))
+        nodes.append(recorded(add, "sum"))
         current = summed
     if transpose_out:
         back = output("q_out_t", not has_bias)
@@ -232,20 +294,23 @@ def emit_quantized(
     bases = _BaseTensors(tensors)
     ranks = ranks or {}
     replaced: dict[int, list[onnx.NodeProto]] = {}
+    opset = next((int(entry.version) for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 17)
     for group in groups:
         for site in group.sites:
-            base_names = bases.names(site, group.weight)
-            factor_names, made = None, []
-            if group.factorization is not None and group.storage == onnx.TensorProto.INT8:
-                factor_names, made = bases.int8_factors(site, group.factorization)
+            fused = group.fused is not None and group.factorization is not None
+            base_names = bases.names(site, group.fused if fused else group.weight)  # type: ignore[arg-type]
+            chain, made = None, []
+            if fused:
+                chain = bases.second_factor(site, group.factorization, group.storage)  # type: ignore[arg-type]
+            elif group.factorization is not None and group.storage == onnx.TensorProto.INT8:
+                chain, made = bases.int8_factors(site, group.factorization)
             elif group.factorization is not None:
                 # Every site computes in the normal form X_nf · A · B, whichever side its weight is on.
                 normal = dataclasses.replace(site, weight_side="right")
                 (chain,) = tensors.names_for(normal, group.factorization, group.storage, "fused")
-                factor_names = (chain.first, chain.second)
             casts, tensors.pending_casts = made + tensors.pending_casts, []
             replaced[site.node_index] = casts + _site_nodes(
-                site, group, base_names, factor_names, tensors, ranks.get(site.name)
+                site, group, base_names, chain, tensors, ranks.get(site.name), opset
             )
     rebuilt: list[onnx.NodeProto] = []
     for position, node in enumerate(model.graph.node):

@@ -41,8 +41,10 @@ FUSED = 0
 #: What a node does in its chain: the node reading ``A`` (``first``), the node reading ``B`` (``second``),
 #: the ``Add`` that sums a stage into the stages before it (``sum``), the ``Transpose`` of a Gemm's
 #: activation in old opsets or of a shared factor that a site reads the other way round (``transpose``),
-#: the ``Cast`` of a factor stored in another dtype (``cast``).
-ROLES = ("first", "second", "sum", "transpose", "cast")
+#: the ``Cast`` of a factor stored in another dtype (``cast``), the quantized base (``MatMulNBits``) that a
+#: correction branch is added to (``base``; with ``--branch fused`` it also computes the branch's ``X·Â``),
+#: the ``Split`` of the fused base's output into the base and the branch's hidden tensor (``split``).
+ROLES = ("first", "second", "sum", "transpose", "cast", "base", "split")
 
 _SIDES = ("right", "left")
 _KEYS = ("site", "stage", "role", "weight_side", "factor_a", "factor_b", "rank")

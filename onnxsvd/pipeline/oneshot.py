@@ -80,11 +80,10 @@ def rewrite(
     """
     config = config or RewriteConfig()
     if config.quantize is not None:  # a quantized base with a low-rank correction of its error
-        if speed_check is not None:
-            raise UsageError("--keep-dense-if-slower does not time quantized sites yet: drop it with --quantize")
         return rewrite_quantized(
             model, config, statistics, base_dir=str(base_dir) if base_dir is not None else None,
             progress=progress, batches=batches, data_file=data_file,
+            speed_check=speed_check,
         )
     started = time.perf_counter()
     if config.needs_statistics and statistics is None:

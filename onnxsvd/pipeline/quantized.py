@@ -31,6 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -71,6 +72,7 @@ from onnxsvd.graph import (
     storage_dtype_for,
 )
 from onnxsvd.pipeline.assemble import RewriteResult
+from onnxsvd.pipeline.fused_branch import fuse_branch
 from onnxsvd.pipeline.group import group_statistics, metric_for, svd_options, weight_groups
 from onnxsvd.pipeline.report import RewriteReport, SiteReport
 from onnxsvd.pipeline.sequential import (
@@ -108,6 +110,10 @@ class QuantOutcome:
     base_error: float | None = None
     weight_error: float | None = None
     seconds: float = 0.0
+    fused: QuantizedWeight | None = None  # --branch fused: [W | A] quantized together ([K, N + r])
+    base_ms: float | None = None  # --keep-dense-if-slower: the quantized layer alone, and with its correction
+    corrected_ms: float | None = None
+    speed_provider: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -129,6 +135,7 @@ def rewrite_quantized(
     providers: tuple[str, ...] = ("cpu",),
     mask_input: str | None = None,
     data_file: io.DataFile | None = None,
+    speed_check: Any | None = None,
 ) -> RewriteResult:
     """Quantize every eligible MatMul/Gemm of ``model`` with ONNX Runtime and add a low-rank correction.
 
@@ -144,6 +151,11 @@ def rewrite_quantized(
         providers: ONNX Runtime providers of the sequential model runs.
         mask_input: a ``[B, S]`` token mask whose zero rows the sequential statistics leave out.
         data_file: the output's data file: the new tensors are written there as they are made.
+        speed_check: ``--keep-dense-if-slower``: a :class:`onnxsvd.pipeline.speed.SiteSpeedCheck`; every
+            corrected site is timed against its quantized layer alone before it is emitted, and corrections
+            over its ``max_branch_cost`` are dropped (the site keeps its quantized base). With
+            ``sequential`` the check runs after every level is fitted: later levels were fitted with the
+            earlier corrections in place.
 
     Returns:
         The rewritten model and a report of every MatMul/Gemm (and of every already quantized node).
@@ -205,6 +217,11 @@ def rewrite_quantized(
             if progress is not None:
                 progress(done, len(groups), sites[0].name)
     ordered = [outcomes[key] for key in groups]
+    if speed_check is not None:
+        check = getattr(speed_check, "check_corrections", None)
+        if check is None:
+            raise UsageError("this speed check cannot time quantized sites: use onnxsvd.pipeline.SiteSpeedCheck")
+        check(model, ordered, base_dir)
     emit_quantized(model, _emitted(ordered), FactorTensors(model, data_file), ranks_of_activations)
     if any(outcome.quantized for outcome in ordered):
         _stamp(model, config)
@@ -391,6 +408,16 @@ def _fit_group(
             factorization, ranks, how = _correction(site, sites, config, target, refit, weight, dequantized, base,
                                                     rank_override)
             outcome.kept_energy = factorization.kept_energy
+            if quantize.branch == "fused":
+                goal, metric = target(sites, weight, dequantized)  # [K, N], Lᵀ
+                held, _ = _fit_rounding(site, storage)
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(site.weight.compute_dtype)
+                outcome.fused, factorization = fuse_branch(weight, quantized, factorization, goal, metric, dtype,
+                                                           held, quantize)
+                a_bytes = outcome.fused.base_bytes - quantized.base_bytes
+                b_bytes = io.dtype_bytes(storage, factorization.rank * site.n)
+                how += (f"; fused branch: A in {a_bytes:,} B of int{quantize.bits} base columns, B refitted to it "
+                        f"({a_bytes + b_bytes:,} B in all)")
         corrected = dequantized + (factorization.product() if factorization is not None else 0.0)  # [K, N]
         error = float(np.linalg.norm(weight - corrected)) / norm if norm > 0 else 0.0
         if not np.isfinite(error):
@@ -531,8 +558,17 @@ def _sequential_fit(config: RewriteConfig, stats: CrossStats) -> tuple[QuantTarg
 
 def _emitted(outcomes) -> list[QuantizedGroup]:
     return [
-        QuantizedGroup(o.sites, o.weight, o.factorization, o.storage) for o in outcomes if o.weight is not None
+        QuantizedGroup(o.sites, o.weight, o.factorization, o.storage, fused=o.fused)
+        for o in outcomes if o.weight is not None
     ]
+
+
+def _outcome_correction_bytes(outcome: QuantOutcome, site: Site) -> int:
+    """The correction's bytes as stored: its factors, or with ``--branch fused`` the columns of ``A`` in the
+    fused quantized weight and ``B`` in its dtype."""
+    if outcome.fused is None or outcome.weight is None:
+        return correction_bytes(site, outcome.storage, outcome.rank)
+    return outcome.fused.base_bytes - outcome.weight.base_bytes + io.dtype_bytes(outcome.storage, outcome.rank * site.n)
 
 
 def _report(
@@ -551,7 +587,7 @@ def _report(
         names = [s.name for s in outcome.sites]
         for member in outcome.sites:
             done = outcome.quantized
-            correction = correction_bytes(member, outcome.storage, outcome.rank) if done else 0
+            correction = _outcome_correction_bytes(outcome, member) if done else 0
             base = outcome.weight.base_bytes if outcome.weight is not None else 0
             reports[(member.graph_position, 0, member.node_index)] = SiteReport(
                 name=member.name,
@@ -573,6 +609,9 @@ def _report(
                 base_bytes=base,
                 correction_bytes=correction,
                 base_error=outcome.base_error if done else None,
+                base_ms=outcome.base_ms,
+                corrected_ms=outcome.corrected_ms,
+                speed_provider=outcome.speed_provider,
             )
     latest: dict[tuple[int, str], Skip] = {}
     for skip in match.skips:  # a node skipped twice (a weight holder, then already quantized): the later reason
@@ -610,7 +649,7 @@ def _summary(outcomes: list[QuantOutcome], config: RewriteConfig) -> str:
     done = [o for o in outcomes if o.quantized]
     dense = sum(site.dense_bytes for o in done for site in o.sites[:1])
     base = sum(o.weight.base_bytes for o in done if o.weight is not None)
-    correction = sum(correction_bytes(o.sites[0], o.storage, o.rank) for o in done)
+    correction = sum(_outcome_correction_bytes(o, o.sites[0]) for o in done)
     share = (base + correction) / dense if dense else math.nan
     return (
         f"quantized: {len(done)} weights with ONNX Runtime's quantizer ({config.quantize.label}, "  # type: ignore[union-attr]

@@ -67,6 +67,8 @@ class SiteReport:
         flops_before: a Conv site's multiply-adds per output position, dense (``N·C·∏k``), else ``None``.
         flops_after: those of its chain when factorized (channel ``r·(C·∏k + N)``; spatial
             ``r·(C·k_h·s_w + k_w·N)``: its first Conv runs at the input's width), else ``flops_before``.
+        base_ms: ``--quantize --keep-dense-if-slower``: median time of the quantized layer alone (slowest
+            provider); ``corrected_ms`` that of the site with its correction branch, on the same activation.
     """
 
     name: str
@@ -103,6 +105,8 @@ class SiteReport:
     conv_form: str | None = None
     flops_before: float | None = None
     flops_after: float | None = None
+    base_ms: float | None = None
+    corrected_ms: float | None = None
 
 
 @dataclasses.dataclass

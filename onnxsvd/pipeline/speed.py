@@ -18,6 +18,14 @@ from declared input shapes. They are timed alternately (dense, factorized, dense
 the medians are compared; a site whose chain is not faster keeps its dense weight, with the numbers in
 the report. Sites with the same shapes, ranks and attributes are timed once.
 
+With ``--quantize`` the question is another: the quantized layer is the site's form either way, and
+what the check times is the correction branch's cost on top of it. Each corrected site is timed, in the
+same way, as its quantized layer alone (the ``MatMulNBits`` that ``rewrite`` writes, without the branch)
+against the corrected site as it would be written (unfused or fused branch); a correction that makes the
+site more than ``max_branch_cost`` slower than its quantized layer alone is dropped, the site keeping
+its quantized base, and both times are in the report (:meth:`SiteSpeedCheck.check_corrections`). The
+site is never put back to its dense float weight: ``--quantize`` asked for its bytes.
+
 Library use::
 
     from onnxsvd.pipeline.speed import SiteSpeedCheck, SpeedCheckConfig
@@ -50,7 +58,18 @@ from onnxsvd.config import Progress, check_provider_names
 from onnxsvd.data import model_inputs
 from onnxsvd.errors import DataError, UsageError
 from onnxsvd.factorize import Factorization
-from onnxsvd.graph import EmitOptions, GraphIndex, Site, conv_site_in_form, emit, find_sites, load_weight
+from onnxsvd.graph import (
+    EmitOptions,
+    GraphIndex,
+    QuantizedGroup,
+    Site,
+    activation_ranks,
+    conv_site_in_form,
+    emit,
+    emit_quantized,
+    find_sites,
+    load_weight,
+)
 from onnxsvd.graph.match import conv_kernel
 from onnxsvd.pipeline.group import GroupOutcome
 from onnxsvd.validate.latency import check_providers, make_runner, open_session, time_runners
@@ -63,6 +82,7 @@ __all__ = [
     "parse_shape",
     "activation_shapes",
     "site_models",
+    "quantized_site_models",
     "time_site",
 ]
 
@@ -92,6 +112,9 @@ class SpeedCheckConfig:
         iters: timed samples of each form (the median is compared).
         threads: onnxruntime ``intra_op_num_threads`` (``None``: onnxruntime's default).
         min_speedup: keep the chain only when ``dense / factorized`` median time is above this.
+        max_branch_cost: with ``--quantize``, keep a site's correction only while the corrected site's median
+            time is at most ``1 + max_branch_cost`` times that of its quantized layer alone (the same
+            MatMulNBits without the branch); 0.10 is issue 12's target for the whole model.
         seed: seed of the random activations.
     """
 
@@ -101,6 +124,7 @@ class SpeedCheckConfig:
     iters: int = 30
     threads: int | None = None
     min_speedup: float = 1.0
+    max_branch_cost: float = 0.10
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -113,6 +137,8 @@ class SpeedCheckConfig:
             raise UsageError(f"--threads must be at least 1, got {self.threads}")
         if not self.min_speedup > 0:
             raise UsageError(f"the minimum speedup must be positive, got {self.min_speedup:g}")
+        if not self.max_branch_cost >= 0:
+            raise UsageError(f"--max-branch-cost must be 0 or more, got {self.max_branch_cost:g}")
         for name, shape in self.input_shapes.items():
             if not shape or any(int(dim) < 1 for dim in shape):
                 raise UsageError(f"--shape {name}: every dimension must be a positive integer, got {list(shape)}")
@@ -534,6 +560,63 @@ class SiteSpeedCheck:
         )
         return outcomes
 
+    def check_corrections(self, model: onnx.ModelProto, outcomes: list[Any], base_dir: str | None = None) -> None:
+        """With ``--quantize``: time every corrected site against its quantized layer alone and drop the
+        corrections that cost more than ``config.max_branch_cost`` (outcomes modified in place).
+
+        Args:
+            model: the model the outcomes' sites were matched in (not modified).
+            outcomes: :class:`onnxsvd.pipeline.quantized.QuantOutcome` of each weight group.
+            base_dir: folder of the model file, for external data.
+        """
+        corrected = [outcome for outcome in outcomes if outcome.weight is not None and outcome.factorization]
+        if not corrected:
+            return
+        shapes = self._activation_shapes(model, [site for outcome in corrected for site in outcome.sites])
+        index = GraphIndex(model.graph)
+        opset = next((int(e.version) for e in model.opset_import if e.domain in ("", "ai.onnx")), 17)
+        folder = tempfile.mkdtemp(prefix="onnxsvd-branch-speed-")
+        dropped = 0
+        try:
+            for done, outcome in enumerate(corrected, start=1):
+                site = outcome.sites[0]
+                node = model.graph.node[site.node_index]
+                shape = shapes.get(site.activation)
+                if shape is None:
+                    raise UsageError(f"the shape of {site.activation!r} (input of {site.name!r}) is unknown; "
+                                     f"{SHAPE_HINT}")
+                key = _quantized_signature(site, node, shape, outcome)
+                if key not in self._timings:
+                    group = QuantizedGroup(outcome.sites, outcome.weight, outcome.factorization, outcome.storage,
+                                           fused=outcome.fused)
+                    alone, with_branch = quantized_site_models(
+                        site, node, _bias_value(index, site, base_dir), shape, group, opset, max(model.ir_version, 7)
+                    )
+                    self._timings[key] = self._time_pair(alone, with_branch, site, shape, folder)
+                label = f"int{outcome.weight.attributes.get('bits', 4)}"
+                _drop_or_keep_correction(outcome, self._timings[key], self.config.max_branch_cost, label)
+                dropped += outcome.factorization is None
+                if self.progress is not None:
+                    self.progress(done, len(corrected), site.name)
+        finally:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(folder)
+        log.info("speed check: %d of %d corrections dropped (over %.0f%% of their quantized layer alone)",
+                 dropped, len(corrected), 100 * self.config.max_branch_cost)
+
+    def _time_pair(
+        self, first: onnx.ModelProto, second: onnx.ModelProto, site: Site, shape: tuple[int, ...], folder: str
+    ) -> list[SiteTiming]:
+        """Time two standalone models of a site (``first`` as ``dense_ms``) on every provider."""
+        paths = []
+        for name, proto in (("first", first), ("second", second)):
+            path = Path(folder) / f"{len(self._timings)}_{name}.onnx"
+            onnx.save(proto, path)
+            paths.append(path)
+        rng = np.random.default_rng(self.config.seed)
+        activation = rng.standard_normal(shape).astype(helper.tensor_dtype_to_np_dtype(site.weight.compute_dtype))
+        return [time_site(paths[0], paths[1], activation, provider, self.config) for provider in self.config.providers]
+
     def _time(
         self,
         index: GraphIndex,
@@ -566,6 +649,69 @@ class SiteSpeedCheck:
         for timing in timings:
             log.debug("%s %s: %s", site.name, shape, timing.describe())
         return timings
+
+
+def quantized_site_models(
+    site: Site,
+    node: onnx.NodeProto,
+    bias: np.ndarray | None,
+    activation_shape: Sequence[int],
+    group: QuantizedGroup,
+    opset: int = 17,
+    ir_version: int = 8,
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The quantized layer alone and the corrected site, as standalone models of one site.
+
+    Both are the site's node rewritten by :func:`onnxsvd.graph.emit_quantized` (the first without the
+    correction), so what is timed is what ``rewrite`` writes. ``group`` is the site's group with its
+    correction; the weight's values do not matter for timing, so a zero weight stands for it.
+
+    Returns:
+        ``(quantized alone, corrected)``; both read ``x`` and write ``y``.
+    """
+    weight = np.zeros((site.k, site.n))
+    dense, _ = site_models(site, node, weight, bias, activation_shape,
+                           Factorization(stages=((np.zeros((site.k, 1)), np.zeros((1, site.n))),), kept_energy=1.0),
+                           onnx.TensorProto.FLOAT, "fused", opset, ir_version)
+    forms = []
+    for correction in (False, True):
+        standalone = copy.deepcopy(dense)
+        (alone,) = find_sites(standalone).sites
+        ranks = activation_ranks(standalone, [alone])
+        if correction:
+            emitted = dataclasses.replace(group, sites=[alone])
+        else:
+            emitted = QuantizedGroup([alone], group.weight, None, group.storage)
+        forms.append(emit_quantized(standalone, [emitted], ranks=ranks))
+    return forms[0], forms[1]
+
+
+def _quantized_signature(site: Site, node: onnx.NodeProto, shape: tuple[int, ...], outcome: Any) -> Any:
+    attributes = tuple(sorted(attribute.SerializeToString() for attribute in node.attribute))
+    fused = getattr(outcome, "fused", None)
+    return (
+        node.op_type, site.weight_side, attributes, shape, site.weight.compute_dtype, site.k, site.n,
+        site.bias is not None, outcome.rank, outcome.storage, fused is not None,
+        tuple(sorted(outcome.weight.attributes.items())),
+    )
+
+
+def _drop_or_keep_correction(outcome: Any, timings: Sequence[SiteTiming], max_cost: float, label: str) -> None:
+    """Record the slowest provider's cost of the correction; drop the correction when it is over budget."""
+    worst = max(timings, key=lambda timing: timing.factorized_ms / timing.dense_ms if timing.dense_ms else math.inf)
+    cost = worst.factorized_ms / worst.dense_ms - 1.0 if worst.dense_ms > 0 else math.inf
+    numbers = (f"{cost:+.0%} over the {label} layer alone on {worst.provider} "
+               f"({worst.factorized_ms:.3g} ms vs {worst.dense_ms:.3g} ms)")
+    outcome.base_ms, outcome.corrected_ms = worst.dense_ms, worst.factorized_ms
+    outcome.speed_provider = worst.provider
+    if cost <= max_cost:
+        outcome.reason = f"{outcome.reason}; the correction costs {numbers}"
+        return
+    rank = outcome.rank
+    outcome.factorization, outcome.ranks, outcome.fused = None, [], None
+    outcome.kept_energy, outcome.weight_error = None, outcome.base_error
+    outcome.reason = (f"quantized base only: the rank {rank} correction cost {numbers}, above "
+                      f"--max-branch-cost {max_cost:.0%}")
 
 
 def _apply(outcome: GroupOutcome, timings: Sequence[SiteTiming], min_speedup: float) -> None:

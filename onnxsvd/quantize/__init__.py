@@ -3,6 +3,6 @@ the weight exactly as ONNX Runtime dequantizes it out. No packing is done here."
 
 from __future__ import annotations
 
-from onnxsvd.quantize.ort import QuantizedWeight, quantize_weight
+from onnxsvd.quantize.ort import QuantizedWeight, dequantized_weight, quantize_weight
 
-__all__ = ["QuantizedWeight", "quantize_weight"]
+__all__ = ["QuantizedWeight", "dequantized_weight", "quantize_weight"]

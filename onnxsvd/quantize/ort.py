@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxsvd.config import QuantizeConfig
 from onnxsvd.errors import TORCH_INSTALL_HINT, QuantizationError
 
-__all__ = ["QuantizedWeight", "quantize_weight", "MATMUL_NBITS_DTYPES"]
+__all__ = ["QuantizedWeight", "dequantized_weight", "quantize_weight", "MATMUL_NBITS_DTYPES"]
 
 #: Activation dtypes MatMulNBits takes (its T1), as numpy dtypes → ONNX dtypes.
 MATMUL_NBITS_DTYPES: dict[np.dtype, int] = {
@@ -167,6 +167,44 @@ def quantize_weight(weight: np.ndarray, dtype: np.dtype, config: QuantizeConfig)
     attributes = {attribute.name: int(helper.get_attribute_value(attribute)) for attribute in node.attribute}
     dequantized = _read_back(node, quantized.graph.initializer, elem_type, dtype, k, n)
     return QuantizedWeight(packed, scales, zero_points, attributes, dequantized)
+
+
+def dequantized_weight(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """``Ŵ`` ``[K, N]`` (float64) of a ``MatMulNBits`` node of a model, read back from ONNX Runtime's kernel.
+
+    The same read-back as :func:`quantize_weight` (the node without ``accuracy_level``, run on ``I_K``), so
+    whoever computes ``X·Ŵ`` from it (the torch evaluator of ``finetune``) uses the weight ONNX Runtime uses.
+
+    Args:
+        node: the ``MatMulNBits`` node (com.microsoft).
+        initializers: the model's initializers by name; the node's packed weight, scales and zero points
+            (inputs 1–3) must be among them.
+
+    Raises:
+        QuantizationError: an input that is not an initializer, a ``g_idx`` input, a scale dtype that
+            MatMulNBits does not take, or ONNX Runtime failed to run the node.
+    """
+    inputs = list(node.input)
+    if len(inputs) > 4 and inputs[4]:
+        raise QuantizationError(f"MatMulNBits node {node.name!r} has a g_idx input (act-order): not read back here")
+    weights = [name for name in inputs[1:4] if name]
+    missing = [name for name in weights if name not in initializers]
+    if len(inputs) < 3 or missing:
+        raise QuantizationError(
+            f"MatMulNBits node {node.name!r}: its packed weight and scales must be initializers "
+            f"({', '.join(missing) or 'too few inputs'} is not)"
+        )
+    attributes = {a.name: int(helper.get_attribute_value(a)) for a in node.attribute}
+    if "K" not in attributes or "N" not in attributes:
+        raise QuantizationError(f"MatMulNBits node {node.name!r} lacks its K or N attribute")
+    scales = initializers[inputs[2]]
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(scales.data_type))
+    if dtype not in MATMUL_NBITS_DTYPES:
+        raise QuantizationError(f"MatMulNBits node {node.name!r} has {dtype.name} scales, not fp32, fp16 or bf16")
+    plain = helper.make_node("MatMulNBits", ["x", *inputs[1:4]], ["y"], domain=node.domain,
+                             **{name: value for name, value in attributes.items()})
+    return _read_back(plain, [initializers[name] for name in weights], MATMUL_NBITS_DTYPES[dtype], dtype,
+                      attributes["K"], attributes["N"])
 
 
 def _read_back(
