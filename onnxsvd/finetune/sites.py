@@ -343,6 +343,7 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
             continue
         entry["sites"].append(record.label)
         entry["outputs"].append(second.output[0])
+        entry["corrects"] = entry["corrects"] or record.site in corrected
     # Chains inside If/Loop/Scan bodies are not trained (the torch evaluator runs no bodies): each is listed,
     # and a main-graph pair whose factors a body chain also reads stays frozen with it.
     in_bodies: set[str] = set()
@@ -356,7 +357,6 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
         order.remove(key)
         skips.extend(PairSkip(site, "its factors are shared with a chain inside an If/Loop/Scan body, which "
                                     "finetune does not train; kept as rewritten") for site in found[key]["sites"])
-        entry["corrects"] = entry["corrects"] or record.site in corrected
     # A factor tensor in two different pairs cannot be trained as either without changing the other.
     counts: dict[str, int] = defaultdict(int)
     for a_name, b_name in order:
