@@ -18,6 +18,7 @@ from onnxsvd.config import (
     LAYOUTS,
     METHODS,
     QUANT_ALGORITHMS,
+    QUANT_ORDERS,
     QUANT_TYPES,
     STORAGE_DTYPES,
     SVD_SOLVERS,
@@ -103,6 +104,16 @@ STAGE_RANKS = CommaList(int, example="32,16")
 @click.option("--factor-dtype", type=click.Choice(FACTOR_DTYPES),
               help="--quantize: storage of the correction's factors (int8: a scale per rank component) "
                    "[default: auto, the weight's own float dtype].")
+@click.option("--order", type=click.Choice(QUANT_ORDERS),
+              help="--quantize: quant-first fits the correction to W's quantization error; lowrank-first keeps "
+                   "a rank --preserve-rank of W first, quantizes the residual and corrects that "
+                   "[default: quant-first].")
+@click.option("--preserve-rank", type=int,
+              help="--order lowrank-first: rank of stage 1, W's low-rank part kept before quantizing "
+                   "(the rank options set stage 2, the correction).")
+@click.option("--bits-per-weight", type=float,
+              help="--quantize: bytes of the quantized layers fixed at b·parameters/8; what the bases leave is "
+                   "spent on correction ranks by measured sensitivity (needs --data).")
 def rewrite_command(
     model: Path,
     output: Path | None,
@@ -149,6 +160,9 @@ def rewrite_command(
     symmetric: bool | None,
     quant_algo: str | None,
     factor_dtype: str | None,
+    order: str | None,
+    preserve_rank: int | None,
+    bits_per_weight: float | None,
 ) -> None:
     """Replace constant-weight MatMul/Gemm nodes by low-rank factor chains.
 
@@ -160,7 +174,11 @@ def rewrite_command(
     from onnxsvd.calibrate import CalibrateConfig
     from onnxsvd.files import RewriteJob, nothing_factorized, rewrite_file
 
-    quantization = _quantize_config(quantize, rank, block, accuracy_level, symmetric, quant_algo, factor_dtype)
+    if bits_per_weight is not None and (rank not in (None, 0) or ratio is not None or energy is not None):
+        raise UsageError("--bits-per-weight sets the correction ranks from its byte budget: drop --rank, --ratio "
+                         "and --energy")
+    quantization = _quantize_config(quantize, rank, block, accuracy_level, symmetric, quant_algo, factor_dtype,
+                                    order, preserve_rank, bits_per_weight)
     if quantization is not None and not quantization.correction:
         rank = None  # --rank 0: quantize only; no rank policy applies
     config = RewriteConfig(
@@ -222,10 +240,14 @@ def _quantize_config(
     symmetric: bool | None,
     quant_algo: str | None,
     factor_dtype: str | None,
+    order: str | None = None,
+    preserve_rank: int | None = None,
+    bits_per_weight: float | None = None,
 ) -> QuantizeConfig | None:
     """The ``--quantize`` configuration, or None; its options without ``--quantize`` are a usage error."""
     given = {"--block": block, "--accuracy-level": accuracy_level, "--symmetric/--asymmetric": symmetric,
-             "--quant-algo": quant_algo, "--factor-dtype": factor_dtype}
+             "--quant-algo": quant_algo, "--factor-dtype": factor_dtype, "--order": order,
+             "--preserve-rank": preserve_rank, "--bits-per-weight": bits_per_weight}
     if quantize is None:
         stray = [flag for flag, value in given.items() if value is not None]
         if stray:
@@ -240,6 +262,9 @@ def _quantize_config(
         algorithm=algorithm,
         correction=rank != 0,
         factor_dtype=factor_dtype or "auto",
+        order=order or "quant-first",
+        preserve_rank=preserve_rank,
+        bits_per_weight=bits_per_weight,
     )
 
 
