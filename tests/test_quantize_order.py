@@ -210,3 +210,21 @@ def test_cli_bits_per_weight_and_lowrank_first(
         assert_one_line_error(err, out)
         assert words in err, (extra, err)
     assert sorted(os.listdir(tmp_path)) == written
+
+
+def test_validate_counts_the_linear_bytes_of_a_quantized_model(rng: np.random.Generator, tmp_path: Path) -> None:
+    from onnxsvd.config import ValidateConfig
+    from onnxsvd.validate import validate
+
+    model = _mlp(rng, widths=(64, 48, 32))
+    original, rewritten, data = tmp_path / "model.onnx", tmp_path / "q.onnx", tmp_path / "x.npz"
+    onnx.save(model, str(original))
+    np.savez(data, x=_correlated(rng, 16, 8, 64))
+    result = rewrite(model, lowrank_first(RankPolicy("rank", 4), preserve=4, factor_dtype="int8"))
+    onnx.save(result.model, str(rewritten))
+    size = validate(original, rewritten, data, ValidateConfig(warmup=0, iters=1, profile=False),
+                    enforce_gate=False).size
+    assert size.linear_bytes_original == (64 * 48 + 48 * 32) * 4
+    assert size.linear_bytes_rewritten == sum(site.factor_bytes for site in result.report.sites)
+    assert size.linear_bytes_kept == pytest.approx(size.linear_bytes_rewritten / size.linear_bytes_original)
+    assert size.to_dict()["linear_bytes_kept"] < 0.3
