@@ -564,8 +564,9 @@ def _global_ranks(
     return dict(allocation.ranks), [note]
 
 
-#: Correction ranks at which ``--bits-per-weight`` measures a site's sensitivity (0: the base alone).
-SENSITIVITY_RANKS = (0, 16)
+#: Correction ranks at which ``--bits-per-weight`` measures a site's sensitivity: 0, the base alone (one
+#: model run per site; ``Δ ≈ α·E`` is linear in the error, so one point gives α).
+SENSITIVITY_RANKS = (0,)
 
 
 def _byte_budget_ranks(
@@ -644,10 +645,11 @@ def _byte_budget_ranks(
         limit = full if policy.allow_growth else min(full, math.ceil((site.dense_bytes - base.bytes) / rank_bytes) - 1)
         goal, metric = target(sites, base.weight, base.effective)  # E [K, N], Lᵀ
         probes = [rank for rank in SENSITIVITY_RANKS if rank < full]
-        decomposition = decompose(goal, metric, rank=max(probes) or None, options=svd_options(config))
-        squared = decomposition.s.astype(np.float64) ** 2  # [m]
+        top = max(probes, default=0)
+        decomposition = decompose(goal, metric, rank=top, options=svd_options(config)) if top else None
         error_spectrum = spectrum(goal, metric)  # σ of Lᵀ E: [min(K, N)]
-        total = float(np.sum(error_spectrum.astype(np.float64) ** 2))
+        squared = error_spectrum.astype(np.float64) ** 2  # [min(K, N)]
+        total = float(squared.sum())
         values = []
         held, rounding = _fit_rounding(site, storage)
         for rank in probes:
@@ -656,6 +658,7 @@ def _byte_budget_ranks(
                 continue
             stages = base.preserved.stages if base.preserved is not None else ()
             if rank > 0:
+                assert decomposition is not None
                 stages = (*stages, *truncate(decomposition, [rank], held, rounding).stages)
             factorization = Factorization(stages=stages, kept_energy=0.0) if stages else None
             trial = emit_quantized(
