@@ -814,10 +814,15 @@ def _summary(outcomes: list[QuantOutcome], config: RewriteConfig) -> str:
     base = sum(o.weight.base_bytes for o in done if o.weight is not None)
     correction = sum(correction_bytes(o.sites[0], o.storage, o.rank) for o in done)
     share = (base + correction) / dense if dense else math.nan
+    params = sum(o.sites[0].k * o.sites[0].n for o in done)
+    bits = (base + correction) * 8 / params if params else math.nan
+    order = ""
+    if config.quantize.lowrank_first:  # type: ignore[union-attr]
+        order = f" (lowrank-first: the correction includes stage 1, rank {config.quantize.preserve_rank})"  # type: ignore[union-attr]
     return (
         f"quantized: {len(done)} weights with ONNX Runtime's quantizer ({config.quantize.label}, "  # type: ignore[union-attr]
-        f"MatMulNBits); base {base:,} B + correction {correction:,} B = {base + correction:,} B, "
-        f"{share:.3f} of their {dense:,} B as stored"
+        f"MatMulNBits); base {base:,} B + correction {correction:,} B = {base + correction:,} B{order}, "
+        f"{share:.3f} of their {dense:,} B as stored, {bits:.3f} bits per weight"
     )
 
 
