@@ -83,7 +83,7 @@ def onnxsvd_quantized(rank: int, method: str, block: int = 32, accuracy_level: i
                                                mask_input=find_mask_input(context["model"]))
         else:
             statistics = context["statistics"] if method != "svd" else None
-            batches = context["batches"] if bits_per_weight is not None else None
+            batches = context["sensitivity_batches"] if bits_per_weight is not None else None
             result = onnxsvd.rewrite(context["model"], config, statistics, batches=batches)
         seconds = time.perf_counter() - tick
         io.save_model(result.model, out)
@@ -203,7 +203,10 @@ def main() -> int:
     config = CalibrateConfig(batch_size=64)
     batches, count = batch_source(args.minilm / "calib.npz", model, config)
     statistics = calibrate(model, batches, config, total_batches=count)
-    context = {"model": model, "statistics": statistics, "batches": batches}
+    # --bits-per-weight measures each site's sensitivity on two batches: 2 × 16 calibration sentences here.
+    sensitivity_batches, _ = batch_source(args.minilm / "calib.npz", model, CalibrateConfig(batch_size=16))
+    context = {"model": model, "statistics": statistics, "batches": batches,
+               "sensitivity_batches": sensitivity_batches}
     linear_fp32 = sum(site.dense_bytes for site in find_sites(model).sites)
     other_bytes = io.count_bytes(model) - linear_fp32
     reference = embed(model, evaluation, args.threads)
