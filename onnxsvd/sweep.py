@@ -44,6 +44,7 @@ from onnxsvd.calibrate import CalibrateConfig, batch_source, calibrate, resolve_
 from onnxsvd.config import METHODS, Progress, RewriteConfig, ValidateConfig, check_provider_names
 from onnxsvd.data import Batches, load_inputs
 from onnxsvd.errors import OutputError, UsageError
+from onnxsvd.graph import find_sites
 from onnxsvd.pipeline import RewriteReport, rewrite, rewrite_sequential
 from onnxsvd.pipeline.speed import SiteSpeedCheck, SpeedCheckConfig
 from onnxsvd.quantize.baselines import BASELINES, parse_baselines, write_baseline
@@ -352,8 +353,6 @@ def _run(
     progress: Progress | None,
 ) -> SweepResult:
     """The work of :func:`sweep` once every input is checked and the folders exist."""
-    from onnxsvd.graph import find_sites  # the graph layer, for the original's linear bytes
-
     models_dir = output / MODELS_FOLDER
     total = len(config.methods) * len(config.ratios) + len(config.baselines)
     linear = sum(site.dense_bytes for site in find_sites(model, config.rewrite).sites)

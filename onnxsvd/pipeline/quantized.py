@@ -70,6 +70,7 @@ from onnxsvd.graph import (
     node_name,
     storage_dtype_for,
 )
+from onnxsvd.pipeline.allocation import _error, _outputs
 from onnxsvd.pipeline.assemble import RewriteResult
 from onnxsvd.pipeline.group import group_statistics, metric_for, svd_options, weight_groups
 from onnxsvd.pipeline.report import RewriteReport, SiteReport
@@ -594,8 +595,6 @@ def _byte_budget_ranks(
         UsageError: the budget is below the bases' bytes (naming the smallest ``b`` that holds them), or
             cannot hold the ``--min-rank`` floors.
     """
-    from onnxsvd.pipeline.allocation import _error, _outputs  # the model runs of global allocation
-
     quantize = config.quantize
     assert quantize is not None and quantize.bits_per_weight is not None
     policy = config.policy
