@@ -650,7 +650,7 @@ def summary_table(result: SweepResult) -> tuple[list[str], list[list[str]], list
 
     scored, labelled = having("top1_agreement"), having("accuracy_original")
     providers = [item["provider"] for item in entries[0].speed] if entries else []
-    header = ["method", "ratio", "kept params", "linear bytes", "file size"]
+    header = ["method", "ratio", "kept params", "bytes", "file size"]
     header += [f"cos {name}" for name in outputs] + [f"top-1 agree {name}" for name in scored]
     for provider in providers:
         header += [f"{provider} speedup (bound)", f"{provider} p10–p90", f"{provider} share s"]
@@ -691,7 +691,7 @@ def markdown_table(result: SweepResult) -> str:
         "speedup is the original's median latency over the rewritten one's, measured alternately, next to the "
         "bound 1/((1−s)+s·ρ) from one profile of the original; p10–p90 is the spread of the paired speedups of "
         "the alternating runs, and s is the rewritten sites' share of the original's node time (min–max over "
-        "the profiled runs). \"linear bytes\" is the MatMul/Gemm layers' bytes as stored (each tensor in its "
+        "the profiled runs). \"bytes\" is the MatMul/Gemm layers' bytes as stored (each tensor in its "
         "dtype) over the original's; ort-* rows are ONNX Runtime's own quantizers (no ratio, no bound).",
         "",
         f"Original: {result.params:,} parameters, {io.human_bytes(result.file_size)}.",

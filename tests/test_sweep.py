@@ -77,7 +77,7 @@ def test_sweep_writes_results_models_and_plots(tmp_path: Path) -> None:
     assert data["eval_data"] == str(EVAL) and data["machine"]["cpus"]
     table = (out / "sweep.md").read_text()
     header = (
-        "| method | ratio | kept params | linear bytes | file size | cos logits | top-1 agree logits | "
+        "| method | ratio | kept params | bytes | file size | cos logits | top-1 agree logits | "
         "cpu speedup (bound) |"
     )
     assert header in table
