@@ -7,6 +7,7 @@ The CLI parses its options into these; the library takes them. An invalid value 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "QUANT_ALGORITHMS",
     "QUANT_BLOCK_SIZES",
     "FACTOR_DTYPES",
+    "QUANT_ORDERS",
     "QuantizeConfig",
     "RewriteConfig",
     "VALIDATE_BATCH_SIZE",
@@ -72,6 +74,10 @@ QUANT_BLOCK_SIZES = (16, 32, 64, 128, 256)
 FACTOR_DTYPES = ("auto", "fp32", "fp16", "int8")
 #: ``--branch``: how a quantized site's correction is emitted (see :class:`QuantizeConfig`).
 BRANCH_FORMS = ("unfused", "fused")
+#: ``--order``: ``quant-first`` quantizes W and fits the correction to its error; ``lowrank-first``
+#: (SVDQuant-like) first keeps a rank ``--preserve-rank`` of W in the data metric, quantizes the residual
+#: ``W − A₁B₁`` and fits the correction to that quantization's error.
+QUANT_ORDERS = ("quant-first", "lowrank-first")
 #: Provider names the CLI and the configs accept → ONNX Runtime execution providers.
 PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 #: Where the SVDs (and fine-tuning) run.
@@ -184,6 +190,14 @@ class QuantizeConfig:
             ``MatMulNBits`` computes ``[X·Ŵ | X·Â]``, then ``Split`` and ``(X·Â)·B`` added; ``B`` is refitted
             to ``Â`` exactly as ONNX Runtime dequantizes it, in the rewrite's metric. ``B`` is stored in
             ``factor_dtype`` (not int8).
+        order: ``"quant-first"`` (``Ŵ = deq(Q(W))``, the correction fits ``W − Ŵ``) or ``"lowrank-first"``
+            (stage 1 ``A₁B₁``: the best rank-``preserve_rank`` fit of W in the data metric, rounded to the
+            factor dtype; ``Ŵ = A₁B₁ + deq(Q(W − A₁B₁))``; stage 2, the rank policy's correction, fits
+            ``W − Ŵ``). Both stages are stored as one fused branch ``X·[A₁ A₂]·[B₁; B₂]``.
+        preserve_rank: stage 1's rank with ``lowrank-first`` (``--preserve-rank``), capped at ``min(K, N)``.
+        bits_per_weight: a byte budget for the quantized layers together, ``b·Σ K·N/8`` bytes
+            (``--bits-per-weight``): the bases (and stage 1) are paid first, the rest is spent on correction
+            ranks by global allocation over measured sensitivities (needs calibration batches).
     """
 
     bits: int = 4
@@ -193,6 +207,9 @@ class QuantizeConfig:
     algorithm: str = "rtn"
     correction: bool = True
     factor_dtype: str = "auto"
+    order: str = "quant-first"
+    preserve_rank: int | None = None
+    bits_per_weight: float | None = None
     branch: str = "unfused"
 
     def __post_init__(self) -> None:
@@ -202,6 +219,24 @@ class QuantizeConfig:
             raise UsageError(
                 "--branch fused stores A quantized in the base's weight and B in float: use --factor-dtype "
                 "fp16/fp32/auto with it, or --branch unfused for int8 factors"
+            )
+        if self.order not in QUANT_ORDERS:
+            raise UsageError(f"unknown --order {self.order!r}; use one of {', '.join(QUANT_ORDERS)}")
+        if self.order == "lowrank-first" and (self.preserve_rank is None or self.preserve_rank < 1):
+            raise UsageError(
+                "--order lowrank-first needs --preserve-rank R ≥ 1 (stage 1's rank, kept before quantizing)"
+            )
+        if self.order == "quant-first" and self.preserve_rank is not None:
+            raise UsageError("--preserve-rank is stage 1's rank of --order lowrank-first: add that or drop it")
+        if self.bits_per_weight is not None:
+            if not 0.0 < self.bits_per_weight <= 64.0 or not math.isfinite(self.bits_per_weight):
+                raise UsageError(f"--bits-per-weight must be in (0, 64], got {self.bits_per_weight:g}")
+            if not self.correction:
+                raise UsageError("--bits-per-weight spends the bytes above the base on corrections: drop --rank 0")
+        if self.branch == "fused" and (self.order == "lowrank-first" or self.bits_per_weight is not None):
+            raise UsageError(
+                "--branch fused is not combined with --order lowrank-first or --bits-per-weight yet: use "
+                "--branch unfused with them"
             )
         if self.factor_dtype not in FACTOR_DTYPES:
             raise UsageError(f"unknown --factor-dtype {self.factor_dtype!r}; use one of {', '.join(FACTOR_DTYPES)}")
@@ -228,6 +263,10 @@ class QuantizeConfig:
         level = f" acc{self.accuracy_level}" if self.accuracy_level else ""
         fused = " fused branch" if self.branch == "fused" and self.correction else ""
         return f"int{self.bits} b{self.block_size} {kind} {self.algorithm}{level}{fused}"
+
+    @property
+    def lowrank_first(self) -> bool:
+        return self.order == "lowrank-first"
 
 
 @dataclasses.dataclass(frozen=True)

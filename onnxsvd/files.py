@@ -79,6 +79,11 @@ class RewriteJob:
                 "--allocate global measures each site's sensitivity by running calibration batches, which a "
                 "statistics file does not hold: pass --data DATA (not --stats)"
             )
+        if _byte_budget(self.config) and self.data is None:
+            raise UsageError(
+                "--bits-per-weight measures each site's sensitivity by running calibration batches, which a "
+                "statistics file does not hold: pass --data DATA (not --stats)"
+            )
         if self.config.allocate == "global" and self.sequential:
             raise UsageError("--sequential does not allocate ranks globally: drop --allocate global or --sequential")
         if self.config.needs_statistics and self.stats is None and self.data is None:
@@ -207,6 +212,10 @@ def nothing_factorized(report: RewriteReport) -> str | None:
     return f"all {len(sites)} sites stay dense ({why}); to factorize some, use {', or '.join(fixes)}"
 
 
+def _byte_budget(config: RewriteConfig) -> bool:
+    return config.quantize is not None and config.quantize.bits_per_weight is not None
+
+
 def _rewrite_loaded(
     job: RewriteJob,
     model: onnx.ModelProto,
@@ -259,7 +268,7 @@ def _rewrite_loaded(
                 statistics = calibrate(model, batches, job.calibration, total_batches=count, base_dir=base_dir)
             calibrate_seconds = time.perf_counter() - tick
         allocation_batches = None
-        if job.data is not None and job.config.allocate == "global":
+        if job.data is not None and (job.config.allocate == "global" or _byte_budget(job.config)):
             allocation_batches, _ = batch_source(job.data, model, job.calibration)
         result = rewrite(
             model,

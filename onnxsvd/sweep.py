@@ -8,7 +8,14 @@ size). The results go to ``DIR/sweep.json``, a markdown table ``DIR/sweep.md`` a
 ``DIR/speedup.png`` (measured speedup against kept parameters, per provider, with the bound).
 
 "Kept parameters" is the kept fraction of the constant-weight MatMul/Gemm layers' parameters
-(``Σ params_after / Σ params_before`` over the sites), the quantity ``--ratio`` sets per layer.
+(``Σ params_after / Σ params_before`` over the sites), the quantity ``--ratio`` sets per layer; "linear
+bytes" is the bytes of those layers as stored (every tensor in its own dtype: packed int4 values, scales,
+zero points, factors) relative to their bytes in the original.
+
+With ``baselines`` (``--baselines int8,int4``) ONNX Runtime's own quantizers are run on the original
+through their API (:mod:`onnxsvd.quantize.baselines`) and validated the same way, into the same table and
+two more plots: ``DIR/fidelity_bytes.png`` (cosine against linear bytes) and ``DIR/fidelity_latency.png``
+(cosine against the rewritten model's median latency), where every row, rewrite or baseline, is a point.
 
 Library use::
 
@@ -30,13 +37,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from onnxsvd import io
 from onnxsvd.calibrate import CalibrateConfig, batch_source, calibrate, resolve_mask
 from onnxsvd.config import METHODS, Progress, RewriteConfig, ValidateConfig, check_provider_names
 from onnxsvd.data import Batches, load_inputs
 from onnxsvd.errors import OutputError, UsageError
+from onnxsvd.graph import find_sites
 from onnxsvd.pipeline import RewriteReport, rewrite, rewrite_sequential
 from onnxsvd.pipeline.speed import SiteSpeedCheck, SpeedCheckConfig
+from onnxsvd.quantize.baselines import BASELINES, parse_baselines, write_baseline
 from onnxsvd.validate.latency import check_providers
 from onnxsvd.validate.pipeline import validate
 from onnxsvd.validate.profile import ProfileCache
@@ -60,7 +71,10 @@ log = logging.getLogger(__name__)
 SWEEP_METHODS = (*METHODS, *(f"{method}+sequential" for method in METHODS))
 
 #: The sweep's own files in its folder, by name (``SweepResult.files``), and the folder of the models.
-RESULT_FILES = {"json": "sweep.json", "markdown": "sweep.md", "fidelity": "fidelity.png", "speedup": "speedup.png"}
+RESULT_FILES = {
+    "json": "sweep.json", "markdown": "sweep.md", "fidelity": "fidelity.png", "speedup": "speedup.png",
+    "fidelity_bytes": "fidelity_bytes.png", "fidelity_latency": "fidelity_latency.png",
+}
 MODELS_FOLDER = "models"
 
 
@@ -98,6 +112,8 @@ class SweepConfig:
         batch_size: evaluation batch size (``None``: validate's default).
         max_eval_samples: use at most this many evaluation samples.
         speed_check: keep dense the sites whose chain is not faster (``--keep-dense-if-slower``).
+        baselines: ONNX Runtime quantizers to run beside the rewrites (keys of
+            :data:`onnxsvd.quantize.baselines.BASELINES`, or ``int4`` for both block sizes).
     """
 
     ratios: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
@@ -111,8 +127,10 @@ class SweepConfig:
     batch_size: int | None = None
     max_eval_samples: int | None = None
     speed_check: SpeedCheckConfig | None = None
+    baselines: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "baselines", parse_baselines(",".join(self.baselines)) if self.baselines else ())
         if not self.ratios:
             raise UsageError("--ratios needs at least one ratio, e.g. 0.3,0.5,0.7,0.9")
         for ratio in self.ratios:
@@ -153,6 +171,7 @@ class SweepConfig:
             "batch_size": self.batch_size,
             "max_eval_samples": self.max_eval_samples,
             "keep_dense_if_slower": self.speed_check is not None,
+            "baselines": list(self.baselines),
         }
 
 
@@ -161,14 +180,15 @@ class SweepEntry:
     """One method at one ratio, rewritten and validated.
 
     Attributes:
-        method: e.g. ``"whiten"`` or ``"whiten+sequential"``.
-        ratio: the kept fraction each layer was asked for.
+        method: e.g. ``"whiten"`` or ``"whiten+sequential"``; ``"ort-int8"``… for a baseline.
+        ratio: the kept fraction each layer was asked for (``None`` for a baseline).
         model: path of the rewritten model.
         kept_params: kept fraction of the MatMul/Gemm layers' parameters.
         params: parameters of the whole rewritten model.
         params_kept_model: kept fraction of the whole model's parameters.
         file_size: bytes on disk (external data included).
-        sites_factorized: sites replaced by a chain.
+        linear_bytes: bytes of the MatMul/Gemm layers as stored, relative to the original's.
+        sites_factorized: sites replaced by a chain (by a quantized node for a baseline).
         sites_kept: sites left dense (skips and the break-even guard included).
         outputs: per output: ``name``, ``cosine``, ``sqnr_db``, ``relative``, ``top1_agreement``, and
             ``accuracy_original``/``accuracy_rewritten`` against labels (``None`` without labels).
@@ -183,12 +203,13 @@ class SweepEntry:
     """
 
     method: str
-    ratio: float
+    ratio: float | None
     model: str
     kept_params: float
     params: int
     params_kept_model: float
     file_size: int
+    linear_bytes: float
     sites_factorized: int
     sites_kept: int
     outputs: list[dict[str, Any]]
@@ -246,8 +267,20 @@ def _linear_kept(report: RewriteReport) -> float:
     return after / before if before else 1.0
 
 
-def _file_name(method: str, ratio: float) -> str:
-    return f"{method}_{ratio:g}.onnx"
+def _file_name(method: str, ratio: float | None) -> str:
+    return f"{method}.onnx" if ratio is None else f"{method}_{ratio:g}.onnx"
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinearBytes:
+    """The bytes of a model that are not its linear layers, to tell the linear layers' bytes of any model
+    of the same graph: every tensor but the MatMul/Gemm weights is left as it is by a rewrite or quantizer."""
+
+    other: int
+    linear: int
+
+    def share(self, model: onnx.ModelProto) -> float:
+        return (io.count_bytes(model) - self.other) / self.linear if self.linear else 1.0
 
 
 def sweep(
@@ -321,7 +354,9 @@ def _run(
 ) -> SweepResult:
     """The work of :func:`sweep` once every input is checked and the folders exist."""
     models_dir = output / MODELS_FOLDER
-    total = len(config.methods) * len(config.ratios)
+    total = len(config.methods) * len(config.ratios) + len(config.baselines)
+    linear = sum(site.dense_bytes for site in find_sites(model, config.rewrite).sites)
+    bytes_of = _LinearBytes(io.count_bytes(model) - linear, linear)
     plain = {method.partition("+")[0] for method in config.methods if not method.endswith("+sequential")}
     statistics = None
     calibrate_seconds = 0.0
@@ -376,9 +411,30 @@ def _run(
                 profiles=profiles,
             )
             entries.append(_entry(method, ratio, path, report, validation, rewrite_seconds,
-                                  time.perf_counter() - tick))
+                                  time.perf_counter() - tick, bytes_of.share(result.model)))
             done += 1
             log.info("%s at %g: %s", method, ratio, entries[-1].outputs)
+    for name in config.baselines:
+        baseline = BASELINES[name]
+        if progress is not None:
+            progress(done, total, baseline.name)
+        path = models_dir / _file_name(baseline.name, None)
+        tick = time.perf_counter()
+        write_baseline(name, model_path, path)
+        rewrite_seconds = time.perf_counter() - tick
+        tick = time.perf_counter()
+        validation = validate(
+            model_path, path, eval_path,
+            ValidateConfig(
+                providers=config.providers, warmup=config.warmup, iters=config.iters, threads=config.threads,
+                batch_size=config.batch_size, max_samples=config.max_eval_samples, profile=False,
+            ),
+            enforce_gate=False,
+        )
+        entries.append(_baseline_entry(baseline.name, path, model, validation, rewrite_seconds,
+                                       time.perf_counter() - tick, bytes_of))
+        done += 1
+        log.info("%s: %s", baseline.name, entries[-1].outputs)
     if progress is not None:
         progress(total, total, "writing results")
     result = SweepResult(
@@ -403,6 +459,9 @@ def result_files(output: Path, config: SweepConfig) -> dict[str, Path]:
             files[path.stem] = path
             files[f"{path.stem} data"] = path.with_name(f"{path.name}.data")
             files[f"{path.stem} report"] = path.with_suffix(".report.json")
+    for name in config.baselines:
+        path = output / MODELS_FOLDER / _file_name(BASELINES[name].name, None)
+        files[path.stem] = path
     return files
 
 
@@ -433,10 +492,7 @@ def _remove_empty(folders: Sequence[Path]) -> None:
             log.info("kept %s after the failed sweep: it is not empty", folder)
 
 
-def _entry(
-    method: str, ratio: float, path: Path, report: RewriteReport, validation: Any, rewrite_seconds: float,
-    validate_seconds: float,
-) -> SweepEntry:
+def _outputs_and_speed(validation: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     outputs = [
         {
             "name": output.name,
@@ -467,6 +523,14 @@ def _entry(
         }
         for item in validation.speed
     ]
+    return outputs, speed
+
+
+def _entry(
+    method: str, ratio: float, path: Path, report: RewriteReport, validation: Any, rewrite_seconds: float,
+    validate_seconds: float, linear_bytes: float,
+) -> SweepEntry:
+    outputs, speed = _outputs_and_speed(validation)
     return SweepEntry(
         method=method,
         ratio=ratio,
@@ -475,6 +539,7 @@ def _entry(
         params=report.params_after,
         params_kept_model=report.params_after / report.params_before if report.params_before else 1.0,
         file_size=validation.size.bytes_rewritten,
+        linear_bytes=linear_bytes,
         sites_factorized=len(report.factorized),
         sites_kept=len([site for site in report.kept if site.shape]),
         outputs=outputs,
@@ -482,6 +547,43 @@ def _entry(
         rewrite_seconds=rewrite_seconds,
         validate_seconds=validate_seconds,
         notes=list(validation.notes),
+    )
+
+
+def _baseline_entry(
+    method: str, path: Path, original: onnx.ModelProto, validation: Any, rewrite_seconds: float,
+    validate_seconds: float, bytes_of: _LinearBytes,
+) -> SweepEntry:
+    """A baseline's row: its parameters and bytes counted from the model it wrote (no rewrite report);
+    its sites are the original's MatMul/Gemm nodes that are gone from it (replaced by quantized nodes). Its
+    kept parameters are 1 (every weight value is kept, quantized); ``params`` counts the stored elements
+    (packed int4 bytes count once), as :func:`onnxsvd.io.count_parameters` does for every row."""
+    quantized = io.load_model(path)
+    before = {node.name for node in original.graph.node if node.op_type in ("MatMul", "Gemm")}
+    after = {node.name for node in quantized.graph.node if node.op_type in ("MatMul", "Gemm")}
+    params_before, params_after = io.count_parameters(original), io.count_parameters(quantized)
+    outputs, speed = _outputs_and_speed(validation)
+    notes = list(validation.notes)
+    if before & after:
+        ops = sorted({node.op_type for node in quantized.graph.node if node.name in before & after})
+        notes.insert(0, f"{len(before & after)} of {len(before)} {'/'.join(ops)} nodes left in float by ONNX "
+                        f"Runtime's quantizer (MatMulNBitsQuantizer takes MatMul only)")
+    return SweepEntry(
+        method=method,
+        ratio=None,
+        model=str(path),
+        kept_params=1.0,  # every weight value is kept, quantized: bytes, not parameters, tell it apart
+        params=params_after,
+        params_kept_model=params_after / params_before if params_before else 1.0,
+        file_size=validation.size.bytes_rewritten,
+        linear_bytes=bytes_of.share(quantized),
+        sites_factorized=len(before - after),
+        sites_kept=len(before & after),
+        outputs=outputs,
+        speed=speed,
+        rewrite_seconds=rewrite_seconds,
+        validate_seconds=validate_seconds,
+        notes=notes,
     )
 
 
@@ -496,12 +598,15 @@ def _check_plotting() -> None:
 
 
 def write_results(result: SweepResult) -> dict[str, str]:
-    """Write ``sweep.json``, ``sweep.md``, ``fidelity.png`` and ``speedup.png`` into ``result.output``."""
+    """Write ``sweep.json``, ``sweep.md`` and the plots (:data:`RESULT_FILES`) into ``result.output``."""
     output = Path(result.output)
     files = {name: str(output / file) for name, file in RESULT_FILES.items()}
     result.files = files
-    plot_fidelity(result.entries, files["fidelity"])
-    plot_speedup(result.entries, files["speedup"])
+    rewrites = [entry for entry in result.entries if entry.ratio is not None]  # kept parameters: rewrites only
+    plot_fidelity(rewrites, files["fidelity"])
+    plot_speedup(rewrites, files["speedup"])
+    plot_fidelity_against(result.entries, files["fidelity_bytes"], "bytes")
+    plot_fidelity_against(result.entries, files["fidelity_latency"], "latency")
     with io.atomic_path(files["markdown"], suffix=".md") as temporary:
         temporary.write_text(markdown_table(result), encoding="utf-8")
     with io.atomic_path(files["json"], suffix=".json") as temporary:
@@ -545,7 +650,7 @@ def summary_table(result: SweepResult) -> tuple[list[str], list[list[str]], list
 
     scored, labelled = having("top1_agreement"), having("accuracy_original")
     providers = [item["provider"] for item in entries[0].speed] if entries else []
-    header = ["method", "ratio", "kept params", "file size"]
+    header = ["method", "ratio", "kept params", "bytes", "file size"]
     header += [f"cos {name}" for name in outputs] + [f"top-1 agree {name}" for name in scored]
     for provider in providers:
         header += [f"{provider} speedup (bound)", f"{provider} p10–p90", f"{provider} share s"]
@@ -554,7 +659,9 @@ def summary_table(result: SweepResult) -> tuple[list[str], list[list[str]], list
     notes: list[str] = []
     for entry in entries:
         by_name = {output["name"]: output for output in entry.outputs}
-        row = [entry.method, f"{entry.ratio:g}", f"{entry.kept_params:.1%}", io.human_bytes(entry.file_size)]
+        ratio = f"{entry.ratio:g}" if entry.ratio is not None else "-"
+        kept = f"{entry.kept_params:.1%}" if entry.ratio is not None else "-"
+        row = [entry.method, ratio, kept, f"{entry.linear_bytes:.3f}", io.human_bytes(entry.file_size)]
         row += [_cell(by_name[name]["cosine"]) for name in outputs]
         row += [_cell(by_name[name]["top1_agreement"]) for name in scored]
         for item in entry.speed:
@@ -568,8 +675,8 @@ def summary_table(result: SweepResult) -> tuple[list[str], list[list[str]], list
             before, after = by_name[name]["accuracy_original"], by_name[name]["accuracy_rewritten"]
             row.append(f"{before:.4f} → {after:.4f}" if before is not None and after is not None else "-")
         rows.append(row)
-        notes += [f"* {entry.method} {entry.ratio:g}: {item['bound_note']}" for item in entry.speed
-                  if item.get("bound_note")]
+        where = entry.method if entry.ratio is None else f"{entry.method} {entry.ratio:g}"
+        notes += [f"* {where}: {item['bound_note']}" for item in entry.speed if item.get("bound_note")]
     return header, rows, notes
 
 
@@ -584,7 +691,8 @@ def markdown_table(result: SweepResult) -> str:
         "speedup is the original's median latency over the rewritten one's, measured alternately, next to the "
         "bound 1/((1−s)+s·ρ) from one profile of the original; p10–p90 is the spread of the paired speedups of "
         "the alternating runs, and s is the rewritten sites' share of the original's node time (min–max over "
-        "the profiled runs).",
+        "the profiled runs). \"bytes\" is the MatMul/Gemm layers' bytes as stored (each tensor in its "
+        "dtype) over the original's; ort-* rows are ONNX Runtime's own quantizers (no ratio, no bound).",
         "",
         f"Original: {result.params:,} parameters, {io.human_bytes(result.file_size)}.",
         "",
@@ -637,6 +745,41 @@ def plot_fidelity(entries: Sequence[SweepEntry], path: str | os.PathLike[str]) -
         axis.set_title(f"fidelity: {name}" if name else "fidelity")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    _save(figure, str(path))
+    return Path(path)
+
+
+def plot_fidelity_against(entries: Sequence[SweepEntry], path: str | os.PathLike[str], axis_kind: str) -> Path:
+    """Cosine to the original (first output) against the linear layers' bytes (``axis_kind="bytes"``) or
+    the rewritten model's median latency on the first provider (``"latency"``): a line per rewrite method,
+    a square per ONNX Runtime baseline."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    name = entries[0].outputs[0]["name"] if entries and entries[0].outputs else None
+
+    def x_of(entry: SweepEntry) -> float:
+        if axis_kind == "bytes":
+            return entry.linear_bytes
+        return float(entry.speed[0]["rewritten_ms"]) if entry.speed else math.nan
+
+    for method, points in _by_method(entries).items():
+        points = sorted(points, key=x_of)
+        cosines = [next(o["cosine"] for o in e.outputs if o["name"] == name) for e in points]
+        baseline = points[0].ratio is None
+        axis.plot([x_of(e) for e in points], cosines, marker="s" if baseline else "o",
+                  linestyle="none" if baseline else "-", label=method)
+    if axis_kind == "bytes":
+        axis.set_xlabel("bytes of the MatMul/Gemm layers / the original's")
+    else:
+        provider = entries[0].speed[0]["provider"] if entries and entries[0].speed else "-"
+        axis.set_xlabel(f"median latency on {provider} (ms)")
+        original = [float(e.speed[0]["original_ms"]) for e in entries if e.speed]
+        if original:
+            axis.axvline(float(np.median(original)), color="grey", linewidth=0.8, linestyle=":", label="original")
+    axis.set_ylabel("mean cosine to the original")
+    axis.set_title(f"fidelity against {axis_kind}: {name}" if name else f"fidelity against {axis_kind}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
     _save(figure, str(path))
     return Path(path)
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+import numpy as np
 import onnx
 import onnxruntime
 import pytest
@@ -14,6 +15,7 @@ from onnxsvd.cli import main
 from onnxsvd.errors import OnnxSvdError, ProviderError, UsageError
 from onnxsvd.sweep import SweepConfig, parse_methods, sweep
 from tests.conftest import MODELS
+from tests.test_calibrate import _correlated, _mlp
 
 HAS_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 MLP = MODELS / "digits_mlp.onnx"
@@ -74,7 +76,10 @@ def test_sweep_writes_results_models_and_plots(tmp_path: Path) -> None:
     assert len(data["entries"]) == 6 and data["config"]["methods"] == ["svd", "whiten", "asvd+sequential"]
     assert data["eval_data"] == str(EVAL) and data["machine"]["cpus"]
     table = (out / "sweep.md").read_text()
-    header = "| method | ratio | kept params | file size | cos logits | top-1 agree logits | cpu speedup (bound) |"
+    header = (
+        "| method | ratio | kept params | bytes | file size | cos logits | top-1 agree logits | "
+        "cpu speedup (bound) |"
+    )
     assert header in table
     assert table.count("\n| whiten | ") == 2
     for name in ("fidelity.png", "speedup.png"):
@@ -206,3 +211,54 @@ def test_a_failed_sweep_leaves_no_folder_it_created(
         with pytest.raises(OnnxSvdError, match="the rewrite failed"):
             sweep(MLP, CALIB, output, SweepConfig(ratios=(0.5,), methods=("svd",), warmup=0, iters=1))
         assert list(tmp_path.iterdir()) == [existing] and list(existing.iterdir()) == []
+
+
+def test_sweep_with_ort_baselines_writes_their_rows_and_plots(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    model, calib = tmp_path / "mlp.onnx", tmp_path / "calib.npz"
+    onnx.save(_mlp(rng, widths=(128, 256, 128)), str(model))  # MatMul: ORT's int4 quantizer takes MatMul only
+    np.savez(calib, x=_correlated(rng, 64, 8, 128))
+    out = tmp_path / "sweep"
+    config = SweepConfig(ratios=(0.5,), methods=("svd",), warmup=0, iters=2, baselines=("int8", "int4"))
+    assert config.baselines == ("int8", "int4-b32", "int4-b128")
+    result = sweep(model, calib, out, config)
+    by_method = {entry.method: entry for entry in result.entries}
+    assert list(by_method) == ["svd", "ort-int8", "ort-int4-b32", "ort-int4-b128"]
+    ops = {"ort-int8": "MatMulInteger", "ort-int4-b32": "MatMulNBits", "ort-int4-b128": "MatMulNBits"}
+    for method, op in ops.items():
+        entry = by_method[method]
+        written = onnx.load(entry.model)
+        onnx.checker.check_model(written)
+        assert op in {node.op_type for node in written.graph.node} and entry.ratio is None
+        assert entry.sites_factorized == 2 and entry.sites_kept == 0
+        assert entry.outputs[0]["cosine"] > 0.95 and entry.speed[0]["bound"] is None
+    # Bytes of the linear layers as stored: int8 ≈ 1/4 of fp32 (plus scales), int4 b32 ≈ (4 + 32/32)/32.
+    assert 0.25 <= by_method["ort-int8"].linear_bytes < 0.27
+    assert 0.15 < by_method["ort-int4-b32"].linear_bytes < 0.17
+    assert by_method["ort-int4-b128"].linear_bytes < by_method["ort-int4-b32"].linear_bytes
+    assert 0 < by_method["svd"].linear_bytes < 1
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["config"]["baselines"] == ["int8", "int4-b32", "int4-b128"]
+    assert [entry["method"] for entry in data["entries"]][1:] == ["ort-int8", "ort-int4-b32", "ort-int4-b128"]
+    table = (out / "sweep.md").read_text()
+    assert table.count("\n| ort-int4-b") == 2 and "\n| ort-int8 | - | - | 0.2" in table
+    for name in ("fidelity.png", "speedup.png", "fidelity_bytes.png", "fidelity_latency.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+
+
+def test_a_gemm_left_by_ort_is_said_in_the_baseline_notes(tmp_path: Path) -> None:
+    config = SweepConfig(ratios=(0.5,), methods=("svd",), warmup=0, iters=1, max_eval_samples=32,
+                         baselines=("int4-b32",))
+    entry = sweep(MLP, CALIB, tmp_path / "out", config).entries[-1]
+    assert entry.method == "ort-int4-b32" and entry.sites_factorized == 0 and entry.sites_kept == 3
+    assert entry.notes[0].startswith("3 of 3 Gemm nodes left in float by ONNX Runtime's quantizer")
+    assert entry.linear_bytes == pytest.approx(1.0)
+
+
+def test_unknown_baseline_is_a_one_line_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="unknown baseline 'fp8'; use one of int4, int8, int4-b32, int4-b128"):
+        SweepConfig(baselines=("int8", "fp8"))
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, "sweep", MLP, "--data", CALIB, "-o", out, "--baselines", "int8,int3")
+    assert code == 2 and "unknown baseline 'int3'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

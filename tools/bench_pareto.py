@@ -66,11 +66,16 @@ def ort_nbits(block: int, accuracy_level: int = 4):
 
 
 def onnxsvd_quantized(rank: int, method: str, block: int = 32, accuracy_level: int = 4, factor_dtype: str = "auto",
-                      sequential: bool = False):
+                      sequential: bool = False, preserve: int | None = None, bits_per_weight: float | None = None):
+    """An onnxsvd quantized rewrite: correction rank ``rank`` (``bits_per_weight``: ranks from that byte
+    budget instead), ``preserve``: ``--order lowrank-first`` with that stage-1 rank."""
     def build(model_path: Path, out: Path, context: dict) -> dict:
-        quantize = onnxsvd.QuantizeConfig(bits=4, block_size=block, accuracy_level=accuracy_level,
-                                          correction=rank > 0, factor_dtype=factor_dtype)
-        policy = onnxsvd.RankPolicy("rank", max(rank, 1))
+        quantize = onnxsvd.QuantizeConfig(
+            bits=4, block_size=block, accuracy_level=accuracy_level, correction=rank > 0 or bits_per_weight is not None,
+            factor_dtype=factor_dtype, order="lowrank-first" if preserve else "quant-first", preserve_rank=preserve,
+            bits_per_weight=bits_per_weight,
+        )
+        policy = onnxsvd.RankPolicy() if bits_per_weight is not None else onnxsvd.RankPolicy("rank", max(rank, 1))
         config = onnxsvd.RewriteConfig(policy=policy, method=method, quantize=quantize)
         tick = time.perf_counter()
         if sequential:
@@ -78,11 +83,15 @@ def onnxsvd_quantized(rank: int, method: str, block: int = 32, accuracy_level: i
                                                mask_input=find_mask_input(context["model"]))
         else:
             statistics = context["statistics"] if method != "svd" else None
-            result = onnxsvd.rewrite(context["model"], config, statistics)
+            batches = context["sensitivity_batches"] if bits_per_weight is not None else None
+            result = onnxsvd.rewrite(context["model"], config, statistics, batches=batches)
         seconds = time.perf_counter() - tick
         io.save_model(result.model, out)
-        kept = [site for site in result.report.sites if site.shape and site.action != "factorized"]
-        return {"rewrite_seconds": seconds, "sites_kept_dense": len(kept)}
+        kept = [site for site in result.report.sites if site.op_type in ("MatMul", "Gemm") and site.shape
+                and site.action != "factorized"]
+        ranks = [site.rank for site in result.report.sites if site.action == "factorized"]
+        return {"rewrite_seconds": seconds, "sites_kept_dense": len(kept),
+                "ranks": {"min": min(ranks, default=0), "max": max(ranks, default=0), "sum": sum(ranks)}}
     return build
 
 
@@ -116,12 +125,48 @@ ROWS = {
                                          onnxsvd_quantized(16, "whiten", factor_dtype="int8"), "onnxsvd_int4_b32_r0"),
     "onnxsvd_int4_b32_whiten_seq_r16": ("onnxsvd int4 b32 + whiten rank 16, sequential",
                                         onnxsvd_quantized(16, "whiten", sequential=True), "onnxsvd_int4_b32_r0"),
+    # --order lowrank-first: stage 1 of rank p kept, the residual quantized, a rank-r correction of its error;
+    # one fused branch of rank p + r, the same bytes as quant-first at rank p + r.
+    "onnxsvd_int4_b32_whiten_lrf_p8_r8": ("onnxsvd int4 b32, lowrank-first: whiten preserve 8 + correction 8",
+                                          onnxsvd_quantized(8, "whiten", preserve=8), "onnxsvd_int4_b32_r0"),
+    "onnxsvd_int4_b32_whiten_lrf_p16_r16": ("onnxsvd int4 b32, lowrank-first: whiten preserve 16 + correction 16",
+                                            onnxsvd_quantized(16, "whiten", preserve=16), "onnxsvd_int4_b32_r0"),
+    "onnxsvd_int4_b128_whiten_lrf_p8_r8": ("onnxsvd int4 b128, lowrank-first: whiten preserve 8 + correction 8",
+                                           onnxsvd_quantized(8, "whiten", block=128, preserve=8),
+                                           "onnxsvd_int4_b128_r0"),
+    "onnxsvd_int4_b32_whiten_seq_lrf_p8_r8": ("onnxsvd int4 b32, lowrank-first sequential: preserve 8 + correction 8",
+                                              onnxsvd_quantized(8, "whiten", sequential=True, preserve=8),
+                                              "onnxsvd_int4_b32_r0"),
+    # --bits-per-weight: the bases paid first, correction ranks by measured sensitivity per byte.
+    "onnxsvd_int4_b128_whiten_bpw4.5": ("onnxsvd int4 b128 + whiten, --bits-per-weight 4.5",
+                                        onnxsvd_quantized(0, "whiten", block=128, bits_per_weight=4.5),
+                                        "onnxsvd_int4_b128_r0"),
+    "onnxsvd_int4_b128_whiten_bpw5": ("onnxsvd int4 b128 + whiten, --bits-per-weight 5.0",
+                                      onnxsvd_quantized(0, "whiten", block=128, bits_per_weight=5.0),
+                                      "onnxsvd_int4_b128_r0"),
+    "onnxsvd_int4_b128_whiten_bpw5_int8": ("onnxsvd int4 b128 + whiten, --bits-per-weight 5.0, int8 factors",
+                                           onnxsvd_quantized(0, "whiten", block=128, bits_per_weight=5.0,
+                                                             factor_dtype="int8"), "onnxsvd_int4_b128_r0"),
+    "onnxsvd_int4_b32_whiten_bpw6.7_int8": ("onnxsvd int4 b32 + whiten, --bits-per-weight 6.7, int8 factors",
+                                            onnxsvd_quantized(0, "whiten", bits_per_weight=6.7, factor_dtype="int8"),
+                                            "onnxsvd_int4_b32_r0"),
 }
+#: The rows of issue 12's points 2 and 4 (``--rows quant2``), with the rows they are compared against.
+QUANT2_ROWS = [
+    "ort_int8_channel", "ort_int4_b32", "ort_int4_b128",
+    "onnxsvd_int4_b32_r0", "onnxsvd_int4_b32_whiten_r16", "onnxsvd_int4_b32_whiten_lrf_p8_r8",
+    "onnxsvd_int4_b32_whiten_r32", "onnxsvd_int4_b32_whiten_lrf_p16_r16",
+    "onnxsvd_int4_b32_whiten_seq_r16", "onnxsvd_int4_b32_whiten_seq_lrf_p8_r8",
+    "onnxsvd_int4_b128_r0", "onnxsvd_int4_b128_whiten_r16", "onnxsvd_int4_b128_whiten_lrf_p8_r8",
+    "onnxsvd_int4_b128_whiten_bpw4.5", "onnxsvd_int4_b128_whiten_bpw5", "onnxsvd_int4_b128_whiten_bpw5_int8",
+    "onnxsvd_int4_b32_whiten_bpw6.7_int8",
+]
 #: The rows of a plain run; ``--rows all`` adds the sequential fit and the smaller-factor variants.
 DEFAULT_ROWS = [
     name for name in ROWS
     if name not in ("onnxsvd_int4_b32_whiten_seq_r16", "onnxsvd_int4_b128_whiten_r16_int8",
                     "onnxsvd_int4_b128_whiten_r8_fp16", "onnxsvd_int4_b32_whiten_r16_int8")
+    and "_lrf_" not in name and "_bpw" not in name
 ]
 
 
@@ -135,7 +180,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minilm", type=Path, default=ROOT / "build" / "minilm")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
-    parser.add_argument("--rows", default="default", help="comma-separated row names, 'default' or 'all'")
+    parser.add_argument("--rows", default="default",
+                        help="comma-separated row names, 'default', 'quant2' (orders and byte budgets) or 'all'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -143,7 +189,8 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="suffix of the output files (pareto<tag>.json, .md, .png)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    names = DEFAULT_ROWS if args.rows == "default" else list(ROWS) if args.rows == "all" else args.rows.split(",")
+    named = {"default": DEFAULT_ROWS, "all": list(ROWS), "quant2": QUANT2_ROWS}
+    names = named[args.rows] if args.rows in named else args.rows.split(",")
     unknown = [name for name in names if name not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
@@ -156,7 +203,10 @@ def main() -> int:
     config = CalibrateConfig(batch_size=64)
     batches, count = batch_source(args.minilm / "calib.npz", model, config)
     statistics = calibrate(model, batches, config, total_batches=count)
-    context = {"model": model, "statistics": statistics, "batches": batches}
+    # --bits-per-weight measures each site's sensitivity on two batches: 2 × 16 calibration sentences here.
+    sensitivity_batches, _ = batch_source(args.minilm / "calib.npz", model, CalibrateConfig(batch_size=16))
+    context = {"model": model, "statistics": statistics, "batches": batches,
+               "sensitivity_batches": sensitivity_batches}
     linear_fp32 = sum(site.dense_bytes for site in find_sites(model).sites)
     other_bytes = io.count_bytes(model) - linear_fp32
     reference = embed(model, evaluation, args.threads)

@@ -20,6 +20,7 @@ from onnxsvd.config import (
     LAYOUTS,
     METHODS,
     QUANT_ALGORITHMS,
+    QUANT_ORDERS,
     QUANT_TYPES,
     STORAGE_DTYPES,
     SVD_SOLVERS,
@@ -117,6 +118,16 @@ STAGE_RANKS = CommaList(int, example="32,16")
 @click.option("--branch", type=click.Choice(BRANCH_FORMS),
               help="--quantize: unfused, MatMulNBits(X) + (X·A)·B; or fused, A quantized as extra output columns "
                    "of the base (one MatMulNBits, a Split, B refitted to the quantized A) [default: unfused].")
+@click.option("--order", type=click.Choice(QUANT_ORDERS),
+              help="--quantize: quant-first fits the correction to W's quantization error; lowrank-first keeps "
+                   "a rank --preserve-rank of W first, quantizes the residual and corrects that "
+                   "[default: quant-first].")
+@click.option("--preserve-rank", type=int,
+              help="--order lowrank-first: rank of stage 1, W's low-rank part kept before quantizing "
+                   "(the rank options set stage 2, the correction).")
+@click.option("--bits-per-weight", type=float,
+              help="--quantize: bytes of the quantized layers fixed at b·parameters/8; what the bases leave is "
+                   "spent on correction ranks by measured sensitivity (needs --data).")
 def rewrite_command(
     model: Path,
     output: Path | None,
@@ -167,6 +178,9 @@ def rewrite_command(
     factor_dtype: str | None,
     branch: str | None,
     max_branch_cost: float | None,
+    order: str | None,
+    preserve_rank: int | None,
+    bits_per_weight: float | None,
 ) -> None:
     """Replace constant-weight MatMul/Gemm nodes by low-rank factor chains.
 
@@ -178,8 +192,11 @@ def rewrite_command(
     from onnxsvd.calibrate import CalibrateConfig
     from onnxsvd.files import RewriteJob, nothing_factorized, rewrite_file
 
+    if bits_per_weight is not None and (rank not in (None, 0) or ratio is not None or energy is not None):
+        raise UsageError("--bits-per-weight sets the correction ranks from its byte budget: drop --rank, --ratio "
+                         "and --energy")
     quantization = _quantize_config(quantize, rank, block, accuracy_level, symmetric, quant_algo, factor_dtype,
-                                    branch)
+                                    branch, order, preserve_rank, bits_per_weight)
     if quantization is not None and not quantization.correction:
         rank = None  # --rank 0: quantize only; no rank policy applies
     config = RewriteConfig(
@@ -246,10 +263,14 @@ def _quantize_config(
     quant_algo: str | None,
     factor_dtype: str | None,
     branch: str | None = None,
+    order: str | None = None,
+    preserve_rank: int | None = None,
+    bits_per_weight: float | None = None,
 ) -> QuantizeConfig | None:
     """The ``--quantize`` configuration, or None; its options without ``--quantize`` are a usage error."""
     given = {"--block": block, "--accuracy-level": accuracy_level, "--symmetric/--asymmetric": symmetric,
-             "--quant-algo": quant_algo, "--factor-dtype": factor_dtype, "--branch": branch}
+             "--quant-algo": quant_algo, "--factor-dtype": factor_dtype, "--branch": branch, "--order": order,
+             "--preserve-rank": preserve_rank, "--bits-per-weight": bits_per_weight}
     if quantize is None:
         stray = [flag for flag, value in given.items() if value is not None]
         if stray:
@@ -265,6 +286,9 @@ def _quantize_config(
         correction=rank != 0,
         factor_dtype=factor_dtype or "auto",
         branch=branch or "unfused",
+        order=order or "quant-first",
+        preserve_rank=preserve_rank,
+        bits_per_weight=bits_per_weight,
     )
 
 

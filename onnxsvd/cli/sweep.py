@@ -50,6 +50,10 @@ RATIOS = CommaList(float, example="0.3,0.5,0.7,0.9")
 @click.option("--damping", type=float, default=1e-2, show_default=True, help="Whitening damping (relative).")
 @click.option("--keep-dense-if-slower", is_flag=True,
               help="Time each site dense against factorized (first calibration batch) and keep the slower dense.")
+@click.option("--baselines", metavar="int8,int4",
+              help="Also run ONNX Runtime's quantizers on MODEL into the same table and plots: int8 "
+                   "(quantize_dynamic, per channel), int4 (MatMulNBits RTN at blocks 32 and 128), int4-b32, "
+                   "int4-b128.")
 @selection_options
 @floor_options
 def sweep_command(
@@ -72,6 +76,7 @@ def sweep_command(
     dtype: str,
     damping: float,
     keep_dense_if_slower: bool,
+    baselines: str | None,
     include: str | None,
     exclude: str | None,
     min_params: int,
@@ -80,9 +85,11 @@ def sweep_command(
 ) -> None:
     """Rewrite MODEL at every ratio with every method, validate each against MODEL, and write the
     trade-off: sweep.json, sweep.md (a table), fidelity.png and speedup.png (against kept parameters,
-    with the speedup bound). Calibrates once; the rewritten models go to OUTPUT/models/."""
+    with the speedup bound), fidelity_bytes.png and fidelity_latency.png (every row, --baselines
+    included). Calibrates once; the rewritten models go to OUTPUT/models/."""
     from onnxsvd.calibrate import CalibrateConfig
     from onnxsvd.pipeline.speed import SpeedCheckConfig
+    from onnxsvd.quantize.baselines import parse_baselines
     from onnxsvd.sweep import SweepConfig, parse_methods, sweep
 
     provider_names = providers
@@ -101,6 +108,7 @@ def sweep_command(
         batch_size=eval_batch_size,
         max_eval_samples=max_eval_samples,
         speed_check=SpeedCheckConfig(providers=provider_names, threads=threads) if keep_dense_if_slower else None,
+        baselines=parse_baselines(baselines),
     )
     with progress_bar("sweep") as update:
         result = sweep(model, data_path, output, config, eval_data=eval_data, progress=update)

@@ -195,6 +195,9 @@ def render_report(report: ValidationReport, console: Console, gate_details: bool
                  f"{report.size.params_kept:.1%}")
     size.add_row("file size", human_bytes(report.size.bytes_original), human_bytes(report.size.bytes_rewritten),
                  f"{report.size.bytes_kept:.1%}")
+    if report.size.linear_bytes_original:
+        size.add_row("MatMul/Gemm bytes as stored", f"{report.size.linear_bytes_original:,}",
+                     f"{report.size.linear_bytes_rewritten:,}", f"{report.size.linear_bytes_kept:.1%}")
     flops = report.flops
     if flops.flops_before is not None:
         size.add_row(f"FLOPs of {len(flops.sites)} rewritten sites (batch)", human_flops(flops.flops_before),

@@ -71,6 +71,7 @@ from onnxsvd.graph import (
     node_name,
     storage_dtype_for,
 )
+from onnxsvd.pipeline.allocation import _error, _outputs
 from onnxsvd.pipeline.assemble import RewriteResult
 from onnxsvd.pipeline.fused_branch import fuse_branch
 from onnxsvd.pipeline.group import group_statistics, metric_for, svd_options, weight_groups
@@ -84,7 +85,15 @@ from onnxsvd.pipeline.sequential import (
     site_levels,
 )
 from onnxsvd.quantize import QuantizedWeight, quantize_weight
-from onnxsvd.rank import AllocationSite, ByteCost, allocate_budget, allocate_energy, choose_rank, guard_rank
+from onnxsvd.rank import (
+    AllocationSite,
+    ByteCost,
+    allocate_budget,
+    allocate_bytes,
+    allocate_energy,
+    choose_rank,
+    guard_rank,
+)
 
 __all__ = ["QuantOutcome", "correction_bytes", "factor_storage", "rewrite_quantized"]
 
@@ -206,7 +215,13 @@ def rewrite_quantized(
             return weight - dequantized, metric_for(config, group_statistics(sites, statistics))  # E [K, N]
 
         overrides: dict[str, int] = {}
-        if config.allocate == "global" and quantize.correction:
+        if quantize.bits_per_weight is not None:
+            assert batches is not None
+            overrides, allocation_notes = _byte_budget_ranks(
+                original, groups, config, cache, target, batches, base_dir, ranks_of_activations, progress
+            )
+            notes.extend(allocation_notes)
+        elif config.allocate == "global" and quantize.correction:
             overrides, allocation_notes = _global_ranks(groups, config, cache, target)
             notes.extend(allocation_notes)
         for done, (key, sites) in enumerate(groups.items(), start=1):
@@ -256,6 +271,18 @@ def _check_options(
         raise UsageError("--quantize emits one fused correction branch per site: drop --layout stages")
     if sequential and config.allocate == "global":
         raise UsageError("--quantize with --sequential takes uniform ranks: drop --allocate global")
+    if config.quantize.bits_per_weight is not None:  # type: ignore[union-attr]
+        if sequential:
+            raise UsageError("--bits-per-weight allocates the corrections globally, which --sequential does not: "
+                             "drop one of them")
+        if config.allocate == "global":
+            raise UsageError("--bits-per-weight is a global allocation in bytes: drop --allocate global")
+        if config.policy.kind in ("rank", "full", "energy") or config.stage_ranks is not None:
+            raise UsageError("--bits-per-weight sets the correction ranks from its byte budget: drop --rank, "
+                             "--energy and --stage-ranks")
+        if batches is None:
+            raise UsageError("--bits-per-weight measures each site's sensitivity by running calibration batches, "
+                             "which a statistics file does not hold: pass --data DATA (not --stats)")
     if opset < 7:
         raise UsageError(f"--quantize needs opset 7 or later (broadcasting Add), the model has opset {opset}")
 
@@ -296,28 +323,66 @@ def _without_quantized(model: onnx.ModelProto, match: Match) -> Match:
     return Match(sites=tuple(sites), skips=tuple(skips))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Base:
+    """One group's base, what its correction is fitted against.
+
+    Attributes:
+        weight: ``W`` ``[K, N]`` in float64.
+        quantized: ONNX Runtime's quantization of ``W`` (``quant-first``) or of ``W − A₁B₁``.
+        preserved: stage 1 ``A₁B₁`` of ``lowrank-first`` (in its storage), ``None`` otherwise.
+        effective: ``Ŵ`` ``[K, N]``: the dequantized weight, plus ``A₁B₁`` with ``lowrank-first``.
+        quantized_bytes: the quantized tensors as stored.
+        bytes: ``quantized_bytes`` plus stage 1's factors as stored.
+    """
+
+    weight: np.ndarray
+    quantized: QuantizedWeight
+    preserved: Factorization | None
+    effective: np.ndarray
+    quantized_bytes: int
+    bytes: int
+
+
 class _QuantizedCache:
-    """Each group's weight and its quantization, computed once (global allocation reads them twice)."""
+    """Each group's base, computed once (global allocation reads it twice)."""
 
     def __init__(self, index: GraphIndex, config: RewriteConfig, base_dir: str | None) -> None:
         self.index, self.config, self.base_dir = index, config, base_dir
-        self.held: dict[str, tuple[np.ndarray, QuantizedWeight]] = {}
+        self.held: dict[str, _Base] = {}
 
-    def get(self, site: Site) -> tuple[np.ndarray, QuantizedWeight]:
-        """``(W [K, N] float64, its quantization)``.
+    def base(self, sites: list[Site], target: QuantTargetFn) -> _Base:
+        """The group's base: ``quant-first`` quantizes ``W``; ``lowrank-first`` fits stage 1 to ``target``'s
+        goal against a zero base (``W``, or the sequential least-squares target) in its metric, rounds it to
+        the factor storage, and quantizes ``W − A₁B₁``.
 
         Raises:
-            FactorizationError: the weight holds NaN or Inf, or ONNX Runtime cannot quantize it.
+            FactorizationError: the weight holds NaN or Inf, ONNX Runtime cannot quantize it, or stage 1's
+                SVD fails.
         """
+        site = sites[0]
         if site.group in self.held:
             return self.held[site.group]
-        weight = load_weight(self.index, site, self.base_dir)  # [K, N]
+        weight = load_weight(self.index, site, self.base_dir)  # W [K, N]
         if not np.all(np.isfinite(weight)):
             raise FactorizationError("weight contains NaN or Inf")
+        quantize = self.config.quantize
+        assert quantize is not None
         dtype = onnx.helper.tensor_dtype_to_np_dtype(site.weight.compute_dtype)
-        quantized = quantize_weight(weight, dtype, self.config.quantize)  # type: ignore[arg-type]
-        self.held[site.group] = (weight, quantized)
-        return weight, quantized
+        preserved, kept = None, 0.0
+        if quantize.lowrank_first:
+            rank = min(int(quantize.preserve_rank or 0), site.k, site.n)
+            goal, metric = target(sites, weight, np.zeros_like(weight))  # [K, N], Lᵀ
+            decomposition = decompose(goal, metric, rank=rank, options=svd_options(self.config))
+            held, rounding = _fit_rounding(site, factor_storage(site, self.config))
+            preserved = truncate(decomposition, [rank], held, rounding)  # A₁ [K, r₁], B₁ [r₁, N]
+            kept = preserved.product()  # A₁B₁ [K, N]
+        quantized = quantize_weight(weight - kept, dtype, quantize)  # Q(W − A₁B₁)
+        effective = quantized.dequantized + kept  # Ŵ [K, N]
+        stage_one = correction_bytes(site, factor_storage(site, self.config), preserved.rank) if preserved else 0
+        base = _Base(weight, quantized, preserved, effective, quantized.base_bytes, quantized.base_bytes + stage_one)
+        self.held[site.group] = base
+        return base
 
     def drop(self, key: str) -> None:
         self.held.pop(key, None)
@@ -393,18 +458,23 @@ def _fit_group(
                 "weight on the left and the activation's rank is unknown (its transposes need it): add shapes "
                 "to the model's inputs"
             )
-        weight, quantized = cache.get(site)
-        dequantized = quantized.dequantized  # Ŵ [K, N]
-        base = quantized.base_bytes
-        if base >= site.dense_bytes and not config.policy.allow_growth:
+        base = cache.base(sites, target)
+        weight, quantized, dequantized = base.weight, base.quantized, base.effective  # W, Q, Ŵ [K, N]
+        if base.bytes >= site.dense_bytes and not config.policy.allow_growth:
+            what = f"quantized base {base.quantized_bytes:,} B"
+            if base.preserved is not None:
+                what += f" + preserved rank {base.preserved.rank} {base.bytes - base.quantized_bytes:,} B"
             raise FactorizationError(
-                f"quantized base {base:,} B ≥ dense {site.dense_bytes:,} B "
+                f"{what} ≥ dense {site.dense_bytes:,} B "
                 f"({dtype_name(site.weight.storage_dtype)} weight, {quantize.label}); use --allow-growth to force"
             )
         norm = float(np.linalg.norm(weight))
         outcome.base_error = float(np.linalg.norm(weight - dequantized)) / norm if norm > 0 else 0.0
-        factorization, ranks, how = None, [], f"{quantize.label} base {base:,} B"
-        if quantize.correction:
+        factorization, ranks = None, []
+        how = f"{quantize.label} base {base.quantized_bytes:,} B"
+        if quantize.correction and rank_override == 0:
+            how += " (global allocation: rank 0, the budget buys more at other sites)"
+        elif quantize.correction:
             factorization, ranks, how = _correction(site, sites, config, target, refit, weight, dequantized, base,
                                                     rank_override)
             outcome.kept_energy = factorization.kept_energy
@@ -418,7 +488,20 @@ def _fit_group(
                 b_bytes = io.dtype_bytes(storage, factorization.rank * site.n)
                 how += (f"; fused branch: A in {a_bytes:,} B of int{quantize.bits} base columns, B refitted to it "
                         f"({a_bytes + b_bytes:,} B in all)")
-        corrected = dequantized + (factorization.product() if factorization is not None else 0.0)  # [K, N]
+        if base.preserved is not None:
+            corrections = factorization.stages if factorization is not None else ()
+            ranks = [base.preserved.rank, *ranks]
+            how = (
+                f"lowrank-first: preserved rank {base.preserved.rank} "
+                f"{base.bytes - base.quantized_bytes:,} B, the residual's {how}"
+            )
+            factorization = Factorization(  # one fused branch X·[A₁ A₂]·[B₁; B₂]
+                stages=(*base.preserved.stages, *corrections),
+                kept_energy=factorization.kept_energy if factorization is not None else base.preserved.kept_energy,
+                notes=base.preserved.notes + (factorization.notes if factorization is not None else ()),
+            )
+        corrected = dequantized - (base.preserved.product() if base.preserved is not None else 0.0)
+        corrected = corrected + (factorization.product() if factorization is not None else 0.0)  # [K, N]
         error = float(np.linalg.norm(weight - corrected)) / norm if norm > 0 else 0.0
         if not np.isfinite(error):
             raise FactorizationError("the correction overflows the factor dtype (NaN/Inf)")
@@ -440,11 +523,13 @@ def _correction(
     refit: QuantRefitFn | None,
     weight: np.ndarray,
     dequantized: np.ndarray,
-    base: int,
+    base: _Base,
     rank_override: int | None,
 ) -> tuple[Factorization, list[int], str]:
-    """The correction's factors, stage ranks and the reason line; ``FactorizationError`` when none fits."""
-    cost = _correction_cost(site, config, base)
+    """The correction's factors, stage ranks and the reason line; ``FactorizationError`` when none fits.
+
+    ``dequantized`` is the base ``Ŵ`` the correction adds to (stage 1 included with ``lowrank-first``)."""
+    cost = _correction_cost(site, config, base.bytes)
     goal, metric = target(sites, weight, dequantized)  # [K, N], Lᵀ
     policy = config.policy
     if policy.min_rank is None:
@@ -484,7 +569,8 @@ def _correction(
             )
     correction = correction_bytes(site, storage, factorization.rank)
     how = (
-        f"{config.quantize.label} base {base:,} B + rank {factorization.rank} correction {correction:,} B "  # type: ignore[union-attr]
+        f"{config.quantize.label} base {base.quantized_bytes:,} B + rank {factorization.rank} correction "  # type: ignore[union-attr]
+        f"{correction:,} B "
         f"({decision.reason})"
     )
     return factorization, ranks, how
@@ -502,8 +588,8 @@ def _global_ranks(
     candidates = []
     for key, sites in groups.items():
         try:
-            weight, quantized = cache.get(sites[0])
-            goal, metric = target(sites, weight, quantized.dequantized)
+            base = cache.base(sites, target)
+            goal, metric = target(sites, base.weight, base.effective)
             candidates.append(AllocationSite(key, sites[0].k, sites[0].n, spectrum(goal, metric)))
         except FactorizationError:
             continue  # _fit_group keeps it dense with the reason
@@ -520,6 +606,141 @@ def _global_ranks(
         allocation = allocate_energy(candidates, policy.value, policy.align)
         note = f"global allocation of the corrections: energy {policy.value:g} of all sites' error energy"
     return dict(allocation.ranks), [note]
+
+
+#: Correction ranks at which ``--bits-per-weight`` measures a site's sensitivity: 0, the base alone (one
+#: model run per site; ``Δ ≈ α·E`` is linear in the error, so one point gives α).
+SENSITIVITY_RANKS = (0,)
+
+
+def _byte_budget_ranks(
+    original: onnx.ModelProto,
+    groups: Mapping[str, list[Site]],
+    config: RewriteConfig,
+    cache: _QuantizedCache,
+    target: QuantTargetFn,
+    batches: Batches,
+    base_dir: str | None,
+    ranks_of_activations: Mapping[str, int | None],
+    progress: Progress | None,
+) -> tuple[dict[str, int], list[str]]:
+    """Correction ranks from ``--bits-per-weight b``: ``⌊b·Σ K·N/8⌋`` bytes for the quantized weights.
+
+    The bases (quantized values, scales, zero points as stored; stage 1 of ``lowrank-first``) are paid
+    first; the rest buys correction ranks at ``correction_bytes(site, storage, 1)`` bytes per unit, in
+    order of ``α_s · σ²`` per byte (:func:`onnxsvd.rank.allocate_bytes`), with ``σ`` the spectrum of the
+    site's error in the data metric and ``α_s = mean_r Δ_s(r) / E_s(r)`` measured: ``Δ_s(r)`` the model's
+    normalised output error with only site s quantized and corrected at rank r (``SENSITIVITY_RANKS``),
+    ``E_s(r)`` the error energy its correction leaves. A group whose base fails, or is no smaller than
+    its dense weight, stays dense outside the budget (``_fit_group`` gives the reason).
+
+    Raises:
+        UsageError: the budget is below the bases' bytes (naming the smallest ``b`` that holds them), or
+            cannot hold the ``--min-rank`` floors.
+    """
+    quantize = config.quantize
+    assert quantize is not None and quantize.bits_per_weight is not None
+    policy = config.policy
+    bases: dict[str, _Base] = {}
+    outside: list[str] = []
+    for key, sites in groups.items():
+        try:
+            base = cache.base(sites, target)
+        except FactorizationError:
+            outside.append(sites[0].name)
+            continue
+        if base.bytes >= sites[0].dense_bytes and not policy.allow_growth:
+            outside.append(sites[0].name)
+            continue
+        bases[key] = base
+    if not bases:
+        return {}, []
+    bits = quantize.bits_per_weight
+    params = sum(groups[key][0].k * groups[key][0].n for key in bases)
+    budget = math.floor(bits * params / 8)
+    base_total = sum(base.bytes for base in bases.values())
+    if budget < base_total:
+        smallest = math.ceil(base_total * 8 / params * 100) / 100
+        while math.floor(smallest * params / 8) < base_total:  # rounding of b·P/8 in floating point
+            smallest = round(smallest + 0.01, 2)
+        what = f"{quantize.label} bases" + (" with their preserved stage 1" if quantize.lowrank_first else "")
+        raise UsageError(
+            f"--bits-per-weight {bits:g} gives {budget:,} B for the {len(bases)} quantized weights "
+            f"({params:,} parameters), below their {what}' {base_total:,} B: use --bits-per-weight {smallest:g} "
+            "or more"
+        )
+    sample = []
+    for batch in batches():
+        sample.append(dict(batch))
+        if len(sample) >= 2:
+            break
+    if not sample:
+        raise UsageError("--bits-per-weight: the calibration data gave no batch to measure sensitivities on")
+    reference = _outputs(original, sample, base_dir)
+    candidates, measured, unmeasured = [], {}, {}
+    for done, (key, base) in enumerate(bases.items(), start=1):
+        sites = groups[key]
+        site = sites[0]
+        storage = factor_storage(site, config)
+        rank_bytes = correction_bytes(site, storage, 1)
+        full = min(site.k, site.n)
+        limit = full if policy.allow_growth else min(full, math.ceil((site.dense_bytes - base.bytes) / rank_bytes) - 1)
+        goal, metric = target(sites, base.weight, base.effective)  # E [K, N], Lᵀ
+        probes = [rank for rank in SENSITIVITY_RANKS if rank < full]
+        top = max(probes, default=0)
+        decomposition = decompose(goal, metric, rank=top, options=svd_options(config)) if top else None
+        error_spectrum = spectrum(goal, metric)  # σ of Lᵀ E: [min(K, N)]
+        squared = error_spectrum.astype(np.float64) ** 2  # [min(K, N)]
+        total = float(squared.sum())
+        values = []
+        held, rounding = _fit_rounding(site, storage)
+        for rank in probes:
+            left = total - float(squared[:rank].sum())  # E_s(r)
+            if left <= 0.0:
+                continue
+            stages = base.preserved.stages if base.preserved is not None else ()
+            if rank > 0:
+                assert decomposition is not None
+                stages = (*stages, *truncate(decomposition, [rank], held, rounding).stages)
+            factorization = Factorization(stages=stages, kept_energy=0.0) if stages else None
+            trial = emit_quantized(
+                copy.deepcopy(original), [QuantizedGroup(sites, base.quantized, factorization, storage)],
+                ranks=ranks_of_activations,
+            )
+            value = _error(reference, _outputs(trial, sample, base_dir)) / left
+            if np.isfinite(value) and value > 0.0:
+                values.append(value)
+        if values:
+            measured[key] = float(np.mean(values))
+        else:
+            unmeasured[key] = f"{site.name}: quantizing it alone did not change the outputs measurably"
+        candidates.append((key, site, error_spectrum, rank_bytes, max(limit, 0)))
+        if progress is not None:
+            progress(done, len(bases), f"sensitivity {site.name}")
+    fallback = float(np.median(list(measured.values()))) if measured else 1.0
+    floor = policy.min_rank if policy.min_rank is not None else 0
+    sites_to_allocate = [
+        AllocationSite(key, site.k, site.n, values, measured.get(key, fallback), min_rank=min(floor, limit),
+                       rank_limit=limit, rank_bytes=rank_bytes)
+        for key, site, values, rank_bytes, limit in candidates
+    ]
+    allocation = allocate_bytes(sites_to_allocate, budget - base_total, policy.align)
+    spent = base_total + allocation.params
+    notes = [
+        f"--bits-per-weight {bits:g}: a budget of {budget:,} B for the {len(bases)} quantized weights "
+        f"({params:,} parameters); bases {base_total:,} B, corrections {allocation.params:,} B of the "
+        f"{budget - base_total:,} B left, by error energy × sensitivity per byte "
+        f"(sensitivities measured at correction ranks {list(SENSITIVITY_RANKS)}); total {spent:,} B = "
+        f"{spent * 8 / params:.3f} bits per weight; ranks multiples of --align {policy.align} where one fits"
+    ]
+    if outside:
+        notes.append(f"--bits-per-weight: {len(outside)} weights kept dense outside the budget: {', '.join(outside)}")
+    if unmeasured:
+        notes.append(
+            f"estimated sensitivities: {len(unmeasured)} of {len(bases)} sites count with the median of the "
+            f"others ({fallback:.4g}): {'; '.join(unmeasured.values())}"
+        )
+    return dict(allocation.ranks), notes
 
 
 def _sequential_fit(config: RewriteConfig, stats: CrossStats) -> tuple[QuantTargetFn, QuantRefitFn | None]:
@@ -651,10 +872,15 @@ def _summary(outcomes: list[QuantOutcome], config: RewriteConfig) -> str:
     base = sum(o.weight.base_bytes for o in done if o.weight is not None)
     correction = sum(_outcome_correction_bytes(o, o.sites[0]) for o in done)
     share = (base + correction) / dense if dense else math.nan
+    params = sum(o.sites[0].k * o.sites[0].n for o in done)
+    bits = (base + correction) * 8 / params if params else math.nan
+    order = ""
+    if config.quantize.lowrank_first:  # type: ignore[union-attr]
+        order = f" (lowrank-first: the correction includes stage 1, rank {config.quantize.preserve_rank})"  # type: ignore[union-attr]
     return (
         f"quantized: {len(done)} weights with ONNX Runtime's quantizer ({config.quantize.label}, "  # type: ignore[union-attr]
-        f"MatMulNBits); base {base:,} B + correction {correction:,} B = {base + correction:,} B, "
-        f"{share:.3f} of their {dense:,} B as stored"
+        f"MatMulNBits); base {base:,} B + correction {correction:,} B = {base + correction:,} B{order}, "
+        f"{share:.3f} of their {dense:,} B as stored, {bits:.3f} bits per weight"
     )
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "AllocationSite",
     "Allocation",
     "allocate_budget",
+    "allocate_bytes",
     "allocate_energy",
     "allowed_ranks",
     "loss_estimate",
@@ -52,6 +53,8 @@ class AllocationSite:
         min_rank: the floor f: no rank below it (``--min-rank``).
         rank_limit: the largest rank allowed, c (under break-even in bytes, or ``min(K, N)`` when growth is
             allowed); ``None``: under the parameter break-even ``r·(K+N) < K·N``.
+        rank_bytes: what one unit of rank costs in bytes as stored (:func:`allocate_bytes`); ``None``:
+            budgets count parameters, ``K+N`` per unit of rank.
     """
 
     key: str
@@ -61,6 +64,7 @@ class AllocationSite:
     sensitivity: float = 1.0
     min_rank: int = 1
     rank_limit: int | None = None
+    rank_bytes: int | None = None
 
     @property
     def params(self) -> int:
@@ -69,6 +73,11 @@ class AllocationSite:
     @property
     def step_cost(self) -> int:
         return self.k + self.n
+
+    @property
+    def unit_cost(self) -> int:
+        """What one unit of rank costs in the budget's unit: bytes with ``rank_bytes``, else parameters."""
+        return self.rank_bytes if self.rank_bytes is not None else self.step_cost
 
     @property
     def max_rank(self) -> int:
@@ -96,9 +105,9 @@ def allowed_ranks(site: AllocationSite, align: int) -> tuple[list[int], str]:
 
     The multiples of ``align`` in ``[min_rank, max_rank]``; when none lies there, every rank in it, with
     the reason. Empty when the floor is above the limit (the site cannot be factorized; the caller keeps
-    it dense).
+    it dense). A floor of 0 (a correction, which may be left out) puts rank 0 on the ladder.
     """
-    low, high = max(1, site.min_rank), site.max_rank
+    low, high = max(0, site.min_rank), site.max_rank
     if low > high:
         return [], f"the floor {low} is above the largest rank under break-even, {high}"
     if align <= 1:
@@ -152,7 +161,7 @@ def _greedy(
         ladder, index = ladders[site.key], position[site.key]
         if index + 1 < len(ladder):
             current, stop = ladder[index], ladder[index + 1]
-            gain = _gains(site, current, stop) / ((stop - current) * site.step_cost)
+            gain = _gains(site, current, stop) / ((stop - current) * site.unit_cost)
             heapq.heappush(heap, (-gain, site.key))
 
     for site in sites:
@@ -161,7 +170,7 @@ def _greedy(
         _, key = heapq.heappop(heap)
         site, ladder = by_key[key], ladders[key]
         index = position[key]
-        if not take((ladder[index + 1] - ladder[index]) * site.step_cost):
+        if not take((ladder[index + 1] - ladder[index]) * site.unit_cost):
             continue  # this site's next step does not fit; a cheaper one elsewhere still may
         position[key] = index + 1
         push(site)
@@ -229,6 +238,41 @@ def allocate_budget(sites: Sequence[AllocationSite], ratio: float, align: int = 
     return Allocation(ranks, params, budget, loss, uniform_loss, notes)
 
 
+def allocate_bytes(sites: Sequence[AllocationSite], budget: int, align: int = 8) -> Allocation:
+    """Ranks minimising ``Σ L_s(r_s)`` subject to ``Σ r_s·b_s ≤ budget`` bytes, ``b_s = site.rank_bytes``
+    (the bytes one unit of rank costs as stored: factor values in their dtype, and their scales).
+
+    Every site gets a rank from :func:`allowed_ranks`; the budget is never exceeded. ``Allocation.params``
+    holds the bytes the ranks use and ``Allocation.budget`` the budget, both in bytes.
+
+    Raises:
+        UsageError: the budget cannot hold every site at its lowest allowed rank (the message names the
+            bytes they need).
+        ValueError: a site without ``rank_bytes``, or with no allowed rank.
+    """
+    if any(site.rank_bytes is None for site in sites):
+        raise ValueError("allocate_bytes needs rank_bytes on every site")
+    ladders, notes = _ladders(sites, align)
+    minimum = sum(ladders[s.key][0] * s.unit_cost for s in sites)
+    if minimum > budget:
+        raise UsageError(
+            f"the correction budget of {budget:,} B cannot hold the {len(sites)} sites at their lowest allowed "
+            f"ranks (--min-rank, --align), which need {minimum:,} B: raise the budget or lower --min-rank"
+        )
+    used = [minimum]
+
+    def take(cost: int) -> bool:
+        if used[0] + cost <= budget:
+            used[0] += cost
+            return True
+        return False
+
+    ranks = _greedy(sites, ladders, dict.fromkeys(ladders, 0), take)
+    spent = sum(ranks[s.key] * s.unit_cost for s in sites)
+    loss = sum(loss_estimate(s, ranks[s.key]) for s in sites)
+    return Allocation(ranks, spent, budget, loss, None, notes)
+
+
 def uniform_ranks(sites: Sequence[AllocationSite], ratio: float, align: int = 8) -> dict[str, int]:
     """Each site at the per-layer ratio: the largest allowed rank up to ``⌊ρ·K·N/(K+N)⌋`` (the lowest
     allowed rank when even that is above it)."""
@@ -256,7 +300,7 @@ def allocate_energy(sites: Sequence[AllocationSite], energy: float, align: int =
         ladder, index = ladders[site.key], position[site.key]
         if index + 1 < len(ladder):
             current, stop = ladder[index], ladder[index + 1]
-            heapq.heappush(heap, (-_gains(site, current, stop) / ((stop - current) * site.step_cost), site.key))
+            heapq.heappush(heap, (-_gains(site, current, stop) / ((stop - current) * site.unit_cost), site.key))
 
     for site in sites:
         push(site)

@@ -187,12 +187,29 @@ class TimeShare:
 
 @dataclasses.dataclass(frozen=True)
 class SizeSummary:
-    """Parameters (initializer and Constant elements) and bytes on disk (with external data) of both."""
+    """Parameters (initializer and Constant elements) and bytes on disk (with external data) of both, and
+    the bytes of their tensors as stored (each in its own dtype: packed int4 values, scales, zero points,
+    factors), of the whole model and of the original's constant-weight MatMul/Gemm layers.
+
+    The linear layers' bytes in the rewritten model are its tensor bytes less the original's other
+    tensors (embeddings, norms, biases), which a rewrite or a quantizer leaves as they are.
+    """
 
     params_original: int
     params_rewritten: int
     bytes_original: int
     bytes_rewritten: int
+    tensor_bytes_original: int = 0
+    tensor_bytes_rewritten: int = 0
+    linear_bytes_original: int = 0
+    linear_bytes_rewritten: int = 0
+
+    @property
+    def linear_bytes_kept(self) -> float:
+        """The linear layers' bytes as stored, rewritten over original."""
+        if not self.linear_bytes_original:
+            return 1.0
+        return self.linear_bytes_rewritten / self.linear_bytes_original
 
     @property
     def params_kept(self) -> float:
@@ -206,6 +223,7 @@ class SizeSummary:
         data = dataclasses.asdict(self)
         data["params_kept"] = self.params_kept
         data["bytes_kept"] = self.bytes_kept
+        data["linear_bytes_kept"] = self.linear_bytes_kept
         return data
 
 
@@ -215,12 +233,18 @@ def size_summary(
     original: onnx.ModelProto,
     rewritten: onnx.ModelProto,
 ) -> SizeSummary:
-    """Parameters and file sizes of both models."""
+    """Parameters, file sizes and tensor bytes as stored of both models (see :class:`SizeSummary`)."""
+    tensors_original, tensors_rewritten = io.count_bytes(original), io.count_bytes(rewritten)
+    linear = sum(site.dense_bytes for site in find_sites(original).sites)
     return SizeSummary(
         params_original=io.count_parameters(original),
         params_rewritten=io.count_parameters(rewritten),
         bytes_original=io.file_size(original_path),
         bytes_rewritten=io.file_size(rewritten_path),
+        tensor_bytes_original=tensors_original,
+        tensor_bytes_rewritten=tensors_rewritten,
+        linear_bytes_original=linear,
+        linear_bytes_rewritten=tensors_rewritten - (tensors_original - linear),
     )
 
 
