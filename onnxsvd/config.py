@@ -16,6 +16,7 @@ from onnxsvd.errors import UsageError
 __all__ = [
     "VERSION",
     "PROVIDERS",
+    "CONV_FORMS",
     "DEVICES",
     "Progress",
     "check_provider_names",
@@ -51,6 +52,9 @@ LOW_KEPT_ENERGY = 0.5
 MIN_SHARE = 0.01
 METHODS = ("svd", "asvd", "whiten")
 LAYOUTS = ("fused", "stages")
+#: ``--conv``: how a Conv site is factored (channel: k×k Conv to r then 1×1; spatial: k_h×1 then 1×k_w; auto: per
+#: site, the form with the smaller error in the data metric at the same parameter count).
+CONV_FORMS = ("channel", "spatial", "auto")
 STORAGE_DTYPES = ("auto", "fp32", "fp16")
 SVD_SOLVERS = ("auto", "exact", "randomized")
 ALLOCATIONS = ("uniform", "global")
@@ -241,6 +245,7 @@ class RewriteConfig:
             sensitivity (global allocation with calibration data).
         quantize: quantize each site's weight with ONNX Runtime and fit the rank policy's factors to the
             quantization error instead of the weight (see :class:`QuantizeConfig`); ``None``: low rank only.
+        conv: how Conv sites are factored, one of :data:`CONV_FORMS`.
     """
 
     policy: RankPolicy = RankPolicy()
@@ -262,8 +267,11 @@ class RewriteConfig:
     allocate: str = "uniform"
     sensitivity_ratios: tuple[float, ...] = (0.25, 0.5)
     quantize: QuantizeConfig | None = None
+    conv: str = "channel"
 
     def __post_init__(self) -> None:
+        if self.conv not in CONV_FORMS:
+            raise UsageError(f"unknown --conv {self.conv!r}; use one of {', '.join(CONV_FORMS)}")
         if self.allocate not in ALLOCATIONS:
             raise UsageError(f"unknown --allocate {self.allocate!r}; use one of {', '.join(ALLOCATIONS)}")
         if self.svd not in SVD_SOLVERS:

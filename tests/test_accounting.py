@@ -45,9 +45,10 @@ def _holder(
         ]
         node = helper.make_node(op, ["X", "W", "R", "B"], ["Y"], name="rnn", hidden_size=hidden)
         return [node], [_value("X", [5, 2, features])], [_value("Y", [5, 1, 2, hidden])], tensors, ""
-    if op == "Conv":
-        node = helper.make_node("Conv", ["X", "W"], ["Y"], name="conv", kernel_shape=[3, 3])
-        return [node], [_value("X", [1, 3, 8, 8])], [_value("Y", [1, 4, 6, 6])], [t(_array(rng, (4, 3, 3, 3)), "W")], ""
+    if op == "ConvTranspose":
+        node = helper.make_node("ConvTranspose", ["X", "W"], ["Y"], name="deconv", kernel_shape=[3, 3])
+        weight = t(_array(rng, (3, 4, 3, 3)), "W")
+        return [node], [_value("X", [1, 3, 8, 8])], [_value("Y", [1, 4, 10, 10])], [weight], ""
     if op == "ConvInteger":
         node = helper.make_node("ConvInteger", ["X", "W"], ["Y"], name="conv_int")
         weight = t(_array(rng, (4, 3, 3, 3), np.uint8), "W")
@@ -94,8 +95,8 @@ def _holder(
     raise ValueError(op)
 
 
-HOLDERS = ("LSTM", "GRU", "RNN", "Conv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QLinearConv", "Einsum",
-           "Gather", "Attention", "MatMulNBits")
+HOLDERS = ("LSTM", "GRU", "RNN", "ConvTranspose", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QLinearConv",
+           "Einsum", "Gather", "Attention", "MatMulNBits")
 
 
 def _holder_model(op: str, rng: np.random.Generator) -> onnx.ModelProto:
@@ -116,7 +117,7 @@ def test_weight_holding_node_is_a_skip_with_its_reason(op: str, rng: np.random.G
     assert (skip.op_type, skip.kind) == (op, "weights")
     expected = {
         "LSTM": "LSTM weights are not a site yet",
-        "Conv": "Conv weights are not a site yet",
+        "ConvTranspose": "ConvTranspose weights are not a site (its factors would need a transposed chain)",
         "MatMulInteger": "MatMulInteger (integer product) weights are not a site",
         "Gather": "an embedding table is looked up (Gather), not multiplied; not a site",
         "MatMulNBits": "MatMulNBits weights are already packed in low-bit blocks; not a site",

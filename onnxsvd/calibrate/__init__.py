@@ -19,6 +19,7 @@ import onnx
 
 from onnxsvd import io
 from onnxsvd.calibrate.collect import collect, collect_groups, find_mask_input, specs_for_sites
+from onnxsvd.calibrate.patches import DEFAULT_PATCH_ROWS
 from onnxsvd.calibrate.stats import ActivationStats, Statistics, StatisticsWriter, StatsAccumulator, combine
 from onnxsvd.config import Progress, check_provider_names
 from onnxsvd.data import Batches, iter_batches, load_inputs
@@ -56,6 +57,9 @@ class CalibrateConfig:
         segment_bytes: for a model whose weights stay on disk (over 512 MB of external data), the weight
             bytes one ONNX Runtime session may hold: the model runs in segments of consecutive nodes
             (``None``: a quarter of its weights, at least 256 MiB).
+        patch_rows: im2col patches kept per batch of each Conv input; past it positions are sampled
+            (``None``: every patch).
+        seed: seeds the sampling of patches.
     """
 
     batch_size: int = 32
@@ -64,8 +68,12 @@ class CalibrateConfig:
     mask_input: str | None = "auto"
     group_bytes: int = 1 << 30
     segment_bytes: int | None = None
+    patch_rows: int | None = DEFAULT_PATCH_ROWS
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.patch_rows is not None and self.patch_rows < 1:
+            raise UsageError(f"--patch-rows must be at least 1, got {self.patch_rows}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.segment_bytes is not None and self.segment_bytes < 1:
@@ -112,7 +120,7 @@ def calibrate(
     """Collect the statistics of every site activation of ``model`` over the calibration batches."""
     config = config or CalibrateConfig()
     sites = find_sites(model).sites
-    specs = specs_for_sites(sites)
+    specs = specs_for_sites(sites, config.patch_rows, config.seed)
     mask = resolve_mask(model, config)
     if mask:
         log.info("leaving out rows where %r is 0 (padding)", mask)
@@ -166,7 +174,7 @@ def calibrate_to_file(
     """Like :func:`calibrate`, writing each group of activations to ``output`` as soon as it is collected
     (one group in memory), atomically; returns the file's statistics, loaded lazily."""
     config = config or CalibrateConfig()
-    specs = specs_for_sites(find_sites(model).sites)
+    specs = specs_for_sites(find_sites(model).sites, config.patch_rows, config.seed)
     with StatisticsWriter(output, io.fingerprint(model, base_dir)) as writer:
         for group in collect_groups(
             model,

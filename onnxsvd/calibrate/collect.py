@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
+from onnxsvd.calibrate.patches import DEFAULT_PATCH_ROWS, patch_rows
 from onnxsvd.calibrate.stats import ActivationStats, StatsAccumulator, Workspace
 from onnxsvd.config import PROVIDERS, Progress
 from onnxsvd.errors import ProviderError
-from onnxsvd.graph.match import GraphIndex, Site
+from onnxsvd.graph.match import ConvGeometry, GraphIndex, Site
 from onnxsvd.io import is_lazy, temporary_model_path, tensor_bytes
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "collect",
     "collect_groups",
     "rows_of",
+    "activation_rows",
     "find_mask_input",
 ]
 
@@ -47,24 +49,53 @@ MASK_NAMES = ("attention_mask", "input_mask", "mask")
 
 @dataclasses.dataclass(frozen=True)
 class ActivationSpec:
-    """One activation to collect: the tensor, where its K channels are, its dtype, and its stats key."""
+    """One activation to collect: the tensor, where its K channels are, its dtype, and its stats key.
+
+    A Conv input's rows are its im2col ``patches`` (``channels`` = ``C·∏k``), at most ``max_rows`` per
+    batch, sampled with ``seed`` past that (:func:`onnxsvd.calibrate.patches.patch_rows`).
+    """
 
     tensor: str
     channel_axis: int
     channels: int
     elem_type: int
     key: str
+    patches: ConvGeometry | None = None
+    max_rows: int | None = DEFAULT_PATCH_ROWS
+    seed: int = 0
 
 
-def specs_for_sites(sites: Iterable[Site]) -> list[ActivationSpec]:
-    """One spec per distinct (activation, channel axis), in graph order."""
+def specs_for_sites(
+    sites: Iterable[Site], patch_rows: int | None = DEFAULT_PATCH_ROWS, seed: int = 0
+) -> list[ActivationSpec]:
+    """One spec per distinct (activation, channel axis), or per Conv input and patch geometry, in graph
+    order. ``patch_rows`` and ``seed``: the cap on a Conv input's patches per batch and its sampling."""
     specs: dict[str, ActivationSpec] = {}
     for site in sites:
         if site.statistics_key not in specs:
+            channels = site.conv.patch_size if site.conv is not None else site.k
             specs[site.statistics_key] = ActivationSpec(
-                site.activation, site.channel_axis, site.k, site.weight.compute_dtype, site.statistics_key
+                site.activation, site.channel_axis, channels, site.weight.compute_dtype, site.statistics_key,
+                site.conv, patch_rows, seed,
             )
     return list(specs.values())
+
+
+def activation_rows(
+    spec: ActivationSpec,
+    activation: np.ndarray,
+    mask: np.ndarray | None = None,
+    workspace: Workspace | None = None,
+    batch_index: int = 0,
+) -> tuple[np.ndarray, int | None]:
+    """``(rows [T, K], positions)`` of one batch of a spec's activation: :func:`rows_of`, or a Conv input's
+    patches (``positions``: how many there were when a sample is kept, else ``None``). A batch's sample
+    depends on the seed, the batch's index and its shape only, so two models' activations of one
+    shape are sampled at the same positions."""
+    if spec.patches is None:
+        return rows_of(activation, spec.channel_axis, mask, workspace), None
+    rows, positions = patch_rows(activation, spec.patches, spec.max_rows, seed=spec.seed * 1_000_003 + batch_index)
+    return rows, (positions if positions > rows.shape[0] else None)
 
 
 def expose(
@@ -249,7 +280,8 @@ def _groups(specs: Sequence[ActivationSpec], rows_per_batch: int, budget: int) -
     groups: list[list[ActivationSpec]] = [[]]
     used = 0
     for spec in specs:
-        size = rows_per_batch * spec.channels * 12 + spec.channels * spec.channels * 8
+        rows = min(rows_per_batch, spec.max_rows) if spec.patches is not None and spec.max_rows else rows_per_batch
+        size = rows * spec.channels * 12 + spec.channels * spec.channels * 8
         if groups[-1] and used + size > budget:
             groups.append([])
             used = 0
@@ -357,13 +389,13 @@ def collect_groups(
         feed_names = {value.name for value in session.get_inputs()}
         accumulators = {spec.key: StatsAccumulator(spec.channels) for spec in group}
         workspace = Workspace()
-        for batch in batches():
+        for batch_index, batch in enumerate(batches()):
             feed = {name: value for name, value in batch.items() if name in feed_names}
             values = dict(zip([name for name, _ in tensors], session.run(output_names, feed), strict=True))
             mask = batch.get(mask_input) if mask_input else None
             for spec in group:
-                rows = rows_of(values[spec.tensor], spec.channel_axis, mask, workspace)  # [T, K]
-                accumulators[spec.key].update(rows, workspace)
+                rows, positions = activation_rows(spec, values[spec.tensor], mask, workspace, batch_index)  # [T, K]
+                accumulators[spec.key].update(rows, workspace, positions)
             del values
             done += 1
             if progress is not None:
@@ -535,8 +567,10 @@ def _collect_segments(
                             np.save(stored(batch_index, name), values[name])
                     mask = batch.get(mask_input) if mask_input else None
                     for spec in group:
-                        rows_seen = rows_of(values[spec.tensor], spec.channel_axis, mask, workspace)  # [T, K]
-                        accumulators[spec.key].update(rows_seen, workspace)
+                        rows_seen, positions = activation_rows(
+                            spec, values[spec.tensor], mask, workspace, batch_index
+                        )  # [T, K]
+                        accumulators[spec.key].update(rows_seen, workspace, positions)
                     del values, feed
                     done += 1
                     if progress is not None:

@@ -44,12 +44,20 @@ class ActivationStats:
         abs_sum: ``[K]`` ``Σ_t |x_tk|``.
         abs_max: ``[K]`` ``max_t |x_tk|``.
         rows: ``T``.
+        positions: the rows there were, when fewer were kept (a Conv input's im2col patches are sampled
+            past a cap per batch); ``None`` when every row was kept.
     """
 
     gram: np.ndarray
     abs_sum: np.ndarray
     abs_max: np.ndarray
     rows: int
+    positions: int | None = None
+
+    @property
+    def sampled(self) -> bool:
+        """True when the rows are a sample of the positions there were."""
+        return self.positions is not None and self.positions > self.rows
 
     @property
     def channels(self) -> int:
@@ -71,6 +79,7 @@ def combine(parts: Iterable[ActivationStats]) -> ActivationStats:
         abs_sum=sum(p.abs_sum for p in parts),  # [K]
         abs_max=np.max(np.stack([p.abs_max for p in parts]), axis=0),  # [K]
         rows=sum(p.rows for p in parts),
+        positions=sum(p.positions or p.rows for p in parts) if any(p.sampled for p in parts) else None,
     )
 
 
@@ -103,15 +112,18 @@ class StatsAccumulator:
         self.abs_sum = np.zeros(channels, dtype=np.float64)  # [K]
         self.abs_max = np.zeros(channels, dtype=np.float64)  # [K]
         self.rows = 0
+        self.positions = 0
 
-    def update(self, batch: np.ndarray, workspace: Workspace | None = None) -> None:
+    def update(self, batch: np.ndarray, workspace: Workspace | None = None, positions: int | None = None) -> None:
         """Add a batch ``[..., K]`` (all leading dimensions are rows).
 
         Args:
             batch: the rows, in any real dtype; they are widened to float64 before any arithmetic.
             workspace: reusable buffers for the float64 copy (a fresh array without one).
+            positions: the rows the batch had when these are a sample of them (``None``: all of them).
         """
         native = np.asarray(batch).reshape(-1, self.abs_sum.shape[0])  # [T, K]
+        self.positions += native.shape[0] if positions is None else positions
         if native.shape[0] == 0:
             return
         if workspace is None:
@@ -135,9 +147,10 @@ class StatsAccumulator:
         """
         _mirror_upper(self.gram)  # syrk never reads the strict lower triangle, so filling it is harmless
         gram = self.gram.T  # C-contiguous view of the same (now symmetric) buffer: [K, K]
+        positions = self.positions if self.positions > self.rows else None
         if not copy:
-            return ActivationStats(gram, self.abs_sum, self.abs_max, self.rows)
-        return ActivationStats(gram.copy(), self.abs_sum.copy(), self.abs_max.copy(), self.rows)
+            return ActivationStats(gram, self.abs_sum, self.abs_max, self.rows, positions)
+        return ActivationStats(gram.copy(), self.abs_sum.copy(), self.abs_max.copy(), self.rows, positions)
 
 
 def _mirror_upper(square: np.ndarray, block: int = 256) -> None:
@@ -219,6 +232,7 @@ class _LazyActivations(Mapping[str, ActivationStats]):
                 abs_sum=self.data[f"abs_sum_{i}"],
                 abs_max=self.data[f"abs_max_{i}"],
                 rows=int(self.data[f"rows_{i}"]),
+                positions=int(self.data[f"positions_{i}"]) if f"positions_{i}" in self.data.files else None,
             )
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
             raise StatsError(f"cannot read statistics {self.path} ({error}); re-run 'onnxsvd calibrate'") from error
@@ -261,6 +275,8 @@ class StatisticsWriter:
             self._write(f"abs_sum_{i}", stats.abs_sum)
             self._write(f"abs_max_{i}", stats.abs_max)
             self._write(f"rows_{i}", np.array(stats.rows))
+            if stats.sampled:
+                self._write(f"positions_{i}", np.array(stats.positions))
 
     def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
         if error is None:

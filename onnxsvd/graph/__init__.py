@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 from onnxsvd.graph.cleanup import RemoveDeadWeightsPass
+from onnxsvd.graph.conv import conv_flops
 from onnxsvd.graph.emit import EmitOptions, FactorTensors, emit, remove_dead_weights, storage_dtype_for
 from onnxsvd.graph.emit_quant import QUANTIZED_OPS, QuantizedGroup, activation_ranks, emit_quantized
 from onnxsvd.graph.match import (
+    ConvGeometry,
     GraphIndex,
     Match,
     Site,
     Skip,
     WeightSource,
+    conv_matrix,
+    conv_site_in_form,
     dtype_name,
     find_sites,
     load_weight,
@@ -19,6 +23,10 @@ from onnxsvd.graph.match import (
 )
 
 __all__ = [
+    "ConvGeometry",
+    "conv_flops",
+    "conv_matrix",
+    "conv_site_in_form",
     "EmitOptions",
     "FactorTensors",
     "GraphIndex",

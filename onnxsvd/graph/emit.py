@@ -6,6 +6,7 @@ For a site in normal form ``Y = X · W_kn (+ bias)`` and factors ``W_kn ≈ Σ_i
 - right-hand weight: ``H = X · A``, ``Y = H · B`` (Gemm sites keep ``transA`` on the first node and
   ``C``, ``β`` on the last);
 - left-hand weight (the mirror, ``W = W_knᵀ``): ``H = Aᵀ · X``, ``Y = Bᵀ · H``;
+- a Conv: two Convs whose weights are the factors reshaped (:mod:`onnxsvd.graph.conv`);
 
 with ``layout="fused"`` the stages concatenated into one ``A`` and one ``B`` (two nodes, the fast form),
 or with ``layout="stages"`` one chain per stage summed by ``Add`` (the bias on stage 1, so trailing
@@ -29,6 +30,7 @@ from onnx import helper, numpy_helper
 
 from onnxsvd.factorize import Factorization
 from onnxsvd.graph.cleanup import remove_dead_weights
+from onnxsvd.graph.conv import conv_first_weight, conv_pair, conv_second_weight
 from onnxsvd.graph.match import Site
 from onnxsvd.graph.records import FUSED, ChainRecord, write_record
 
@@ -177,6 +179,8 @@ class FactorTensors:
         for stage, (a, b) in enumerate(pieces):
             stage_id = -1 if layout == "fused" else stage
             roles = (("a", a), ("b", b)) if not flipped else (("b", b), ("a", a))  # A [K, r], B [r, N]
+            if site.conv is not None:  # stored as the two Convs' weights: [r, C, k…] and [N, r, 1…]
+                roles = (("a", conv_first_weight(a, site.conv)), ("b", conv_second_weight(b, site.conv)))
             first, second = (self._tensor(site, stage_id, which, value, transposed, storage) for which, value in roles)
             names.append(ChainFactors(first[0], second[0], first[1], second[1], int(a.shape[1])))
         self.pieces[key] = names
@@ -285,6 +289,16 @@ def _chain_nodes(
             add(helper.make_node("Transpose", [activation], [transposed], name=transpose_name), stage, "transpose",
                 chain)
             activation = transposed
+        if site.conv is not None:
+            first_name, second_name = names.fresh(f"{site.name}/{tag}_a"), names.fresh(f"{site.name}/{tag}_b")
+            first, second = conv_pair(
+                site.conv, activation, chain.first, chain.second, hidden, out, site.bias if carries_bias else None,
+                first_name, second_name,
+            )
+            add(first, stage, "first", chain)
+            add(second, stage, "second", chain)
+            chain_outputs.append(out)
+            continue
         if site.weight_side == "right":
             first_inputs, second_inputs = [activation, chain.first], [hidden, chain.second]
         else:

@@ -8,6 +8,12 @@ Every site is normalised to ``Y = X · W (+ bias)`` with ``W`` of shape ``[K, N]
   stores ``[N, K]``) and ``transA`` stays on the activation. With ``A`` constant it is the mirror case,
   ``W_kn = (α·op(A))ᵀ``, and ``transB`` stays on the activation. ``C`` and ``β`` stay on the last node.
 
+A ``Conv`` with a constant weight ``[N, C/g, k…]`` (1-D, 2-D or 3-D, ``group`` 1) is a site too, with the
+weight as a matrix (:class:`ConvGeometry` records the rest, what the emitter needs): in the *channel* form
+``W_kn = reshape(weight, [N, C·∏k])ᵀ`` (``K = C·∏k``: one row per entry of an im2col patch, channel-major),
+in the *spatial* form (2-D kernels with ``k_h > 1`` and ``k_w > 1``) ``W_kn[(c, i), (j, n)] = weight[n, c, i, j]``
+(``[C·k_h, k_w·N]``). Grouped and depthwise Convs, and ConvTranspose, are skips with their reasons.
+
 The constant is an initializer or a ``Constant`` node, possibly behind ``Transpose``, ``Cast``,
 ``Identity``, ``DequantizeLinear``, ``Reshape`` (to a constant shape) or ``Mul``/``Div`` by a constant
 scale (weight-only int8: ``int8 → Cast → Mul(scale)``). Anything else is a :class:`Skip` with its reason.
@@ -37,27 +43,33 @@ from onnxsvd.io import tensor_bytes
 
 __all__ = [
     "SITE_OPS",
+    "CONV_OPS",
     "CHAIN_OPS",
     "WEIGHT_HOLDER_REASONS",
     "MIN_WEIGHT_ELEMENTS",
     "WeightSource",
+    "ConvGeometry",
     "Site",
     "Skip",
     "Match",
     "GraphIndex",
     "find_sites",
     "load_weight",
+    "conv_matrix",
+    "conv_site_in_form",
     "node_name",
     "dtype_name",
 ]
 
 #: Ops that can be sites, and ops allowed between a stored constant and the site.
 SITE_OPS = ("MatMul", "Gemm")
+#: Convolutions that can be sites (see :class:`ConvGeometry`).
+CONV_OPS = ("Conv",)
 CHAIN_OPS = ("Transpose", "Cast", "Identity", "DequantizeLinear", "Reshape", "Mul", "Div")
 #: Ops that hold constant weights but are not sites (yet), and what ``inspect`` and the report say.
 WEIGHT_HOLDER_REASONS = {
-    "Conv": "Conv weights are not a site yet",
-    "ConvTranspose": "ConvTranspose weights are not a site yet",
+    "Conv": "Conv sites inside If/Loop/Scan bodies are not supported yet",
+    "ConvTranspose": "ConvTranspose weights are not a site (its factors would need a transposed chain)",
     "LSTM": "LSTM weights are not a site yet",
     "GRU": "GRU weights are not a site yet",
     "RNN": "RNN weights are not a site yet",
@@ -136,6 +148,56 @@ class WeightSource:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """What a Conv site's emitter and its patch statistics need besides the matrix.
+
+    Attributes:
+        form: ``"channel"`` (a k×k Conv to r channels, then a 1×1 Conv) or ``"spatial"`` (a ``k_h×1`` Conv,
+            then a ``1×k_w`` Conv; 2-D only).
+        in_channels: C.
+        out_channels: N.
+        kernel: the kernel's spatial shape ``(k…)``.
+        strides: per spatial axis.
+        pads: ``[begin…, end…]`` as ONNX lists them (zeros under an ``auto_pad`` other than ``NOTSET``).
+        auto_pad: ``"NOTSET"``, ``"SAME_UPPER"``, ``"SAME_LOWER"`` or ``"VALID"``.
+        dilations: per spatial axis.
+        spatial_applies: whether the spatial form applies (2-D, ``k_h > 1`` and ``k_w > 1``).
+        note: why the form asked for (``--conv spatial``) was not used, else empty.
+    """
+
+    form: str
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    auto_pad: str
+    dilations: tuple[int, ...]
+    spatial_applies: bool
+    note: str = ""
+
+    @property
+    def patch_size(self) -> int:
+        """``C·∏k``: entries of one im2col patch, the channel form's K."""
+        return self.in_channels * _elements(self.kernel)
+
+    @property
+    def patch_key(self) -> str:
+        """What makes two Convs' patches of one input the same: kernel, strides, padding, dilations."""
+        pads = self.auto_pad if self.auto_pad != "NOTSET" else ",".join(map(str, self.pads))
+        return (
+            f"k={','.join(map(str, self.kernel))};s={','.join(map(str, self.strides))};p={pads};"
+            f"d={','.join(map(str, self.dilations))}"
+        )
+
+    def shape_in(self, form: str) -> tuple[int, int]:
+        """``(K, N)`` of the matrix in ``form``."""
+        if form == "spatial":
+            return self.in_channels * self.kernel[0], self.kernel[1] * self.out_channels
+        return self.patch_size, self.out_channels
+
+
+@dataclasses.dataclass(frozen=True)
 class Site:
     """One MatMul/Gemm with a constant weight, in the normal form ``Y = X · W_kn (+ bias)``.
 
@@ -159,6 +221,7 @@ class Site:
         kn_transposed: ``W_kn`` is the transpose of the group's value as stored (after the chain's value
             operations, before its 2-D transposes). Sites of a group that differ in it read the group's
             factors from opposite ends: ``W_knᵀ ≈ Bᵀ·Aᵀ``.
+        conv: the geometry of a Conv site (``op_type == "Conv"``), else None.
     """
 
     name: str
@@ -177,6 +240,7 @@ class Site:
     bias: str | None
     group: str
     kn_transposed: bool = False
+    conv: ConvGeometry | None = None
 
     @property
     def params(self) -> int:
@@ -197,16 +261,23 @@ class Site:
     def channel_axis(self) -> int:
         """Axis of the activation tensor (as the node reads it) that holds the K channels.
 
-        ``-1`` for ``X · W``; ``-2`` when the activation is read transposed: Gemm ``transA`` with the
+        ``-1`` for ``X · W``; ``1`` for a Conv (``[B, C, …]``; its rows are im2col patches); ``-2`` when
+        the activation is read transposed: Gemm ``transA`` with the
         weight on the right, or ``W · X`` (MatMul's ``[..., K, S]``, Gemm's ``B`` without ``transB``).
         """
+        if self.conv is not None:
+            return 1
         if self.weight_side == "right":
             return -2 if self.transpose_activation else -1
         return -1 if self.transpose_activation else -2
 
     @property
     def statistics_key(self) -> str:
-        """Key of this site's activation statistics: the tensor name, marked when read transposed."""
+        """Key of this site's activation statistics: the tensor name, marked when read transposed; for a
+        Conv, marked with its patch geometry (the statistics are those of the channel form's patches,
+        whatever the site's form)."""
+        if self.conv is not None:
+            return f"{self.activation}#patches={self.conv.patch_key}"
         return self.activation if self.channel_axis == -1 else f"{self.activation}#channels=-2"
 
 
@@ -588,9 +659,32 @@ def load_weight(index: GraphIndex, site: Site, base_dir: str | None = None) -> n
     for position in site.weight.chain:
         value = _apply_chain_node(index, index.graph.node[position], value, base_dir)
     matrix = np.asarray(value).astype(np.float64)  # as consumed: [K, N], [N, K], or the mirror's
+    if site.conv is not None:
+        return conv_matrix(matrix, site.conv.form)  # [K, N]
     if site.transpose_weight:
         matrix = matrix.T  # [K, N]
     return site.alpha * matrix if site.alpha != 1.0 else matrix
+
+
+def conv_matrix(weight: np.ndarray, form: str) -> np.ndarray:
+    """A Conv weight ``[N, C, k…]`` as the matrix of ``form``.
+
+    channel: ``[C·∏k, N]``, row ``(c, k…)`` in the weight's own order (an im2col patch's).
+    spatial (2-D): ``[C·k_h, k_w·N]`` with ``W[(c, i), (j, n)] = weight[n, c, i, j]``.
+    """
+    n = weight.shape[0]
+    if form == "spatial":
+        _, c, k_h, k_w = weight.shape
+        return np.ascontiguousarray(weight.transpose(1, 2, 3, 0).reshape(c * k_h, k_w * n))  # [C·k_h, k_w·N]
+    return np.ascontiguousarray(weight.reshape(n, -1).T)  # [C·∏k, N]
+
+
+def conv_site_in_form(site: Site, form: str) -> Site:
+    """The Conv site ``site`` factored in ``form`` (``"channel"`` or ``"spatial"``): its shape and group."""
+    assert site.conv is not None and (form == "channel" or site.conv.spatial_applies)
+    k, n = site.conv.shape_in(form)
+    group = site.group.rsplit("|conv:", 1)[0] + f"|conv:{form}"
+    return dataclasses.replace(site, k=k, n=n, group=group, conv=dataclasses.replace(site.conv, form=form))
 
 
 def _apply_chain_node(index: GraphIndex, node: onnx.NodeProto, value: np.ndarray, base_dir: str | None) -> np.ndarray:
@@ -643,9 +737,12 @@ def find_sites(model: onnx.ModelProto, config: RewriteConfig | None = None) -> M
     sites: list[Site] = []
     skips: list[Skip] = []
     for position, node in enumerate(model.graph.node):
-        if node.op_type not in SITE_OPS:
+        if node.op_type in CONV_OPS:
+            result = _match_conv(index, node, position, config.conv)
+        elif node.op_type in SITE_OPS:
+            result = _match_node(index, node, position)
+        else:
             continue
-        result = _match_node(index, node, position)
         if isinstance(result, Skip):
             skips.append(result)
             continue
@@ -701,7 +798,7 @@ def _weight_holder_skips(index: GraphIndex) -> list[Skip]:
     readers."""
     skips: list[Skip] = []
     for position, node in enumerate(index.graph.node):
-        if node.op_type in SITE_OPS or node.op_type == "Constant":
+        if node.op_type in SITE_OPS or node.op_type in CONV_OPS or node.op_type == "Constant":
             continue
         if node.op_type in CHAIN_OPS and node.output and index.trace(node.output[0]) is not None:
             continue
@@ -873,6 +970,81 @@ def _match_node(index: GraphIndex, node: onnx.NodeProto, position: int) -> Site 
         bias=bias,
         group=group,
         kn_transposed=flipped != transpose_weight,
+    )
+
+
+def _ints(node: onnx.NodeProto, name: str, default: list[int]) -> tuple[int, ...]:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return tuple(int(v) for v in onnx.helper.get_attribute_value(attribute))
+    return tuple(default)
+
+
+def _match_conv(index: GraphIndex, node: onnx.NodeProto, position: int, form: str) -> Site | Skip:
+    """A Conv with a constant weight ``[N, C, k…]`` as a site in ``form`` (``--conv``; ``auto`` matches the
+    channel form, the pipeline chooses), or a skip with its reason."""
+    name, op = node_name(node, position), node.op_type
+    if len(node.input) < 2 or not node.input[0] or not node.input[1]:
+        return Skip(name, op, position, "malformed node: fewer than two inputs")
+    traced = index.trace(node.input[1])
+    if traced is None:
+        return Skip(name, op, position, "the Conv weight is dynamic (no constant weight)")
+    stored_name, stored, chain = traced
+    shape = _shape_of(index, stored, chain)
+    size = _elements(shape)
+    skip_bytes = _stored_bytes(index, stored, chain)
+
+    def skip(reason: str) -> Skip:
+        return Skip(name, op, position, reason, shape, skip_bytes, "weights", "", size, (stored_name,))
+
+    if index.trace(node.input[0]) is not None:
+        return skip("both operands are constant (constant-fold it instead)")
+    spatial_dims = len(shape) - 2
+    if not 1 <= spatial_dims <= 3:
+        return skip(f"a Conv weight of rank {len(shape)}: only 1-D, 2-D and 3-D Convs are sites")
+    compute_dtype = _dtype_of(index, stored, chain)
+    if compute_dtype not in FLOAT_TYPES:
+        return skip(f"weight dtype {onnx.helper.tensor_dtype_to_string(compute_dtype)} is not floating point")
+    if 0 in shape:
+        return skip("weight is empty")
+    groups = int(_attribute(node, "group", 1))
+    out_channels, per_group = int(shape[0]), int(shape[1])
+    kernel = tuple(int(d) for d in shape[2:])
+    if groups > 1:
+        if per_group == 1:
+            return skip(f"depthwise Conv (group={groups}, one input channel per filter): nothing to factor across "
+                        "channels")
+        return skip(f"grouped Conv (group={groups}): factoring per group is not supported yet")
+    if _ints(node, "kernel_shape", list(kernel)) != kernel:
+        return skip(f"kernel_shape {list(_ints(node, 'kernel_shape', []))} differs from the weight's {list(kernel)}")
+    auto_pad = _attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    pads = _ints(node, "pads", [0] * (2 * spatial_dims)) if auto_pad == "NOTSET" else (0,) * (2 * spatial_dims)
+    geometry = ConvGeometry(
+        form="channel",
+        in_channels=per_group,
+        out_channels=out_channels,
+        kernel=kernel,
+        strides=_ints(node, "strides", [1] * spatial_dims),
+        pads=pads,
+        auto_pad=auto_pad,
+        dilations=_ints(node, "dilations", [1] * spatial_dims),
+        spatial_applies=spatial_dims == 2 and kernel[0] > 1 and kernel[1] > 1,
+    )
+    if form == "spatial":
+        if geometry.spatial_applies:
+            geometry = dataclasses.replace(geometry, form="spatial")
+        else:
+            note = f"--conv spatial needs a 2-D kernel with k_h > 1 and k_w > 1 (this one is {kernel}): channel form"
+            geometry = dataclasses.replace(geometry, note=note)
+    k, n = geometry.shape_in(geometry.form)
+    source = WeightSource(stored_name, chain, stored.data_type, compute_dtype, shape, skip_bytes)
+    signature, _ = _value_signature(index, stored, chain)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    return Site(
+        name=name, op_type=op, node_index=position, activation=node.input[0], output=node.output[0],
+        weight=source, weight_side="right", k=k, n=n, transpose_weight=False, transpose_activation=False,
+        alpha=1.0, beta=1.0, bias=bias, group=f"{stored_name}|{signature}|conv:{geometry.form}", conv=geometry,
     )
 
 

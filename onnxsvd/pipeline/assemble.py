@@ -10,7 +10,7 @@ import onnx
 
 from onnxsvd import io
 from onnxsvd.config import LOW_KEPT_ENERGY, VERSION, RewriteConfig
-from onnxsvd.graph import EmitOptions, FactorTensors, Match, emit
+from onnxsvd.graph import EmitOptions, FactorTensors, Match, Site, conv_flops, emit
 from onnxsvd.graph.records import SOURCE_FINGERPRINT_KEY
 from onnxsvd.pipeline.group import GroupOutcome
 from onnxsvd.pipeline.report import RewriteReport, SiteReport
@@ -61,9 +61,18 @@ def _site_reports(outcome: GroupOutcome) -> list[SiteReport]:
                 sensitivity=outcome.sensitivity,
                 sensitivity_estimated=outcome.sensitivity_estimated is not None,
                 sensitivity_reason=outcome.sensitivity_estimated,
+                **_conv_fields(member, rank if factorized else None),
             )
         )
     return reports
+
+
+def _conv_fields(site: Site, rank: int | None) -> dict[str, object]:
+    """A Conv site's form and multiply-adds per output position, dense and factorized."""
+    if site.conv is None:
+        return {}
+    dense = conv_flops(site.conv, None)
+    return {"conv_form": site.conv.form, "flops_before": dense, "flops_after": conv_flops(site.conv, rank)}
 
 
 def fallback_notes(sites: list[SiteReport], shown: int = 4) -> list[str]:

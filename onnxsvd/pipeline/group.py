@@ -32,7 +32,7 @@ from onnxsvd.factorize import (
     truncate,
     whitening_metric,
 )
-from onnxsvd.graph import GraphIndex, Site, dtype_name, load_weight, storage_dtype_for
+from onnxsvd.graph import GraphIndex, Site, conv_flops, dtype_name, load_weight, storage_dtype_for
 from onnxsvd.rank import ByteCost, choose_rank, guard_rank
 
 __all__ = [
@@ -47,6 +47,9 @@ __all__ = [
     "metric_for",
     "orientation_note",
     "share_floor",
+    "sampling_notes",
+    "conv_notes",
+    "SPATIAL_DATA_FREE",
     "svd_options",
     "weight_groups",
 ]
@@ -70,6 +73,55 @@ def metric_for(config: RewriteConfig, stats: ActivationStats | None) -> Metric:
     if config.method == "asvd":
         return diagonal_metric(stats.mean_abs, alpha=config.alpha)
     return whitening_metric(stats.gram, damping=config.damping)
+
+
+#: What the report says of a spatial-form Conv site under an activation-aware method.
+SPATIAL_DATA_FREE = (
+    "spatial form: factorized data-free (plain SVD); the patch statistics measure the channel form's matrix, "
+    "not the spatial one"
+)
+
+
+def conv_notes(site: Site, config: RewriteConfig) -> list[str]:
+    """A Conv site's notes: why its form is not the one asked for, and a spatial form's data-free metric."""
+    if site.conv is None:
+        return []
+    notes = [site.conv.note] if site.conv.note else []
+    if site.conv.form == "spatial" and config.method != "svd":
+        notes.append(SPATIAL_DATA_FREE)
+    return notes
+
+
+def sampling_notes(sites: list[Site], statistics: Statistics | None, config: RewriteConfig) -> list[str]:
+    """A note for each Conv input of a group whose patch Gram is from a sample of its positions."""
+    if statistics is None or config.method == "svd" or sites[0].conv is None or sites[0].conv.form != "channel":
+        return []
+    notes = []
+    for key in dict.fromkeys(site.statistics_key for site in aligned_sites(sites)):
+        stats = statistics.activations.get(key)
+        if stats is not None and stats.sampled:
+            notes.append(
+                f"patch statistics of {key.split('#')[0]!r} from {stats.rows:,} of {stats.positions:,} positions "
+                "(sampled with a seed; 'calibrate --patch-rows' keeps more)"
+            )
+    return notes
+
+
+def _data_free(sites: list[Site], weight: np.ndarray) -> tuple[np.ndarray, Metric]:
+    return weight, identity_metric()
+
+
+def _flops_reason(site: Site, rank: int) -> str:
+    """Why a Conv chain at ``rank`` stays dense on multiply-adds per output position, else empty."""
+    if site.conv is None:
+        return ""
+    dense, factored = conv_flops(site.conv, None), conv_flops(site.conv, rank)
+    if factored < dense:
+        return ""
+    return (
+        f"{site.conv.form} form at rank {rank}: {factored:,.0f} multiply-adds per output position, not under the "
+        f"dense Conv's {dense:,.0f}: kept dense"
+    )
 
 
 def aligned_sites(sites: list[Site]) -> list[Site]:
@@ -289,6 +341,10 @@ def factor_group(
     site = sites[0]
     tick = time.perf_counter()
     storage = storage_dtype_for(site, config.dtype)
+    if site.conv is not None and site.conv.form == "spatial":
+        # The statistics are of the channel form's patches; the spatial matrix is factorized data-free.
+        target, refit = _data_free, None
+    extra_notes = conv_notes(site, config)
     outcome = GroupOutcome(sites=sites, factorization=None, reason="", ranks=[], storage=storage)
     if keep_dense is not None:
         outcome.reason = keep_dense
@@ -307,6 +363,8 @@ def factor_group(
         outcome.notes = list(decomposition.notes)  # an SVD fallback is reported even if the site stays dense
         ranks, reason, outcome.rank_note = _choose_ranks(site, config, decomposition, rank_override)
         outcome.reason = reason
+        if ranks is not None and not config.policy.allow_growth and _flops_reason(site, sum(ranks)):
+            ranks, outcome.reason = None, _flops_reason(site, sum(ranks))
         if ranks is not None:
             factorization = truncate(decomposition, ranks, onnx.helper.tensor_dtype_to_np_dtype(storage))
             outcome.notes = list(factorization.notes)  # the decomposition's and every later stage's
@@ -324,6 +382,7 @@ def factor_group(
                 outcome.reason = f"{reason}; {note}" if note else reason
     except FactorizationError as error:
         outcome.reason = str(error)
+    outcome.notes = extra_notes + outcome.notes
     outcome.seconds = time.perf_counter() - tick
     log.debug("%s: %s", site.name, outcome.reason)
     for note in outcome.notes:

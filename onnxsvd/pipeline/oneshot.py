@@ -32,6 +32,7 @@ from onnxsvd.pipeline.group import (
     factor_group,
     group_statistics,
     metric_for,
+    sampling_notes,
     share_floor,
     svd_options,
     weight_groups,
@@ -124,6 +125,7 @@ def rewrite(
         outcome = factor_group(
             index, sites, config, target, base, rank_override=override, keep_dense=kept_dense.get(key)
         )
+        outcome.notes += sampling_notes(sites, statistics, config)
         if plan is not None and key in plan.sensitivities:
             outcome.sensitivity = plan.sensitivities[key]
             outcome.sensitivity_estimated = plan.estimated.get(key)

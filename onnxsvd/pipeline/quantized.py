@@ -251,7 +251,10 @@ def _without_quantized(model: onnx.ModelProto, match: Match) -> Match:
     graph = model.graph
     for site in match.sites:
         dequantize = [p for p in site.weight.chain if graph.node[p].op_type == "DequantizeLinear"]
-        if dequantize:
+        if site.conv is not None:
+            reason = "Conv sites are not quantized (MatMulNBits is a MatMul kernel): kept as it is under --quantize"
+            skips.append(Skip(site.name, site.op_type, site.node_index, reason, site.shape, site.dense_bytes))
+        elif dequantize:
             reason = (
                 f"weight is already quantized ({dtype_name(site.weight.storage_dtype)} behind DequantizeLinear): "
                 "--quantize takes the float model"

@@ -58,6 +58,10 @@ class SiteReport:
         sensitivity_estimated: True when ``sensitivity`` was not measured but estimated (the median of
             the measured ones); ``sensitivity_reason`` says why it could not be measured.
         sensitivity_reason: why the sensitivity is estimated (``None`` when it was measured).
+        conv_form: a Conv site's factor form (``"channel"`` or ``"spatial"``), else ``None``.
+        flops_before: a Conv site's multiply-adds per output position, dense (``N·C·∏k``), else ``None``.
+        flops_after: those of its chain when factorized (channel ``r·(C·∏k + N)``; spatial
+            ``r·(C·k_h·s_w + k_w·N)``: its first Conv runs at the input's width), else ``flops_before``.
     """
 
     name: str
@@ -88,6 +92,9 @@ class SiteReport:
     sensitivity: float | None = None
     sensitivity_estimated: bool = False
     sensitivity_reason: str | None = None
+    conv_form: str | None = None
+    flops_before: float | None = None
+    flops_after: float | None = None
 
 
 @dataclasses.dataclass

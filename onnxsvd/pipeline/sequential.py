@@ -34,7 +34,7 @@ import onnx
 import scipy.linalg
 
 from onnxsvd import io
-from onnxsvd.calibrate.collect import ActivationSpec, expose, rows_of, session_for, specs_for_sites
+from onnxsvd.calibrate.collect import ActivationSpec, activation_rows, expose, session_for, specs_for_sites
 from onnxsvd.calibrate.stats import ActivationStats, combine
 from onnxsvd.config import Progress, RewriteConfig
 from onnxsvd.data import Batches
@@ -99,7 +99,7 @@ def _collect_cross(
     abs_sum = {spec.key: np.zeros(spec.channels) for spec in specs}  # Σ|x̃| [K]
     abs_max = {spec.key: np.zeros(spec.channels) for spec in specs}  # max|x̃| [K]
     rows = dict.fromkeys(gram, 0)
-    for batch in batches():
+    for batch_index, batch in enumerate(batches()):
         outputs = []
         for session, output_names in sessions:
             feed_names = {value.name for value in session.get_inputs()}
@@ -107,8 +107,10 @@ def _collect_cross(
             outputs.append(dict(zip(names, session.run(output_names, feed), strict=True)))
         mask = batch.get(mask_input) if mask_input else None
         for spec in specs:
-            x = rows_of(outputs[0][spec.tensor], spec.channel_axis, mask).astype(np.float64)  # X [T, K]
-            x_tilde = rows_of(outputs[1][spec.tensor], spec.channel_axis, mask).astype(np.float64)  # X̃ [T, K]
+            # The same positions of both models (a Conv input's patches are sampled by batch and shape).
+            x = activation_rows(spec, outputs[0][spec.tensor], mask, batch_index=batch_index)[0]  # X [T, K]
+            x_tilde = activation_rows(spec, outputs[1][spec.tensor], mask, batch_index=batch_index)[0]  # X̃ [T, K]
+            x, x_tilde = x.astype(np.float64), x_tilde.astype(np.float64)
             gram[spec.key] += x_tilde.T @ x_tilde  # [K, K]
             cross[spec.key] += x_tilde.T @ x  # [K, K]
             magnitude = np.abs(x_tilde)  # [T, K]
