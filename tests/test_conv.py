@@ -242,3 +242,72 @@ def test_patch_statistics_match_the_conv_and_whiten_beats_svd(rng: np.random.Gen
     result = rewrite(model, RewriteConfig(policy=policy, method="whiten"), statistics=sampled)
     (report,) = result.report.sites
     assert any("from 150 of 1,200 positions" in note for note in report.notes)
+
+
+def separable_kernel_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """A 3×3 Conv whose kernel is a sum of two separable ones, ``w[n, c, i, j] = Σ_t u_t[c, i]·v_t[j, n]``:
+    rank 2 in the spatial form, about full rank in the channel form."""
+    channels, filters = 6, 8
+    u = rng.standard_normal((2, channels, 3))
+    v = rng.standard_normal((2, 3, filters))
+    weight = np.einsum("tci,tjn->ncij", u, v).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="separable", pads=[1, 1, 1, 1])
+    graph = helper.make_graph(
+        [node], "separable", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, channels, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, filters, 8, 8])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_auto_picks_the_form_with_the_smaller_error(rng: np.random.Generator) -> None:
+    separable = separable_kernel_model(rng)
+    feeds = {"x": rng.standard_normal((2, 6, 8, 8)).astype(np.float32)}
+    policy = RankPolicy("ratio", 0.5, align=1, min_rank=1)
+    result = rewrite(separable, RewriteConfig(policy=policy, conv="auto"))
+    (report,) = result.report.sites
+    assert report.conv_form == "spatial" and any("--conv auto: spatial form" in note for note in report.notes)
+    assert_valid(result.model)
+    assert relative_error(run(result.model, feeds)[0], run(separable, feeds)[0]) < 1e-4  # rank 2 ≤ its rank
+    generic, _ = conv_model(rng, channels=6, filters=8)
+    filters = rng.standard_normal((8, 1)) @ rng.standard_normal((1, 6 * 9))  # rank 1 in the channel form
+    generic.graph.initializer[0].CopyFrom(numpy_helper.from_array(filters.reshape(8, 6, 3, 3).astype(np.float32), "w"))
+    result = rewrite(generic, RewriteConfig(policy=policy, conv="auto"))
+    (report,) = result.report.sites
+    assert report.conv_form == "channel" and any("--conv auto: channel form" in note for note in report.notes)
+
+
+def two_conv_model(rng: np.random.Generator, channels: int = 8, width: int = 16) -> onnx.ModelProto:
+    """Conv 3×3 (``channels`` → ``width``) → Relu → Conv 3×3 (``width`` → ``width``), padded."""
+    scaled = [rng.standard_normal((width, c, 3, 3)) / (3.0 * np.sqrt(c)) for c in (channels, width)]
+    weights = [weight.astype(np.float32) for weight in scaled]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["a"], name="relu"),
+        helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width, 10, 10])],
+        [numpy_helper.from_array(w, f"w{i + 1}") for i, w in enumerate(weights)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_sequential_whiten_on_conv_sites_beats_one_shot_svd(rng: np.random.Generator) -> None:
+    from onnxsvd import rewrite_sequential
+
+    model = two_conv_model(rng)
+    mixing = rng.standard_normal((8, 2))
+    batches = [{"x": correlated_images(rng, mixing, 4, 10)} for _ in range(3)]
+    policy = RankPolicy("rank", 10, align=1, min_rank=1)
+    config = RewriteConfig(policy=policy, method="whiten")
+    sequential = rewrite_sequential(model, config, lambda: iter(batches))
+    assert [site.action for site in sequential.report.sites] == ["factorized", "factorized"]
+    assert_valid(sequential.model)
+    plain = rewrite(model, RewriteConfig(policy=policy))
+    errors = {
+        name: max(frobenius_error(run(result.model, feeds)[0], run(model, feeds)[0]) for feeds in batches)
+        for name, result in (("sequential", sequential), ("svd", plain))
+    }
+    assert errors["sequential"] < 0.8 * errors["svd"], errors

@@ -24,9 +24,12 @@ __all__ = ["calibrate_command"]
               help="ONNX Runtime providers: cpu or cuda.")
 @click.option("--mask-input", default="auto", show_default=True,
               help="[B, S] input whose 0 entries mark padding rows to leave out ('auto', a name, or 'none').")
+@click.option("--patch-rows", type=int, default=8192, show_default=True,
+              help="im2col patches kept per batch of each Conv input; more positions are sampled (seeded).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the patch sampling.")
 def calibrate_command(
     model: Path, data_path: Path, output: Path, batch_size: int, max_samples: int | None,
-    providers: tuple[str, ...], mask_input: str,
+    providers: tuple[str, ...], mask_input: str, patch_rows: int, seed: int,
 ) -> None:
     """Collect activation statistics (XᵀX, mean and max |x| per channel) for activation-aware rewrites."""
     from onnxsvd.calibrate import CalibrateConfig, calibrate_file
@@ -36,6 +39,8 @@ def calibrate_command(
         max_samples=max_samples,
         providers=providers,
         mask_input=None if mask_input.lower() == "none" else mask_input,
+        patch_rows=patch_rows,
+        seed=seed,
     )
     started = time.perf_counter()
     with progress_bar("calibrating") as update:

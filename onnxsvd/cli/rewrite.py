@@ -13,6 +13,7 @@ from onnxsvd.cli.options import PROVIDER_LIST, RANK, CommaList, floor_options, r
 from onnxsvd.cli.render import NARROW, add_name_column, human_bytes, progress_bar, stdout
 from onnxsvd.config import (
     ALLOCATIONS,
+    CONV_FORMS,
     DEVICES,
     FACTOR_DTYPES,
     LAYOUTS,
@@ -57,6 +58,11 @@ STAGE_RANKS = CommaList(int, example="32,16")
               help="Calibration data (.npz or folder): calibrate in the same command.")
 @click.option("--sequential", is_flag=True,
               help="Fit each level to the partly compressed model's own inputs (needs --data).")
+@click.option("--conv", "conv_form", type=click.Choice(CONV_FORMS), default="channel", show_default=True,
+              help="Conv sites: channel (k×k Conv to r, then 1×1), spatial (k_h×1, then 1×k_w; data-free), or "
+                   "auto (per weight, the form with the smaller output error at the same parameters).")
+@click.option("--patch-rows", type=int, default=8192, show_default=True,
+              help="Calibration: im2col patches kept per batch of each Conv input (more are sampled, seeded).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration samples per run.")
 @click.option("--max-samples", type=int, help="Use at most this many calibration samples.")
 @click.option("--providers", type=PROVIDER_LIST, default="cpu", show_default=True,
@@ -121,6 +127,8 @@ def rewrite_command(
     stats: Path | None,
     data_path: Path | None,
     sequential: bool,
+    conv_form: str,
+    patch_rows: int,
     batch_size: int,
     max_samples: int | None,
     providers: tuple[str, ...],
@@ -182,12 +190,15 @@ def rewrite_command(
         jobs=jobs,
         allocate=allocate,
         quantize=quantization,
+        conv=conv_form,
     )
     if device == "cuda":
         _require_torch_cuda()
     if output is None and not dry_run:
         raise UsageError("missing -o/--output: say where to write the rewritten model (or use --dry-run)")
-    calibration = CalibrateConfig(batch_size=batch_size, max_samples=max_samples, providers=providers)
+    calibration = CalibrateConfig(
+        batch_size=batch_size, max_samples=max_samples, providers=providers, patch_rows=patch_rows
+    )
     job = RewriteJob(
         model=model,
         output=None if dry_run else output,

@@ -4,7 +4,9 @@ Legend: K input channels, N output channels, r the rank of a chain.
 
 ``onnxsvd rewrite`` replaces ``Y = X · W`` by ``H = X · A``, ``Y = H · B`` (``A`` ``[K, r]``, ``B``
 ``[r, N]``), as MatMul or Gemm nodes, or by the mirror ``H = Aᵀ · X``, ``Y = Bᵀ · H`` for a weight on the
-left; with ``--layout stages`` each stage is its own chain. Every node it writes carries a
+left, or for a Conv site by two Convs whose weights are the factors reshaped
+(:mod:`onnxsvd.graph.conv`: ``[r, C, k…]`` and ``[N, r, 1…]``, or the spatial form's ``[r, C, k_h, 1]`` and
+``[N, r, 1, k_w]``); with ``--layout stages`` each stage is its own chain. Every node it writes carries a
 :class:`onnxsvd.graph.records.ChainRecord`: the site, the stage, the node's role (``first``/``second``…),
 the weight's side and the names of the two factor initializers. Nothing is found by node names or by
 pattern: a model without records (rewritten by an older onnxsvd, or edited by hand) is refused by
@@ -31,6 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxsvd.errors import ModelError, UsageError
+from onnxsvd.graph.conv import conv_factors_from_weights
 from onnxsvd.graph.records import ChainRecord, RecordError, has_record, read_record
 
 __all__ = ["FactorPair", "PairSkip", "find_factor_pairs", "read_factors", "require_records"]
@@ -55,6 +58,10 @@ class FactorPair:
         n: output channels.
         rank: r.
         dtype: the ONNX dtype the factors are stored in.
+        conv_form: for a Conv chain, ``"channel"`` or ``"spatial"`` (the factors are stored as Conv weights
+            of ``a_shape`` and ``b_shape``); ``None`` for MatMul/Gemm chains.
+        a_shape: the stored first factor's shape (a Conv chain's).
+        b_shape: the stored second factor's shape (a Conv chain's).
     """
 
     sites: tuple[str, ...]
@@ -67,9 +74,28 @@ class FactorPair:
     n: int
     rank: int
     dtype: int
+    conv_form: str | None = None
+    a_shape: tuple[int, ...] = ()
+    b_shape: tuple[int, ...] = ()
+
+    def layout(self, a, b):  # noqa: ANN001, ANN201 - numpy arrays or torch tensors alike
+        """The tensors as the graph stores them (before the dtype) for ``A [K, r]``, ``B [r, N]``: numpy
+        arrays or torch tensors."""
+        if self.conv_form is None:
+            return (a.T if self.a_transposed else a), (b.T if self.b_transposed else b)
+        first = a.T.reshape(self.a_shape)  # [r, C, k…]
+        if self.conv_form == "spatial":
+            n, rank, _, k_w = self.b_shape
+            shaped = b.reshape(rank, k_w, n)  # [r, k_w, N]
+            moved = shaped.permute(2, 0, 1) if hasattr(shaped, "permute") else shaped.transpose(2, 0, 1)
+            return first, moved.reshape(self.b_shape)  # [N, r, 1, k_w]
+        return first, b.T.reshape(self.b_shape)  # [N, r, 1…]
 
     def normal_form(self, stored_a: np.ndarray, stored_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(A [K, r], B [r, N])`` from the stored tensors."""
+        if self.conv_form is not None:
+            a, b, _ = conv_factors_from_weights(stored_a, stored_b)
+            return a, b
         a = stored_a.T if self.a_transposed else stored_a  # [K, r]
         b = stored_b.T if self.b_transposed else stored_b  # [r, N]
         return a, b
@@ -77,8 +103,7 @@ class FactorPair:
     def stored(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The tensors to store for ``A [K, r]`` and ``B [r, N]``, in the pair's orientation and dtype."""
         dtype = helper.tensor_dtype_to_np_dtype(self.dtype)
-        first = a.T if self.a_transposed else a
-        second = b.T if self.b_transposed else b
+        first, second = self.layout(a, b)
         return np.ascontiguousarray(first.astype(dtype)), np.ascontiguousarray(second.astype(dtype))
 
 
@@ -157,6 +182,33 @@ class _Graph:
         return False
 
 
+def _check_conv_chain(graph: _Graph, first: onnx.NodeProto, second: onnx.NodeProto, record: ChainRecord) -> str | None:
+    """Why a recorded Conv chain cannot be trained, or None: ``first`` reads the activation and ``A``'s
+    Conv weight, ``second`` reads ``first``'s output and ``B``'s, both plain (group 1) Convs."""
+    if second.op_type != "Conv" or len(first.input) < 2 or len(second.input) < 2:
+        return f"node {second.name!r} is a {second.op_type}, not the second Conv of the chain"
+    if second.input[0] != first.output[0]:
+        return f"node {second.name!r} does not read the chain's hidden tensor {first.output[0]!r}"
+    for node, factor in ((first, record.factor_a), (second, record.factor_b)):
+        if not graph.reads(node.input[1], factor):
+            return f"node {node.name!r} does not read its recorded factor {factor!r} (an initializer)"
+        if _attribute(node, "group", 1) != 1:
+            return f"node {node.name!r} is a grouped Conv"
+    a_tensor, b_tensor = graph.initializers[record.factor_a], graph.initializers[record.factor_b]
+    if any(t.data_type not in _FLOATS for t in (a_tensor, b_tensor)) or a_tensor.data_type != b_tensor.data_type:
+        return "the two factors are not float tensors of one dtype"
+    if len(a_tensor.dims) != len(b_tensor.dims) or not 3 <= len(a_tensor.dims) <= 5:
+        return f"factor shapes {list(a_tensor.dims)} and {list(b_tensor.dims)} are not a Conv chain's"
+    if a_tensor.dims[0] != record.rank or b_tensor.dims[1] != record.rank:
+        return f"factor shapes {list(a_tensor.dims)} and {list(b_tensor.dims)} do not chain at rank {record.rank}"
+    return None
+
+
+def _conv_form(a_tensor: onnx.TensorProto, b_tensor: onnx.TensorProto) -> str:
+    """A Conv chain's form, read from its second weight: a ``1×k_w`` kernel with ``k_w > 1`` is spatial."""
+    return "spatial" if len(b_tensor.dims) == 4 and b_tensor.dims[3] > 1 else "channel"
+
+
 def _check_chain(graph: _Graph, first: onnx.NodeProto, second: onnx.NodeProto, record: ChainRecord) -> str | None:
     """Why the recorded chain cannot be trained as recorded, or None when the graph agrees with its record.
 
@@ -164,6 +216,8 @@ def _check_chain(graph: _Graph, first: onnx.NodeProto, second: onnx.NodeProto, r
     at input 0. Left side: the factors at input 0, the hidden tensor at input 1. A Gemm ``transB`` (right)
     or ``transA`` (left) would apply to the factor: rewrite never sets one there.
     """
+    if first.op_type == "Conv":
+        return _check_conv_chain(graph, first, second, record)
     for node in (first, second):
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             return f"node {node.name!r} is a {node.op_type} with {len(node.input)} inputs, not a MatMul or Gemm"
@@ -246,8 +300,15 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
                 "sites": [], "outputs": [], "transposed": transposed,
                 "k": int(a_tensor.dims[1] if transposed else a_tensor.dims[0]),
                 "n": int(b_tensor.dims[0] if transposed else b_tensor.dims[1]),
-                "rank": record.rank, "dtype": a_tensor.data_type,
+                "rank": record.rank, "dtype": a_tensor.data_type, "conv": {},
             }
+            if first.op_type == "Conv":
+                form = _conv_form(a_tensor, b_tensor)
+                spatial_width = int(b_tensor.dims[3]) if form == "spatial" else 1
+                entry["k"] = int(np.prod(a_tensor.dims[1:]))
+                entry["n"] = int(b_tensor.dims[0]) * spatial_width
+                entry["conv"] = {"conv_form": form, "a_shape": tuple(int(d) for d in a_tensor.dims),
+                                 "b_shape": tuple(int(d) for d in b_tensor.dims)}
             found[key] = entry
             order.append(key)
         elif entry["transposed"] != transposed:
@@ -278,6 +339,7 @@ def find_factor_pairs(model: onnx.ModelProto) -> tuple[list[FactorPair], list[Pa
                 n=entry["n"],
                 rank=entry["rank"],
                 dtype=entry["dtype"],
+                **entry["conv"],
             )
         )
     return pairs, skips

@@ -54,8 +54,9 @@ class Student(torch.nn.Module):
         for pair, form in zip(self.pairs, self.forms, strict=True):
             a, b = form.factors()  # [K, r], [r, N]
             dtype = torch_dtype(pair.dtype)
-            values[pair.a_tensor] = (a.t() if pair.a_transposed else a).to(dtype)
-            values[pair.b_tensor] = (b.t() if pair.b_transposed else b).to(dtype)
+            first, second = pair.layout(a, b)  # as stored: transposed for the mirror, Conv weights for a Conv
+            values[pair.a_tensor] = first.to(dtype)
+            values[pair.b_tensor] = second.to(dtype)
         return values
 
     def forward(

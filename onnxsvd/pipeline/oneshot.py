@@ -26,6 +26,7 @@ from onnxsvd.factorize import Metric, decompose, identity_metric
 from onnxsvd.graph import FactorTensors, GraphIndex, Site, find_sites
 from onnxsvd.pipeline.allocation import GlobalPlan, global_ranks
 from onnxsvd.pipeline.assemble import RewriteResult, assemble
+from onnxsvd.pipeline.conv_form import choose_conv_forms
 from onnxsvd.pipeline.group import (
     GroupOutcome,
     SpeedCheck,
@@ -98,6 +99,7 @@ def rewrite(
     model = copy.deepcopy(model)
     match = find_sites(model, config)
     index = GraphIndex(model.graph)
+    match = choose_conv_forms(match, index, config, statistics, str(base_dir) if base_dir is not None else None)
     groups = weight_groups(match.sites)
 
     def target(sites: list[Site], weight: np.ndarray) -> tuple[np.ndarray, Metric]:

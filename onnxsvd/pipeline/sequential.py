@@ -42,6 +42,7 @@ from onnxsvd.errors import FactorizationError, UsageError
 from onnxsvd.factorize import Factorization, Metric, diagonal_metric, identity_metric, whitening_metric
 from onnxsvd.graph import GraphIndex, Site, find_sites
 from onnxsvd.pipeline.assemble import RewriteResult, assemble, emit_outcomes
+from onnxsvd.pipeline.conv_form import choose_conv_forms
 from onnxsvd.pipeline.group import GroupOutcome, SpeedCheck, aligned_sites, factor_group, share_floor, weight_groups
 
 __all__ = ["CrossStats", "site_levels", "rewrite_sequential"]
@@ -197,6 +198,7 @@ def rewrite_sequential(
     working = copy.deepcopy(model)
     match = find_sites(working, config)
     index = GraphIndex(working.graph)
+    match = choose_conv_forms(match, index, config, None, base_dir)  # data-free: no statistics of the original yet
     groups = weight_groups(match.sites)
     levels = site_levels(working, match.sites)
     group_level = {key: min(levels[s.node_index] for s in sites) for key, sites in groups.items()}
