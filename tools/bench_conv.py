@@ -25,7 +25,8 @@ ONNX Runtime profile; ``ρ``: the FLOPs their chains keep, from the shapes of th
 Writes ``conv.json``, ``conv.md`` and ``conv.png`` under ``--out`` (default docs/results).
 
     python tools/bench_conv.py [--ratios 0.25,0.5,0.7] [--conv channel,spatial]
-        [--methods svd,whiten,whiten+sequential,whiten+sequential+finetune] [--threads 2]
+        [--methods svd,whiten,whiten+sequential,whiten+sequential+finetune] [--finetune-ratios 0.5]
+        [--threads 2] [--batch 128] [--iters 40] [--align 1]
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ class Bench:
         self.statistics = calibrate(self.model, self.batches, config, total_batches=count)
         self.calibrate_seconds = time.perf_counter() - tick
         self.finetune_path: Path | None = None
+        self.cache: dict = {}
         self.dense_macs = conv_macs(self.model, args.batch)
         self.feeds = {"input": self.eval_images[: args.batch]}
         self.share = conv_time_share(self.model_path, self.feeds, args.threads)
@@ -194,11 +196,15 @@ class Bench:
         base, *flags = method.split("+")
         policy = onnxsvd.RankPolicy("ratio", ratio, align=self.args.align, min_rank=1)
         config = onnxsvd.RewriteConfig(policy=policy, method=base, conv=conv)
+        key = (conv, ratio, base, "sequential" in flags)
         tick = time.perf_counter()
-        if "sequential" in flags:
+        if key in self.cache:  # +finetune starts from the rewrite of the row without it
+            result = self.cache[key]
+        elif "sequential" in flags:
             result = onnxsvd.rewrite_sequential(self.model, config, self.batches)
         else:
             result = onnxsvd.rewrite(self.model, config, self.statistics if base != "svd" else None)
+        self.cache = {key: result}
         extra: dict = {"rewrite_seconds": time.perf_counter() - tick}
         rewritten = result.model
         if "finetune" in flags:
@@ -247,8 +253,9 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--align", type=int, default=1, help="rank alignment (1: ranks exactly at the ratio)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--finetune-ratios", default="0.5", help="ratios that get the +finetune rows")
     parser.add_argument("--finetune-samples", type=int, default=4000)
     parser.add_argument("--finetune-steps", type=int, default=FinetuneConfig().steps)
     parser.add_argument("--finetune-lr", type=float, default=FinetuneConfig().lr)
@@ -260,6 +267,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    finetune_ratios = {float(value) for value in args.finetune_ratios.split(",")}
     bench = Bench(args)
     dense_accuracy = accuracy(bench.model_path, bench.eval_images, bench.eval_labels, args.threads)
     conv_weights = {site.name: site.dense_bytes for site in bench._sites()}
@@ -280,6 +288,8 @@ def main() -> int:
             for ratio in [float(value) for value in args.ratios.split(",")]:
                 timed = False
                 for method in methods:
+                    if "finetune" in method and ratio not in finetune_ratios:
+                        continue
                     rewritten, extra = bench.rewrite(conv, ratio, method, scratch)
                     path = scratch / f"{conv}-{ratio}-{method}.onnx"
                     io.save_model(rewritten, path)
@@ -304,8 +314,8 @@ def main() -> int:
         "align": args.align,
         "timing": {"batch": args.batch, "threads": args.threads, "iters": args.iters, "spinning": False,
                    "alternating": True},
-        "finetune": {"samples": args.finetune_samples, "steps": args.finetune_steps, "lr": args.finetune_lr,
-                     "batch_size": 64},
+        "finetune": {"ratios": sorted(finetune_ratios), "samples": args.finetune_samples,
+                     "steps": args.finetune_steps, "lr": args.finetune_lr, "batch_size": 64},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "onnxruntime": __import__("onnxruntime").__version__,
         "rows": rows,

@@ -21,9 +21,10 @@ Writes into ``--out`` (default ``models/``):
 - ``chars_eval.npz``: keys ``input`` float32 ``[2000, 1, 32, 32]`` and ``labels`` int64 ``[2000]``;
 - ``chars_resnet.json``: the recipe and the measured accuracies (read back by the tests).
 
-Run ``python tools/make_char_cnn.py`` (a few minutes on two CPU cores). Reruns on the same machine and
-library versions give the same files: data comes from seeded generators, training runs with
-``torch.use_deterministic_algorithms(True)`` and a fixed thread count.
+Run ``python tools/make_char_cnn.py`` (about five minutes on a busy two-core machine: one minute of
+rendering, four of training). Reruns on the same machine and library versions give the same files: data
+comes from seeded generators, training runs on one torch thread with
+``torch.use_deterministic_algorithms(True)`` (one thread is also faster than two on a shared machine).
 """
 
 from __future__ import annotations
