@@ -259,6 +259,9 @@ def main() -> int:
     parser.add_argument("--finetune-samples", type=int, default=4000)
     parser.add_argument("--finetune-steps", type=int, default=FinetuneConfig().steps)
     parser.add_argument("--finetune-lr", type=float, default=FinetuneConfig().lr)
+    parser.add_argument("--rows-from", type=Path, default=None,
+                        help="render the JSON rows (one per line) of an earlier run's log or partial file instead "
+                             "of measuring them")
     parser.add_argument("--tag", default="", help="suffix of the output files (conv<tag>.json, .md, .png)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -273,36 +276,39 @@ def main() -> int:
     conv_weights = {site.name: site.dense_bytes for site in bench._sites()}
     print(f"dense: accuracy {dense_accuracy:.4f}; conv share of node time {bench.share['share']:.3f}", flush=True)
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="bench-conv-") as scratch_name:
-        scratch = Path(scratch_name)
-        qdq_path = scratch / "qdq.onnx"
-        qdq_model(bench.model_path, bench.calib_images, qdq_path)
-        qdq = {"name": "ort-int8-qdq", "method": "ORT quantize_static QDQ int8 (per-channel weights)",
-               "conv": None, "ratio": None, "kept_conv_params": 1.0, "conv_bytes": 0.25,
-               "accuracy": accuracy(qdq_path, bench.eval_images, bench.eval_labels, args.threads)}
-        qdq.update(bench.speed(qdq_path, bench.model))
-        qdq.pop("bound"), qdq.pop("fraction_of_bound"), qdq.pop("kept_conv_flops")
-        rows.append(qdq)
-        print(json.dumps(qdq), flush=True)
-        for conv in args.conv.split(","):
-            for ratio in [float(value) for value in args.ratios.split(",")]:
-                timed = False
-                for method in methods:
-                    if "finetune" in method and ratio not in finetune_ratios:
-                        continue
-                    rewritten, extra = bench.rewrite(conv, ratio, method, scratch)
-                    path = scratch / f"{conv}-{ratio}-{method}.onnx"
-                    io.save_model(rewritten, path)
-                    row = {"name": f"{method} {conv} {ratio}", "method": method, "conv": conv, "ratio": ratio,
-                           "accuracy": accuracy(path, bench.eval_images, bench.eval_labels, args.threads),
-                           "conv_bytes": extra["kept_conv_params"], **extra}
-                    if not timed:  # the ranks depend on the ratio alone: time one rewrite per form and ratio
-                        row.update(bench.speed(path, rewritten))
-                        timed = True
-                    rows.append(row)
-                    print(json.dumps({key: value for key, value in row.items() if key != "ranks"}), flush=True)
-                    with open(args.out / f"conv{args.tag}.partial.jsonl", "a") as partial:
-                        partial.write(json.dumps(row) + "\n")
+    if args.rows_from is not None:  # render rows measured by an earlier (interrupted) run
+        rows = [json.loads(line) for line in args.rows_from.read_text().splitlines() if line.startswith("{")]
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-conv-") as scratch_name:
+            scratch = Path(scratch_name)
+            qdq_path = scratch / "qdq.onnx"
+            qdq_model(bench.model_path, bench.calib_images, qdq_path)
+            qdq = {"name": "ort-int8-qdq", "method": "ORT quantize_static QDQ int8 (per-channel weights)",
+                   "conv": None, "ratio": None, "kept_conv_params": 1.0, "conv_bytes": 0.25,
+                   "accuracy": accuracy(qdq_path, bench.eval_images, bench.eval_labels, args.threads)}
+            qdq.update(bench.speed(qdq_path, bench.model))
+            qdq.pop("bound"), qdq.pop("fraction_of_bound"), qdq.pop("kept_conv_flops")
+            rows.append(qdq)
+            print(json.dumps(qdq), flush=True)
+            for conv in args.conv.split(","):
+                for ratio in [float(value) for value in args.ratios.split(",")]:
+                    timed = False
+                    for method in methods:
+                        if "finetune" in method and ratio not in finetune_ratios:
+                            continue
+                        rewritten, extra = bench.rewrite(conv, ratio, method, scratch)
+                        path = scratch / f"{conv}-{ratio}-{method}.onnx"
+                        io.save_model(rewritten, path)
+                        row = {"name": f"{method} {conv} {ratio}", "method": method, "conv": conv, "ratio": ratio,
+                               "accuracy": accuracy(path, bench.eval_images, bench.eval_labels, args.threads),
+                               "conv_bytes": extra["kept_conv_params"], **extra}
+                        if not timed:  # the ranks depend on the ratio alone: time one rewrite per form and ratio
+                            row.update(bench.speed(path, rewritten))
+                            timed = True
+                        rows.append(row)
+                        print(json.dumps({key: value for key, value in row.items() if key != "ranks"}), flush=True)
+                        with open(args.out / f"conv{args.tag}.partial.jsonl", "a") as partial:
+                            partial.write(json.dumps(row) + "\n")
     summary = {
         "model": "models/chars_resnet.onnx (20 classes, 21 Conv + 1 Gemm; tools/make_char_cnn.py)",
         "dense_accuracy": dense_accuracy,
@@ -337,17 +343,25 @@ def write_markdown(summary: dict, path: Path) -> None:
         f"Speed: batch {timing['batch']}, {timing['threads']} threads, A/B alternating against dense, "
         f"non-spinning sessions; Conv share of dense node time {summary['conv_share_of_time']:.2f}.",
         "",
-        "| row | conv form | kept conv params | top-1 | Δ vs dense (points) | speedup | FLOP bound | of bound |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | conv form | kept conv params | conv bytes | top-1 | Δ vs dense (points) | speedup (p10–p90) "
+        "| FLOP bound | of bound | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
-        speed = (f"{row['speedup']:.2f}×" if "speedup" in row else "")
+        speed = (f"{row['speedup']:.2f}× ({row['speedup_p10_p90'][0]:.2f}–{row['speedup_p10_p90'][1]:.2f})"
+                 if "speedup" in row else "")
         bound = f"{row['bound']:.2f}×" if "bound" in row else ""
         fraction = f"{row['fraction_of_bound']:.0%}" if "fraction_of_bound" in row else ""
+        load = f"{row['load_average']:.1f}" if "load_average" in row else ""
         label = row["method"] if row["ratio"] is None else f"{row['method']} @ {row['ratio']}"
-        lines.append(f"| {label} | {row['conv'] or '-'} | {row['kept_conv_params']:.1%} | {row['accuracy']:.4f} | "
-                     f"{100 * (row['accuracy'] - dense):+.2f} | {speed} | {bound} | {fraction} |")
-    lines += ["", "Int8 QDQ stores the conv weights in 25% of fp32's bytes: compare it with the 0.25 rows."]
+        if "accuracy_before_finetune" in row:
+            label += f" (from {row['accuracy_before_finetune']:.4f})"
+        lines.append(f"| {label} | {row['conv'] or '-'} | {row['kept_conv_params']:.1%} | {row['conv_bytes']:.1%} "
+                     f"| {row['accuracy']:.4f} | {100 * (row['accuracy'] - dense):+.2f} | {speed} | {bound} "
+                     f"| {fraction} | {load} |")
+    lines += ["", "Conv bytes: of the fp32 conv weights (int8 QDQ stores them in 25%: compare it with the 0.25 rows). "
+              "Speed is timed once per form and ratio (the method does not change the ranks); load: the machine's "
+              "1-minute load average at that moment (2 cores)."]
     path.write_text("\n".join(lines) + "\n")
 
 
