@@ -156,7 +156,7 @@ def qdq_model(model_path: Path, calib_images: np.ndarray, out: Path) -> None:
 class Bench:
     """The model, its data and calibration, shared by every row."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, calibrated: bool = True) -> None:
         self.args = args
         self.model_path: Path = args.model
         self.model = io.load_model(self.model_path)
@@ -167,8 +167,8 @@ class Bench:
         config = CalibrateConfig(batch_size=64)
         self.batches, count = batch_source(args.calib, self.model, config)
         tick = time.perf_counter()
-        self.statistics = calibrate(self.model, self.batches, config, total_batches=count)
-        self.calibrate_seconds = time.perf_counter() - tick
+        self.statistics = calibrate(self.model, self.batches, config, total_batches=count) if calibrated else None
+        self.calibrate_seconds = time.perf_counter() - tick if calibrated else None
         self.finetune_path: Path | None = None
         self.cache: dict = {}
         self.dense_macs = conv_macs(self.model, args.batch)
@@ -271,7 +271,7 @@ def main() -> int:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     finetune_ratios = {float(value) for value in args.finetune_ratios.split(",")}
-    bench = Bench(args)
+    bench = Bench(args, calibrated=args.rows_from is None)
     dense_accuracy = accuracy(bench.model_path, bench.eval_images, bench.eval_labels, args.threads)
     conv_weights = {site.name: site.dense_bytes for site in bench._sites()}
     print(f"dense: accuracy {dense_accuracy:.4f}; conv share of node time {bench.share['share']:.3f}", flush=True)
@@ -339,7 +339,9 @@ def write_markdown(summary: dict, path: Path) -> None:
     timing = summary["timing"]
     lines = [
         f"{summary['model']}: top-1 on {summary['eval_images']} evaluation images; dense {dense:.4f}. "
-        f"Calibration on {summary['calibration_images']} images ({summary['calibrate_seconds']:.1f} s). "
+        f"Calibration on {summary['calibration_images']} images"
+        + (f" ({summary['calibrate_seconds']:.1f} s). " if summary["calibrate_seconds"] is not None else ". ")
+        +
         f"Speed: batch {timing['batch']}, {timing['threads']} threads, A/B alternating against dense, "
         f"non-spinning sessions; Conv share of dense node time {summary['conv_share_of_time']:.2f}.",
         "",
