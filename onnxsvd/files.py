@@ -242,6 +242,8 @@ def _rewrite_loaded(
             base_dir=str(base_dir),
             progress=progress,
             speed_check=check,
+            patch_rows=job.calibration.patch_rows,
+            seed=job.calibration.seed,
         )
     calibrate_seconds = 0.0
     with tempfile.TemporaryDirectory(prefix="onnxsvd-stats-") as scratch:

@@ -311,3 +311,138 @@ def test_sequential_whiten_on_conv_sites_beats_one_shot_svd(rng: np.random.Gener
         for name, result in (("sequential", sequential), ("svd", plain))
     }
     assert errors["sequential"] < 0.8 * errors["svd"], errors
+
+
+@pytest.mark.parametrize("form", ["channel", "spatial"])
+def test_keep_dense_if_slower_times_conv_chains(form: str, rng: np.random.Generator) -> None:
+    from onnxsvd.pipeline.speed import SiteSpeedCheck, SpeedCheckConfig, site_models
+
+    model, feeds = conv_model(rng, channels=16, filters=32, size=12, strides=[2, 1], pads=[1, 1, 1, 1])
+    check = SiteSpeedCheck(SpeedCheckConfig(input_shapes={"x": feeds["x"].shape}, warmup=1, iters=3, threads=1))
+    policy = RankPolicy("ratio", 0.25, align=1, min_rank=1)
+    result = rewrite(model, RewriteConfig(policy=policy, conv=form), speed_check=check)
+    (report,) = result.report.sites
+    assert report.dense_ms is not None and report.factorized_ms is not None and report.speed_provider == "cpu"
+    assert report.action in ("factorized", "kept")  # which one is the machine's, not the test's, to say
+    # The two timed models compute the same layer: the chain timed is the chain that would be written.
+    (site,) = find_sites(model, RewriteConfig(conv=form)).sites
+    from onnxsvd.factorize import decompose, truncate
+    from onnxsvd.graph import GraphIndex, load_weight
+
+    weight = load_weight(GraphIndex(model.graph), site)
+    full = truncate(decompose(weight), [min(weight.shape)], np.float32)
+    dense, factorized = site_models(site, model.graph.node[0], weight, np.zeros(32), feeds["x"].shape, full,
+                                    TensorProto.FLOAT)
+    assert [n.op_type for n in factorized.graph.node] == ["Conv", "Conv"]
+    assert relative_error(run(factorized, feeds)[0], run(dense, feeds)[0]) < FULL_RANK_TOLERANCE
+
+
+def test_inspect_lists_conv_sites_and_skips(rng: np.random.Generator) -> None:
+    from onnxsvd.pipeline.inspect import inspect_model
+
+    model = two_conv_model(rng)
+    depthwise = helper.make_node("Conv", ["y", "dw"], ["z"], name="depthwise", group=16, pads=[1, 1, 1, 1])
+    model.graph.node.append(depthwise)
+    model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal((16, 1, 3, 3)).astype(np.float32), "dw"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 16, 10, 10]))
+    onnx.checker.check_model(model, full_check=True)
+    inspection = inspect_model(model, RewriteConfig(conv="spatial"))
+    assert [(s.name, s.op_type, s.shape) for s in inspection.sites] == [
+        ("conv1", "Conv", [24, 48]), ("conv2", "Conv", [48, 48]),
+    ]
+    assert inspection.sites[0].note == "Conv 3×3, spatial form"
+    (skip,) = inspection.skips
+    assert (skip.name, skip.kind, skip.params) == ("depthwise", "weights", 16 * 9)
+    assert skip.reason.startswith("depthwise Conv (group=16")
+    assert inspection.params_in_skipped + sum(s.params for s in inspection.sites) == 8 * 16 * 9 + 16 * 16 * 9 + 144
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_conv_stages_layout_and_fp16_factors(dtype: str, rng: np.random.Generator) -> None:
+    model, feeds = conv_model(rng, channels=8, filters=16)
+    config = RewriteConfig(policy=FULL_RANK, conv="spatial", stages=2, layout="stages", dtype=dtype)
+    result = rewrite(model, config)
+    assert_valid(result.model)
+    ops = [node.op_type for node in result.model.graph.node]
+    assert ops.count("Conv") == 4 and ops.count("Add") == 1 and ops.count("Cast") == (4 if dtype == "fp16" else 0)
+    (expected,), (actual,) = run(model, feeds), run(result.model, feeds)
+    assert relative_error(actual, expected) < (5e-3 if dtype == "fp16" else FULL_RANK_TOLERANCE)
+
+
+def test_cli_calibrate_and_rewrite_conv_sites(tmp_path, capsys: pytest.CaptureFixture[str], rng) -> None:
+    import json
+
+    from onnxsvd.cli import main
+
+    model_path, stats_path, data_path = tmp_path / "two.onnx", tmp_path / "stats.npz", tmp_path / "calib.npz"
+    onnx.save(two_conv_model(rng), model_path)
+    np.savez(data_path, x=correlated_images(rng, rng.standard_normal((8, 2)), 8, 10))
+    args = ["calibrate", model_path, "--data", data_path, "-o", stats_path, "--patch-rows", "100", "--seed", "1"]
+    assert main([str(a) for a in args]) == 0
+    report_path, output = tmp_path / "report.json", tmp_path / "small.onnx"
+    args = ["rewrite", model_path, "-o", output, "--ratio", "0.5", "--method", "whiten", "--stats", stats_path,
+            "--conv", "spatial", "--min-rank", "1", "--align", "1", "--report", report_path]
+    assert main([str(a) for a in args]) == 0
+    sites = json.loads(report_path.read_text())["sites"]
+    assert [(s["name"], s["conv_form"], s["action"]) for s in sites] == [
+        ("conv1", "spatial", "factorized"), ("conv2", "spatial", "factorized"),
+    ]
+    assert all(any("data-free" in note for note in s["notes"]) for s in sites)
+    assert_valid(onnx.load(output))
+    capsys.readouterr()
+    assert main(["rewrite", str(model_path), "-o", str(tmp_path / "x.onnx"), "--conv", "diagonal"]) != 0
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_profile_flops_count_conv_sites(rng: np.random.Generator) -> None:
+    from onnxsvd.validate.profile import site_flops
+
+    model = two_conv_model(rng)
+    rewritten = rewrite(model, RewriteConfig(policy=RankPolicy("ratio", 0.5, align=1, min_rank=1))).model
+    flops = site_flops(model, rewritten)
+    assert [cost.name for cost in flops.sites] == ["conv1", "conv2"]
+    assert flops.per_row_before == 2 * (72 * 16 + 144 * 16)  # 2 × multiply-adds per output position
+    ranks = [site.rank for site in rewrite(model, RewriteConfig(policy=RankPolicy("ratio", 0.5, align=1,
+                                                                                     min_rank=1))).report.sites]
+    assert flops.per_row_after == 2 * (ranks[0] * (72 + 16) + ranks[1] * (144 + 16))
+
+
+@pytest.mark.parametrize("source", ["constant_node", "fp16_cast", "dequantize_per_channel"])
+def test_conv_weight_through_chains(source: str, rng: np.random.Generator) -> None:
+    weight = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+    if source == "constant_node":
+        nodes.append(helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight, "w_value")))
+    elif source == "fp16_cast":
+        initializers.append(numpy_helper.from_array(weight.astype(np.float16), "w16"))
+        nodes.append(helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT))
+    else:
+        scale = (np.abs(weight).reshape(6, -1).max(axis=1) / 127).astype(np.float32)  # [N]
+        quantized = np.round(weight / scale[:, None, None, None]).astype(np.int8)
+        initializers += [numpy_helper.from_array(quantized, "wq"), numpy_helper.from_array(scale, "ws")]
+        nodes.append(helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=0))
+    nodes.append(helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]))
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 7, 7])], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    (site,) = find_sites(model).sites
+    assert site.shape == (36, 6) and site.weight.tensor == {"constant_node": "w", "fp16_cast": "w16",
+                                                            "dequantize_per_channel": "wq"}[source]
+    feeds = {"x": rng.standard_normal((2, 4, 7, 7)).astype(np.float32)}
+    result = rewrite(model, RewriteConfig(policy=FULL_RANK, conv="spatial"))
+    assert_valid(result.model)
+    assert "Conv" in [n.op_type for n in result.model.graph.node] and len(result.report.factorized) == 1
+    tolerance = 2e-3 if source == "fp16_cast" else FULL_RANK_TOLERANCE  # fp16 factors of an fp16 weight
+    assert relative_error(run(result.model, feeds)[0], run(model, feeds)[0]) < tolerance
+
+
+def test_auto_factorizes_no_weight_the_channel_form_keeps_dense(rng: np.random.Generator) -> None:
+    model, _ = conv_model(rng, channels=16, filters=16)  # ratio 0.5: r = 7, aligned down to 0 (--align 8)
+    channel = rewrite(model, RewriteConfig(conv="channel")).report.sites[0]
+    auto = rewrite(model, RewriteConfig(conv="auto")).report.sites[0]
+    assert channel.action == auto.action == "kept" and auto.conv_form == "channel"
+    assert any("the channel form stays dense at ratio 0.5" in note for note in auto.notes)

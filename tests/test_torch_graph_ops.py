@@ -156,7 +156,8 @@ def test_a_tensor_type_torch_cannot_hold_is_refused_up_front() -> None:
 
 
 def test_finetune_trains_a_rewritten_cnn(rng: np.random.Generator) -> None:
-    """Conv → BatchNorm → Relu → MaxPool → GlobalAveragePool → Flatten → Gemm: the evaluator in training."""
+    """Conv → BatchNorm → Relu → MaxPool → GlobalAveragePool → Flatten → Gemm: the evaluator in training, the
+    Conv a site too."""
     import onnxsvd
     from onnxsvd.finetune import FinetuneConfig, finetune
 
@@ -188,8 +189,7 @@ def test_finetune_trains_a_rewritten_cnn(rng: np.random.Generator) -> None:
     data = {"x": rng.standard_normal((48, 3, 8, 8)).astype(np.float32)}
     config = FinetuneConfig(steps=15, lr=1e-2, eval_every=5, batch_size=16, threads=1)
     result = finetune(rewritten.model, teacher, data, config)
-    # The two Gemms and, since Conv layers are sites, the Conv's two-Conv chain.
-    assert result.report.pairs == 3
+    assert result.report.pairs == 3  # the Conv chain and the two Gemm chains
     assert result.report.heldout_after < result.report.heldout_before
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "find_sites",
     "load_weight",
     "conv_matrix",
+    "conv_kernel",
     "conv_site_in_form",
     "node_name",
     "dtype_name",
@@ -677,6 +678,16 @@ def conv_matrix(weight: np.ndarray, form: str) -> np.ndarray:
         _, c, k_h, k_w = weight.shape
         return np.ascontiguousarray(weight.transpose(1, 2, 3, 0).reshape(c * k_h, k_w * n))  # [C·k_h, k_w·N]
     return np.ascontiguousarray(weight.reshape(n, -1).T)  # [C·∏k, N]
+
+
+def conv_kernel(matrix: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """The Conv weight ``[N, C, k…]`` back from its matrix in ``geometry.form`` (the inverse of
+    :func:`conv_matrix`)."""
+    n, c = geometry.out_channels, geometry.in_channels
+    if geometry.form == "spatial":
+        k_h, k_w = geometry.kernel
+        return np.ascontiguousarray(matrix.reshape(c, k_h, k_w, n).transpose(3, 0, 1, 2))  # [N, C, k_h, k_w]
+    return np.ascontiguousarray(matrix.T.reshape(n, c, *geometry.kernel))  # [N, C, k…]
 
 
 def conv_site_in_form(site: Site, form: str) -> Site:

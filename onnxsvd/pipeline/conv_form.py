@@ -8,8 +8,11 @@ Gram ``G`` (``[K_c, K_c]``) the output error of a kernel ``W'`` is ``‖X (W −
 (``ΔW`` ``[K_c, N]``); without statistics, ``‖ΔW‖_F``. Both forms have ``K·N = N·C·k_h·k_w`` parameters,
 so a ratio keeps the same count in either: the channel form is truncated at its policy's rank ``r_c``
 in the method's metric, the spatial form (data-free) at the largest ``r_s`` with
-``r_s·(K_s + N_s) ≤ r_c·(K_c + N_c)``, and the smaller error wins. Energy policies and ``--rank full``
-are compared at a ratio of 0.5, a fixed rank at its own parameter count; the report says which and why.
+``r_s·(K_s + N_s) ≤ r_c·(K_c + N_c)``, and the smaller error wins. Under a ratio both ranks are the
+policy's own, aligned and floored as the rewrite will take them: where either form stays dense at that
+budget (its aligned rank under ``--min-rank``, or at break-even) the channel form is kept, so ``auto`` never
+factorizes a weight that ``--conv channel`` keeps dense. Energy policies and ``--rank full`` are compared at
+a ratio of 0.5, a fixed rank at its own parameter count; the report says which and why.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from onnxsvd.config import RewriteConfig
 from onnxsvd.errors import FactorizationError
 from onnxsvd.factorize import decompose, identity_metric, truncate
 from onnxsvd.graph import GraphIndex, Match, Site, conv_matrix, conv_site_in_form, load_weight
-from onnxsvd.pipeline.group import group_statistics, metric_for, svd_options, weight_groups
+from onnxsvd.pipeline.group import byte_cost, group_statistics, metric_for, svd_options, weight_groups
+from onnxsvd.rank import choose_rank
 
 __all__ = ["choose_conv_forms"]
 
@@ -61,6 +65,16 @@ def _choose(
     budget, how = _budget(config, k_c, n_c)
     rank_c = max(1, min(budget // (k_c + n_c), k_c, n_c))
     rank_s = max(1, min(budget // (k_s + n_s), k_s, n_s))
+    if config.policy.kind == "ratio":  # the ranks the rewrite will take, aligned and floored, in each form
+        channel_rank = choose_rank(config.policy, k_c, n_c, None, byte_cost(site, config))
+        spatial_rank = choose_rank(config.policy, k_s, n_s, None, byte_cost(conv_site_in_form(site, "spatial"), config))
+        for name, decision in (("channel", channel_rank), ("spatial", spatial_rank)):
+            if decision.dense:
+                return "channel", (
+                    f"--conv auto: channel form (the {name} form stays dense at {how}: {decision.reason}; auto "
+                    "factorizes no weight the channel form keeps dense)"
+                )
+        rank_c, rank_s = channel_rank.rank, spatial_rank.rank
     stats = group_statistics(sites, statistics)  # the patch Gram, whatever the method: the output error's metric
     gram = stats.gram if stats is not None else None
     metric = metric_for(config, stats) if config.method != "svd" and stats is not None else identity_metric()
@@ -78,7 +92,8 @@ def _choose(
     where = "in the data metric" if gram is not None else "data-free (no statistics)"
     note = (
         f"--conv auto: {form} form (relative output error {where}: channel {error_c:.4f} at rank {rank_c}, "
-        f"spatial {error_s:.4f} at rank {rank_s}; compared at {how})"
+        f"spatial {error_s:.4f} at rank {rank_s}; compared at {how}: {rank_c * (k_c + n_c):,} and "
+        f"{rank_s * (k_s + n_s):,} parameters)"
     )
     return form, note
 

@@ -347,12 +347,12 @@ def factor_group(
     extra_notes = conv_notes(site, config)
     outcome = GroupOutcome(sites=sites, factorization=None, reason="", ranks=[], storage=storage)
     if keep_dense is not None:
-        outcome.reason = keep_dense
+        outcome.reason, outcome.notes = keep_dense, extra_notes
         return outcome
     try:
         planned, dense_reason = _planned_rank(site, config, rank_override)
         if dense_reason:  # decided from the shape alone: no need to read or decompose the weight
-            outcome.reason = dense_reason
+            outcome.reason, outcome.notes = dense_reason, extra_notes
             outcome.seconds = time.perf_counter() - tick
             return outcome
         weight = load_weight(index, site, base_dir)  # [K, N]

@@ -14,7 +14,7 @@ import onnx
 from onnxsvd.config import RewriteConfig
 from onnxsvd.errors import FactorizationError, UsageError
 from onnxsvd.factorize import spectrum as singular_values
-from onnxsvd.graph import GraphIndex, find_sites, load_weight
+from onnxsvd.graph import GraphIndex, Site, find_sites, load_weight
 from onnxsvd.io import atomic_path, count_parameters
 from onnxsvd.pipeline.group import byte_cost
 from onnxsvd.rank import break_even_rank, energy_rank
@@ -53,6 +53,15 @@ class SiteSummary:
     singular_values: list[float] | None = None
     note: str = ""
     dense_bytes: int = 0
+
+
+def _conv_note(site: Site) -> str:
+    """A Conv site's kernel, strides and form (``Conv 3×3 /2 channel form``), else empty."""
+    if site.conv is None:
+        return ""
+    geometry = site.conv
+    strides = "" if set(geometry.strides) == {1} else " /" + "×".join(map(str, geometry.strides))
+    return f"Conv {'×'.join(map(str, geometry.kernel))}{strides}, {geometry.form} form"
 
 
 @dataclasses.dataclass
@@ -132,7 +141,7 @@ def inspect_model(
                 dtype=onnx.helper.tensor_dtype_to_string(site.weight.storage_dtype).replace("TensorProto.", ""),
                 shared_with=[n for n in groups[site.group] if n != site.name],
                 singular_values=[float(v) for v in spectrum] if spectrum is not None else None,
-                note=notes.get(site.group, ""),
+                note="; ".join(part for part in (_conv_note(site), notes.get(site.group, "")) if part),
             )
         )
     skips = [

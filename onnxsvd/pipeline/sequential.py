@@ -35,6 +35,7 @@ import scipy.linalg
 
 from onnxsvd import io
 from onnxsvd.calibrate.collect import ActivationSpec, activation_rows, expose, session_for, specs_for_sites
+from onnxsvd.calibrate.patches import DEFAULT_PATCH_ROWS
 from onnxsvd.calibrate.stats import ActivationStats, combine
 from onnxsvd.config import Progress, RewriteConfig
 from onnxsvd.data import Batches
@@ -172,6 +173,8 @@ def rewrite_sequential(
     base_dir: str | None = None,
     progress: Progress | None = None,
     speed_check: SpeedCheck | None = None,
+    patch_rows: int | None = DEFAULT_PATCH_ROWS,
+    seed: int = 0,
 ) -> RewriteResult:
     """Rewrite ``model`` level by level against the partly compressed model's own activations.
 
@@ -186,6 +189,8 @@ def rewrite_sequential(
         progress: callback per level.
         speed_check: applied to each level's factorized groups before the next level sees them (keeps
             dense the groups whose chain is not faster).
+        patch_rows: im2col patches kept per batch of each Conv input (sampled with ``seed`` past it; the
+            original's and the compressed model's at the same positions).
 
     Returns:
         The rewritten model and its report; the report's notes give the levels and their cost.
@@ -212,7 +217,8 @@ def rewrite_sequential(
         level_sites = [site for sites in level_groups.values() for site in sites]
         tick = time.perf_counter()
         stats = _collect_cross(
-            original, compressed, specs_for_sites(level_sites), batches, providers, mask_input, base_dir
+            original, compressed, specs_for_sites(level_sites, patch_rows, seed), batches, providers, mask_input,
+            base_dir,
         )
         collect_seconds += time.perf_counter() - tick
         for key, sites in level_groups.items():

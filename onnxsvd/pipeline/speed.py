@@ -50,7 +50,8 @@ from onnxsvd.config import Progress, check_provider_names
 from onnxsvd.data import model_inputs
 from onnxsvd.errors import DataError, UsageError
 from onnxsvd.factorize import Factorization
-from onnxsvd.graph import EmitOptions, GraphIndex, Site, emit, find_sites, load_weight
+from onnxsvd.graph import EmitOptions, GraphIndex, Site, conv_site_in_form, emit, find_sites, load_weight
+from onnxsvd.graph.match import conv_kernel
 from onnxsvd.pipeline.group import GroupOutcome
 from onnxsvd.validate.latency import check_providers, make_runner, open_session, time_runners
 
@@ -285,7 +286,10 @@ def activation_shapes(
 
 
 def _consumed_weight(site: Site, weight_kn: np.ndarray) -> np.ndarray:
-    """The weight as the node reads it, from the normal form ``W_kn`` ``[K, N]`` (α taken back out)."""
+    """The weight as the node reads it, from the normal form ``W_kn`` ``[K, N]`` (α taken back out; a Conv's
+    ``[N, C, k…]`` from its matrix in its form)."""
+    if site.conv is not None:
+        return conv_kernel(weight_kn, site.conv)
     matrix = weight_kn / site.alpha if site.alpha != 1.0 else weight_kn  # [K, N]
     return matrix.T if site.transpose_weight else matrix  # as consumed
 
@@ -295,6 +299,8 @@ def _bias_value(index: GraphIndex, site: Site, base_dir: str | None) -> np.ndarr
         return None
     tensor = index.constant_tensor(site.bias)
     if tensor is None:  # a dynamic C: time with a zero bias of the same broadcast class
+        if site.conv is not None:
+            return np.zeros([site.conv.out_channels])
         return np.zeros([site.n] if site.weight_side == "right" else [site.n, 1])
     return np.asarray(io.tensor_array(tensor, base_dir))
 
@@ -356,8 +362,10 @@ def site_models(
     factorized = copy.deepcopy(dense)
     sites = find_sites(factorized).sites
     if len(sites) != 1:
-        raise UsageError(f"site {site.name!r} does not stand alone as one MatMul/Gemm; cannot time it")
+        raise UsageError(f"site {site.name!r} does not stand alone as one MatMul/Gemm/Conv; cannot time it")
     (alone,) = sites
+    if site.conv is not None:  # in the site's own form (find_sites matches the channel form)
+        alone = conv_site_in_form(alone, site.conv.form)
     emit(factorized, {alone.group: factorization}, [alone], {alone.group: storage}, EmitOptions(layout=layout))
     return dense, factorized
 

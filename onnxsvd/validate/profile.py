@@ -305,9 +305,9 @@ def _kernels(events: Sequence[Mapping[str, Any]], start: float) -> Iterable[tupl
 
 
 def _site_of(event: Mapping[str, Any], kernel: str, sites: Sequence[str]) -> str | None:
-    """The rewritten site a MatMul/Gemm kernel event belongs to, if any."""
+    """The rewritten site a MatMul/Gemm/Conv kernel event belongs to, if any."""
     operator = str(event.get("args", {}).get("op_name", ""))
-    if "MatMul" not in operator and "Gemm" not in operator:
+    if not any(op in operator for op in ("MatMul", "Gemm", "Conv")):  # FusedConv, FusedMatMul, FusedGemm too
         return None
     return _matches(kernel, sites)
 
