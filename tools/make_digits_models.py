@@ -323,6 +323,13 @@ python tools/digits_accuracy.py models/digits_mlp.onnx models/digits_vit.onnx --
 The text model (all-MiniLM-L6-v2) is too large to commit: `python tools/export_minilm.py` writes it and
 its tokenised calibration/evaluation sentences to `build/minilm/`.
 """
+    # The character CNN's section is written by hand (tools/make_char_cnn.py does not own this file): keep it.
+    readme = output_dir / "README.md"
+    if readme.exists():
+        old_text = readme.read_text(encoding="utf-8")
+        marker = "\n## Character CNN"
+        if marker in old_text:
+            text += old_text[old_text.index(marker) :]
     (output_dir / "README.md").write_text(text, encoding="utf-8")
 
 
