@@ -263,6 +263,16 @@ def test_mismatched_graph_is_one_line_error(models: dict[str, Path], tmp_path: P
     assert not (tmp_path / "out").exists()  # nothing left behind
 
 
+def test_mismatched_input_type_names_the_input(models: dict[str, Path], tmp_path: Path) -> None:
+    other = _model(_weights(1))
+    other.graph.input[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+    onnx.save(other, tmp_path / "other.onnx")
+    with pytest.raises(ModelError, match=r"graph input 'x' is float32\[batch,\d+\] in one model, 'x' float64") as error:
+        extract(models["base"], [tmp_path / "other.onnx"], tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_zero_delta_is_reported(models: dict[str, Path], tmp_path: Path) -> None:
     copy = tmp_path / "copy.onnx"
     onnx.save(_model(_weights(0)), copy)

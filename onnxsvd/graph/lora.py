@@ -99,6 +99,17 @@ def _value_signature(value: onnx.ValueInfoProto) -> str:
     return f"{value.name}:{value.type.SerializeToString(deterministic=True).hex()}"
 
 
+def _type_text(value: onnx.ValueInfoProto) -> str:
+    """``float32[batch,64]``: a value's type in a few characters."""
+    tensor = value.type.tensor_type
+    if not value.type.HasField("tensor_type"):
+        return value.type.WhichOneof("value") or "untyped"
+    dims = ",".join(d.dim_param or str(d.dim_value) if (d.dim_param or d.HasField("dim_value")) else "?"
+                    for d in tensor.shape.dim)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "untyped"
+    return f"{dtype}[{dims}]"
+
+
 def first_difference(base: onnx.ModelProto, tuned: onnx.ModelProto) -> str | None:
     """The first way ``tuned``'s graph differs from ``base``'s beyond weight values, or ``None``.
 
@@ -113,8 +124,13 @@ def first_difference(base: onnx.ModelProto, tuned: onnx.ModelProto) -> str | Non
         ours = [_value_signature(v) for v in getattr(base.graph, kind)]
         theirs = [_value_signature(v) for v in getattr(tuned.graph, kind)]
         if ours != theirs:
-            names = [v.name for v in getattr(base.graph, kind)], [v.name for v in getattr(tuned.graph, kind)]
-            return f"the graph {kind}s differ ({names[0]} against {names[1]}, or their types)"
+            values = list(getattr(base.graph, kind)), list(getattr(tuned.graph, kind))
+            if len(values[0]) != len(values[1]):
+                return f"the graph has {len(values[0])} {kind}s in one model and {len(values[1])} in the other"
+            pairs = zip(*values, strict=True)
+            first, second = next((a, b) for a, b in pairs if _value_signature(a) != _value_signature(b))
+            return (f"graph {kind} {first.name!r} is {_type_text(first)} in one model, {second.name!r} "
+                    f"{_type_text(second)} in the other")
     base_tensors = {t.name: (t.data_type, tuple(t.dims)) for t in base.graph.initializer}
     tuned_tensors = {t.name: (t.data_type, tuple(t.dims)) for t in tuned.graph.initializer}
     for name in sorted(set(base_tensors) ^ set(tuned_tensors)):
