@@ -635,17 +635,7 @@ class SiteSpeedCheck:
             site, node, weight, _bias_value(index, site, base_dir), shape, outcome.factorization, outcome.storage,
             self.layout, opset, max(model.ir_version, 7),
         )
-        paths = []
-        for name, proto in (("dense", dense), ("factorized", factorized)):
-            path = Path(folder) / f"{len(self._timings)}_{name}.onnx"
-            onnx.save(proto, path)
-            paths.append(path)
-        rng = np.random.default_rng(self.config.seed)
-        dtype = helper.tensor_dtype_to_np_dtype(site.weight.compute_dtype)
-        activation = rng.standard_normal(shape).astype(dtype)  # [..., K]
-        timings = [
-            time_site(paths[0], paths[1], activation, provider, self.config) for provider in self.config.providers
-        ]
+        timings = self._time_pair(dense, factorized, site, shape, folder)
         for timing in timings:
             log.debug("%s %s: %s", site.name, shape, timing.describe())
         return timings
