@@ -196,7 +196,7 @@ def render_report(report: ValidationReport, console: Console, gate_details: bool
     size.add_row("file size", human_bytes(report.size.bytes_original), human_bytes(report.size.bytes_rewritten),
                  f"{report.size.bytes_kept:.1%}")
     if report.size.linear_bytes_original:
-        size.add_row("MatMul/Gemm bytes as stored", f"{report.size.linear_bytes_original:,}",
+        size.add_row("MatMul/Gemm/Conv bytes as stored", f"{report.size.linear_bytes_original:,}",
                      f"{report.size.linear_bytes_rewritten:,}", f"{report.size.linear_bytes_kept:.1%}")
     flops = report.flops
     if flops.flops_before is not None:

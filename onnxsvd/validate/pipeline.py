@@ -231,10 +231,10 @@ def validate(
 
     flops = site_flops(original, rewritten, config.factorized_sites)
     if not flops.sites:
-        notes.append("no rewritten MatMul/Gemm sites found: the bound is 1")
+        notes.append("no rewritten MatMul/Gemm/Conv sites found: the bound is 1")
     elif flops.source == "inferred":
         notes.append(
-            f"rewritten sites inferred from node names ({len(flops.sites)} original MatMul/Gemm nodes are gone); "
+            f"rewritten sites inferred from node names ({len(flops.sites)} original MatMul/Gemm/Conv nodes are gone); "
             "pass the rewrite report to name them"
         )
     speed: list[ProviderSpeed] = []
