@@ -541,6 +541,41 @@ def test_profile_share_is_reported_run_by_run() -> None:
     assert share.to_dict()["share_range"] == [0.25, 0.75]
 
 
+def test_nchwc_conv_kernels_are_found_through_the_nodes_fused_behind_them() -> None:
+    """ONNX Runtime's CPU layout pass names a Conv kernel after the output of what it fuses (a Relu, a
+    residual Add then a Relu) with ``_nchwc``: the share still finds the Conv sites."""
+    from onnx import TensorProto, helper
+
+    from onnxsvd.validate.profile import conv_kernel_aliases
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "x"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["y"], name="relu2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "resnet_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor("w1", TensorProto.FLOAT, [4, 4, 3, 3], [0.0] * 144),
+         helper.make_tensor("w2", TensorProto.FLOAT, [4, 4, 3, 3], [0.0] * 144)],
+    )
+    aliases = conv_kernel_aliases(helper.make_model(graph))
+    assert aliases == {"c1": "conv1", "r1": "conv1", "c2": "conv2", "s": "conv2", "y": "conv2"}
+    events = [
+        _event("model_run", 0, 100, cat="Session"),
+        _event("model_run", 200, 100, cat="Session"),
+        _event("r1_nchwc_kernel_time", 210, 30, "Conv"),
+        _event("y_nchwc_kernel_time", 250, 50, "Conv"),
+        _event("ReorderOutput_kernel_time", 300, 20, "ReorderOutput"),
+    ]
+    assert run_shares(events, ["conv1", "conv2"], skip_runs=1) == [0.0]  # by name alone, no kernel is a site
+    assert run_shares(events, ["conv2"], skip_runs=1, aliases=aliases) == [0.5]
+    assert run_shares(events, ["conv1", "conv2"], skip_runs=1, aliases=aliases) == [0.8]
+
+
 def _timing(speedup: float) -> ProviderTiming:
     def stats(p50: float) -> LatencyStats:
         return LatencyStats(p50, p50 * 1.2, p50, p50 * 0.9, 64 / p50, p10_ms=p50 * 0.95, max_ms=p50 * 1.5)

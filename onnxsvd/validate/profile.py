@@ -54,6 +54,7 @@ __all__ = [
     "speedup_bound",
     "factorized_sites",
     "site_flops",
+    "conv_kernel_aliases",
     "parse_trace",
     "profile_original",
     "profile_time_share",
@@ -320,6 +321,38 @@ def _run_bounds(events: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]
     )
 
 
+#: Element-wise ops ONNX Runtime's CPU layout pass fuses into a Conv (NCHWc: activation, residual sum); the
+#: fused kernel is then named after the last fused node's output, with ``_nchwc``.
+_CONV_FUSED_OPS = ("Relu", "Clip", "Sigmoid", "LeakyRelu", "HardSigmoid", "Tanh", "Add", "Sum")
+_NCHWC_SUFFIX = "_nchwc"
+
+
+def conv_kernel_aliases(model: onnx.ModelProto) -> dict[str, str]:
+    """``tensor → Conv node``: the names an NCHWc kernel of each main-graph Conv may carry in a profile.
+
+    ONNX Runtime's CPU layout pass renames a Conv kernel after its output tensor (``<output>_nchwc``), and
+    after the output of the element-wise nodes it fuses behind it (a Relu, a residual Add then a Relu), so
+    a Conv's own name never appears; this follows each Conv through single-consumer element-wise nodes.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    aliases: dict[str, str] = {}
+    for position, node in enumerate(model.graph.node):
+        if node.op_type != "Conv" or not node.output:
+            continue
+        site = node.name or f"{node.op_type}_{position}"
+        tensor = node.output[0]
+        while True:
+            aliases.setdefault(tensor, site)
+            readers = consumers.get(tensor, [])
+            if len(readers) != 1 or readers[0].op_type not in _CONV_FUSED_OPS or not readers[0].output:
+                break
+            tensor = readers[0].output[0]
+    return aliases
+
+
 def _kernels(events: Sequence[Mapping[str, Any]], start: float) -> Iterable[tuple[Mapping[str, Any], str]]:
     """Every node kernel event from ``start`` on, with its node name (``_kernel_time`` cut off)."""
     for event in events:
@@ -329,17 +362,24 @@ def _kernels(events: Sequence[Mapping[str, Any]], start: float) -> Iterable[tupl
         yield event, name[: -len(_KERNEL_SUFFIX)]
 
 
-def _site_of(event: Mapping[str, Any], kernel: str, sites: Sequence[str]) -> str | None:
-    """The rewritten site a MatMul/Gemm/Conv kernel event belongs to, if any."""
+def _site_of(
+    event: Mapping[str, Any], kernel: str, sites: Sequence[str], aliases: Mapping[str, str] | None = None
+) -> str | None:
+    """The rewritten site a MatMul/Gemm/Conv kernel event belongs to, if any (``aliases``: see
+    :func:`conv_kernel_aliases`)."""
     operator = str(event.get("args", {}).get("op_name", ""))
     if not any(op in operator for op in ("MatMul", "Gemm", "Conv")):  # FusedConv, FusedMatMul, FusedGemm too
         return None
-    return _matches(kernel, sites)
+    found = _matches(kernel, sites)
+    if found is None and aliases and kernel.endswith(_NCHWC_SUFFIX):
+        owner = aliases.get(kernel[: -len(_NCHWC_SUFFIX)])
+        found = owner if owner in sites else None
+    return found
 
 
 def parse_trace(
     events: Sequence[Mapping[str, Any]], site_names: Iterable[str], outputs: Mapping[str, int] | None = None,
-    skip_runs: int = 1,
+    skip_runs: int = 1, aliases: Mapping[str, str] | None = None,
 ) -> tuple[float, float, dict[str, float], dict[str, int]]:
     """Sum kernel durations of an onnxruntime trace.
 
@@ -348,6 +388,7 @@ def parse_trace(
         site_names: node names of the rewritten sites.
         outputs: ``N`` per site, to turn output shapes into rows ``M``.
         skip_runs: leave out node events of the first ``skip_runs`` ``model_run`` events (warm-up).
+        aliases: tensor → Conv node, the names of NCHWc kernels (:func:`conv_kernel_aliases`).
 
     Returns:
         (site µs, all-node µs, µs per site found, M per site found).
@@ -362,7 +403,7 @@ def parse_trace(
     for event, kernel in _kernels(events, start):
         duration = float(event.get("dur", 0))
         total_us += duration
-        site = _site_of(event, kernel, names)
+        site = _site_of(event, kernel, names, aliases)
         if site is None:
             continue
         site_us += duration
@@ -375,7 +416,10 @@ def parse_trace(
     return site_us, total_us, per_site, rows
 
 
-def run_shares(events: Sequence[Mapping[str, Any]], site_names: Iterable[str], skip_runs: int = 1) -> list[float]:
+def run_shares(
+    events: Sequence[Mapping[str, Any]], site_names: Iterable[str], skip_runs: int = 1,
+    aliases: Mapping[str, str] | None = None,
+) -> list[float]:
     """The sites' share of node time in each ``model_run`` after the first ``skip_runs``, in time order.
 
     A node event belongs to the last run that started at or before it. Empty without ``model_run`` events.
@@ -392,7 +436,7 @@ def run_shares(events: Sequence[Mapping[str, Any]], site_names: Iterable[str], s
         run = max(0, bisect.bisect_right(starts, event.get("ts", 0)) - 1)
         duration = float(event.get("dur", 0))
         total_us[run] += duration
-        if _site_of(event, kernel, names) is not None:
+        if _site_of(event, kernel, names, aliases) is not None:
             site_us[run] += duration
     return [site / total for site, total in zip(site_us[skip_runs:], total_us[skip_runs:], strict=True) if total > 0]
 
@@ -409,17 +453,18 @@ class OriginalProfile:
     runs: int
     warmup: int
     events: tuple[Mapping[str, Any], ...]
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def time_share(self, sites: Sequence[SiteCost]) -> TimeShare:
         """The sites' share of the original's node time, over all runs and run by run."""
         names = [site.name for site in sites]
         site_us, total_us, per_site, rows = parse_trace(
-            self.events, names, {site.name: site.n for site in sites}, skip_runs=self.warmup
+            self.events, names, {site.name: site.n for site in sites}, skip_runs=self.warmup, aliases=self.aliases
         )
         missing = tuple(name for name in names if name not in per_site)
         if missing:
             log.info("%d rewritten sites have no kernel of their own in the profile: %s", len(missing), missing)
-        shares = tuple(run_shares(self.events, names, skip_runs=self.warmup))
+        shares = tuple(run_shares(self.events, names, skip_runs=self.warmup, aliases=self.aliases))
         share = TimeShare(self.provider, self.runs, site_us, total_us, missing, rows, shares)
         low, high = share.share_range
         log.info(
@@ -459,7 +504,8 @@ def profile_original(
         with contextlib.suppress(OSError):
             shutil.rmtree(folder)
     kept = tuple(event for event in events if event.get("cat") in ("Node", "Session"))
-    return OriginalProfile(provider, runs, warmup, kept)
+    aliases = conv_kernel_aliases(onnx.load(os.fspath(path), load_external_data=False))
+    return OriginalProfile(provider, runs, warmup, kept, aliases)
 
 
 def profile_time_share(
