@@ -440,3 +440,17 @@ def test_cli_sequential_quantized_rewrite(
     assert op_types(onnx.load(str(tmp_path / "q.onnx"))).count("MatMulNBits") == 2
     with pytest.raises(UsageError, match="rewrite_quantized"):
         rewrite_sequential(model, quantized(), _batches({"x": _correlated(rng, 8, 8, 32)}, 8))
+
+
+@pytest.mark.parametrize("branch", ["unfused", "fused"])
+def test_validate_flops_count_the_quantized_base(rng: np.random.Generator, branch: str) -> None:
+    from onnxsvd.validate.profile import site_flops
+
+    case = matmul_case(rng, 64, 48, lead=(2, 3))
+    rank = 8
+    result = rewrite(case.model, quantized(RankPolicy("rank", rank, align=1), branch=branch))
+    flops = site_flops(case.model, result.model)
+    assert [cost.name for cost in flops.sites] == [case.model.graph.node[0].name]
+    # the MatMulNBits base (2·K·N, A's columns inside it when fused) and the correction (2·r·(K + N))
+    assert flops.per_row_after == 2 * 64 * 48 + 2 * rank * (64 + 48)
+    assert flops.per_row_before == 2 * 64 * 48

@@ -85,7 +85,8 @@ class SiteCost:
         k: input channels ``K``.
         n: output channels ``N``.
         flops_per_row_before: ``2·K·N``.
-        flops_per_row_after: ``Σ 2·K_i·N_i`` over the chain's MatMul/Gemm nodes (``2·r·(K+N)``), or
+        flops_per_row_after: ``Σ 2·K_i·N_i`` over the chain's MatMul/Gemm/Conv nodes (``2·r·(K+N)``) and
+            its MatMulNBits base (``2·K·N``) when quantized, or
             ``None`` when the chain cannot be found by name in the rewritten model.
         rows: ``M`` in the profiled batch, or ``None`` without a profile.
     """
@@ -280,26 +281,42 @@ def site_flops(
 ) -> SiteFlops:
     """FLOPs per row of the rewritten sites before (``2·K·N``) and after (their chain in ``rewritten``).
 
-    The chain of site ``s`` is every constant-weight MatMul/Gemm of the rewritten model named ``s/…``
-    (how the emitter names them). When some chain cannot be found, the total after is every rewritten
-    MatMul/Gemm that is not an unchanged original site (per row only).
+    The chain of site ``s`` is every constant-weight MatMul/Gemm/Conv and every MatMulNBits of the
+    rewritten model named ``s/…`` (how the emitters name them). When some chain cannot be found, the total
+    after is every rewritten one of those nodes that is not an unchanged original site (per row only).
     """
     chosen, source = factorized_sites(original, rewritten, names)
-    new_sites = find_sites(rewritten).sites
+    # (node name, FLOPs per row): the rewritten model's constant-weight MatMul/Gemm/Conv nodes and its
+    # MatMulNBits nodes (a quantized site's base, no site itself: 2·K·N of its own attributes).
+    new_nodes = [(node.name, 2 * node.k * node.n) for node in find_sites(rewritten).sites]
+    new_nodes += _nbits_flops(rewritten.graph)
     costs: list[SiteCost] = []
     for site in chosen:
         prefix = f"{site.name}/"
-        chain = [node for node in new_sites if node.name.startswith(prefix)]
-        after = sum(2 * node.k * node.n for node in chain) if chain else None
+        chain = [flops for name, flops in new_nodes if name.startswith(prefix)]
+        after = sum(chain) if chain else None
         costs.append(SiteCost(site.name, site.op_type, site.k, site.n, 2 * site.k * site.n, after))
     before = sum(cost.flops_per_row_before for cost in costs)
     if all(cost.flops_per_row_after is not None for cost in costs):
         after_total = sum(cost.flops_per_row_after or 0 for cost in costs)
     else:
         unchanged = {site.name for site in find_sites(original).sites} - {site.name for site in chosen}
-        after_total = sum(2 * node.k * node.n for node in new_sites if node.name not in unchanged)
+        after_total = sum(flops for name, flops in new_nodes if name not in unchanged)
         log.info("factor chains not found by name; FLOPs after counted as every new MatMul/Gemm")
     return SiteFlops(tuple(costs), source, before, after_total)
+
+
+def _nbits_flops(graph: onnx.GraphProto) -> list[tuple[str, int]]:
+    """``(name, 2·K·N)`` of every ``MatMulNBits`` node in ``graph`` and the subgraphs of its nodes."""
+    found: list[tuple[str, int]] = []
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            attributes = {attribute.name: attribute.i for attribute in node.attribute if attribute.name in ("K", "N")}
+            found.append((node.name, 2 * attributes.get("K", 0) * attributes.get("N", 0)))
+        for attribute in node.attribute:
+            for body in (attribute.g, *attribute.graphs) if attribute.HasField("g") else attribute.graphs:
+                found += _nbits_flops(body)
+    return found
 
 
 def _matches(kernel: str, sites: Iterable[str]) -> str | None:
