@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -454,3 +455,21 @@ def test_validate_flops_count_the_quantized_base(rng: np.random.Generator, branc
     # the MatMulNBits base (2·K·N, A's columns inside it when fused) and the correction (2·r·(K + N))
     assert flops.per_row_after == 2 * 64 * 48 + 2 * rank * (64 + 48)
     assert flops.per_row_before == 2 * 64 * 48
+
+
+def test_quantizing_leaves_the_root_logger_as_it_was() -> None:
+    """ONNX Runtime's quantizer module calls logging.basicConfig(INFO) on import: a library user's root
+    logger must not gain its handler (a fresh interpreter, since the module is imported once)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, numpy as np\n"
+        "from onnxsvd.config import QuantizeConfig\n"
+        "from onnxsvd.quantize import quantize_weight\n"
+        "quantize_weight(np.ones((64, 32), np.float32), np.float32, QuantizeConfig())\n"
+        "root = logging.getLogger()\n"
+        "print(len(root.handlers), root.level)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["0", str(logging.WARNING)]

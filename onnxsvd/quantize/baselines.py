@@ -21,6 +21,7 @@ from pathlib import Path
 
 from onnxsvd import io
 from onnxsvd.errors import QuantizationError, UsageError
+from onnxsvd.quantize.ort import nbits_quantizer
 
 __all__ = ["BASELINES", "BASELINE_GROUPS", "Baseline", "parse_baselines", "write_baseline"]
 
@@ -85,10 +86,8 @@ def _dynamic_int8(model_path: Path, output: Path) -> None:
 
 def _nbits(block_size: int) -> Callable[[Path, Path], None]:
     def run(model_path: Path, output: Path) -> None:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        quantizer = MatMulNBitsQuantizer(str(model_path), bits=4, block_size=block_size, is_symmetric=True,
-                                         accuracy_level=4)
+        quantizer = nbits_quantizer().MatMulNBitsQuantizer(str(model_path), bits=4, block_size=block_size,
+                                                           is_symmetric=True, accuracy_level=4)
         quantizer.process()
         io.save_model(quantizer.model.model, output, base_dir=model_path.parent)
     return run

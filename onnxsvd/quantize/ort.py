@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
+from types import ModuleType
 
 import ml_dtypes
 import numpy as np
@@ -30,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxsvd.config import QuantizeConfig
 from onnxsvd.errors import TORCH_INSTALL_HINT, QuantizationError
 
-__all__ = ["QuantizedWeight", "dequantized_weight", "quantize_weight", "MATMUL_NBITS_DTYPES"]
+__all__ = ["QuantizedWeight", "dequantized_weight", "quantize_weight", "nbits_quantizer", "MATMUL_NBITS_DTYPES"]
 
 #: Activation dtypes MatMulNBits takes (its T1), as numpy dtypes → ONNX dtypes.
 MATMUL_NBITS_DTYPES: dict[np.dtype, int] = {
@@ -68,6 +71,28 @@ class QuantizedWeight:
         return int(self.packed.nbytes + self.scales.nbytes + extra)
 
 
+_NBITS_MODULE = "onnxruntime.quantization.matmul_nbits_quantizer"
+
+
+def nbits_quantizer() -> ModuleType:
+    """ONNX Runtime's ``matmul_nbits_quantizer`` module, imported without what its import does to logging.
+
+    Its import calls ``logging.basicConfig(level=INFO)``: where the root logger had no handler (a library
+    user's program), every library's INFO lines would print from then on. The handler it adds is removed
+    and the root's level restored; a root logger already configured (the CLI's) is left as it was.
+    """
+    if _NBITS_MODULE in sys.modules:
+        return sys.modules[_NBITS_MODULE]
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return importlib.import_module(_NBITS_MODULE)
+    finally:
+        for handler in [handler for handler in root.handlers if handler not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+
+
 @contextlib.contextmanager
 def _quiet_quantizer() -> Iterator[None]:
     """ONNX Runtime's quantizer logs every node at INFO through its own handler: keep it to warnings. Its
@@ -96,15 +121,12 @@ def _one_node_model(weight: np.ndarray, elem_type: int) -> onnx.ModelProto:
 
 
 def _algorithm_config(config: QuantizeConfig):  # the ORT config object of the chosen algorithm
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        HQQWeightOnlyQuantConfig,
-    )
     from onnxruntime.quantization.quant_utils import QuantFormat
 
+    quantizer = nbits_quantizer()
     if config.algorithm == "hqq":
-        return HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=config.bits)
-    return DefaultWeightOnlyQuantConfig(
+        return quantizer.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=config.bits)
+    return quantizer.DefaultWeightOnlyQuantConfig(
         block_size=config.block_size,
         is_symmetric=config.symmetric,
         accuracy_level=config.accuracy_level or None,
@@ -140,12 +162,11 @@ def quantize_weight(weight: np.ndarray, dtype: np.dtype, config: QuantizeConfig)
         )
     elem_type = MATMUL_NBITS_DTYPES[dtype]
     k, n = weight.shape
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # heavy: only when used
-
+    quantizer_module = nbits_quantizer()  # heavy: only when used
     model = _one_node_model(np.ascontiguousarray(np.asarray(weight).astype(dtype)), elem_type)
     try:
         with _quiet_quantizer():
-            quantizer = MatMulNBitsQuantizer(model, algo_config=_algorithm_config(config))
+            quantizer = quantizer_module.MatMulNBitsQuantizer(model, algo_config=_algorithm_config(config))
             quantizer.process()
     except ImportError as error:  # HQQ imports torch
         raise QuantizationError(f"--quant-algo {config.algorithm} needs torch: {TORCH_INSTALL_HINT}") from error
