@@ -66,12 +66,14 @@ def ort_nbits(block: int, accuracy_level: int = 4):
 
 
 def onnxsvd_quantized(rank: int, method: str, block: int = 32, accuracy_level: int = 4, factor_dtype: str = "auto",
-                      sequential: bool = False, preserve: int | None = None, bits_per_weight: float | None = None):
-    """An onnxsvd quantized rewrite: correction rank ``rank`` (``bits_per_weight``: ranks from that byte
-    budget instead), ``preserve``: ``--order lowrank-first`` with that stage-1 rank."""
+                      sequential: bool = False, preserve: int | None = None, bits_per_weight: float | None = None,
+                      bits: int = 4):
+    """An onnxsvd quantized rewrite with an int``bits`` base: correction rank ``rank`` (``bits_per_weight``:
+    ranks from that byte budget instead), ``preserve``: ``--order lowrank-first`` with that stage-1 rank."""
     def build(model_path: Path, out: Path, context: dict) -> dict:
         quantize = onnxsvd.QuantizeConfig(
-            bits=4, block_size=block, accuracy_level=accuracy_level, correction=rank > 0 or bits_per_weight is not None,
+            bits=bits, block_size=block, accuracy_level=accuracy_level,
+            correction=rank > 0 or bits_per_weight is not None,
             factor_dtype=factor_dtype, order="lowrank-first" if preserve else "quant-first", preserve_rank=preserve,
             bits_per_weight=bits_per_weight,
         )
@@ -147,6 +149,15 @@ ROWS = {
     "onnxsvd_int4_b128_whiten_bpw5_int8": ("onnxsvd int4 b128 + whiten, --bits-per-weight 5.0, int8 factors",
                                            onnxsvd_quantized(0, "whiten", block=128, bits_per_weight=5.0,
                                                              factor_dtype="int8"), "onnxsvd_int4_b128_r0"),
+    # ORT int4 b128's bytes (4.25 bits a weight) spent another way: an int2 b128 base (2.25 bits) and the two bits
+    # it leaves spent on int8 correction ranks (a block of 256 would pad MiniLM's K = 384 to 512 and cost more).
+    "onnxsvd_int2_b128_whiten_bpw4.25_int8": ("onnxsvd int2 b128 + whiten, --bits-per-weight 4.25, int8 factors",
+                                              onnxsvd_quantized(0, "whiten", block=128, bits_per_weight=4.25,
+                                                                factor_dtype="int8", bits=2), None),
+    "onnxsvd_int2_b128_whiten_lrf_bpw4.25_int8": (
+        "onnxsvd int2 b128, lowrank-first: whiten preserve 32, --bits-per-weight 4.25, int8 factors",
+        onnxsvd_quantized(0, "whiten", block=128, bits_per_weight=4.25, factor_dtype="int8", bits=2, preserve=32),
+        None),
     "onnxsvd_int4_b32_whiten_bpw6.7_int8": ("onnxsvd int4 b32 + whiten, --bits-per-weight 6.7, int8 factors",
                                             onnxsvd_quantized(0, "whiten", bits_per_weight=6.7, factor_dtype="int8"),
                                             "onnxsvd_int4_b32_r0"),
