@@ -372,3 +372,21 @@ def main_group():
     from onnxsvd.cli.main import cli
 
     return cli
+
+
+def test_a_narrow_delta_is_carried_exactly_not_left_out(tmp_path: Path) -> None:
+    """A head-like site with fewer outputs than the rank (factors no smaller than the dense delta) is
+    adapted at its full rank, exactly: an adapter has no dense weight to keep, so leaving it out loses it."""
+    base = _weights(0)
+    tuned = dict(base)
+    rng = np.random.default_rng(5)
+    tuned["w_gemm"] = (base["w_gemm"] + 0.3 * rng.standard_normal(base["w_gemm"].shape)).astype(np.float32)
+    onnx.save(_model(base), tmp_path / "base.onnx")
+    onnx.save(_model(tuned), tmp_path / "head.onnx")
+    report = extract(tmp_path / "base.onnx", [tmp_path / "head.onnx"], tmp_path / "out", _exact(16))
+    gemm = {d.name: d for d in report.adapters[0].deltas}["gemm"]
+    assert gemm.action == "adapted" and gemm.rank == min(N, H) and gemm.delta_error < 1e-5
+    assert "carried anyway" in gemm.reason
+    x = _x()
+    np.testing.assert_allclose(_run(tmp_path / "out" / "base_lora.onnx", x, tmp_path / "out" / "head.onnx_adapter"),
+                               _run(tmp_path / "head.onnx", x), rtol=1e-4, atol=1e-4)

@@ -28,7 +28,6 @@ __all__ = ["extract_command", "render_extract"]
 @click.option("--energy", type=float, help="Smallest rank keeping this share of the delta's Σσ², 0 < β ≤ 1.")
 @click.option("--align", type=int, default=1, show_default=True, help="Round ratio/energy ranks to a multiple of this.")
 @click.option("--min-rank", type=int, help="Leave out a delta whose ratio or allocated rank is under this.")
-@click.option("--allow-growth", is_flag=True, help="Allow factors as large as the dense delta.")
 @click.option("--stages", type=int, default=1, show_default=True, help="Residual SVD stages per delta.")
 @click.option("--method", type=click.Choice(METHODS), default="svd", show_default=True,
               help="svd: plain; whiten (or asvd): in the tuned model's activations on --data.")
@@ -59,7 +58,6 @@ def extract_command(
     energy: float | None,
     align: int,
     min_rank: int | None,
-    allow_growth: bool,
     stages: int,
     method: str,
     damping: float,
@@ -90,7 +88,7 @@ def extract_command(
     if data_paths and method == "svd":
         method = "whiten"
     config = ExtractConfig(
-        policy=rank_policy(rank, ratio, energy, align, allow_growth, min_rank),
+        policy=rank_policy(rank, ratio, energy, align, True, min_rank),
         stages=stages,
         method=method,
         damping=damping,

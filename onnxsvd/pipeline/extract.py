@@ -9,7 +9,8 @@ weight in :mod:`onnxsvd.factorize.lowrank`: plainly (``‖ΔW − A·B‖_F``), 
 model's own activation metric (``‖X_tuned (ΔW − A·B)‖_F``, whitening by ``G = XᵀX`` collected on the tuned
 model: a delta matters where the tuned model's data is). Ranks come from the rank policy
 (:func:`onnxsvd.rank.choose_rank`) or one budget over all sites (``--allocate global``). A delta of zero, or
-one whose ``‖ΔW‖_F / ‖W_base‖_F`` is at most ``--tolerance``, is reported and left out.
+one whose ``‖ΔW‖_F / ‖W_base‖_F`` is at most ``--tolerance``, is reported and left out. There is no byte
+guard: an adapter keeps no dense weight, so every other delta is carried (at most at its full rank, exact).
 
 Written into the output folder, all or nothing: ``base_lora.onnx`` (the base with a branch per adapted
 site whose factors are graph inputs with rank-0 defaults), ``<tuned>.onnx_adapter`` per tuned model (every
@@ -68,7 +69,10 @@ class ExtractConfig:
 
     Attributes:
         policy: the rank policy of each delta (``--rank``, ``--ratio``, ``--energy``); a fixed rank 16 by
-            default, not aligned.
+            default, not aligned. Its ``allow_growth`` is always on: an adapter has no dense weight to keep,
+            so a delta left out for its bytes would be lost; a delta whose factors are no smaller than the
+            dense delta (a narrow head at rank ≥ its outputs) is carried, capped at its full rank
+            ``min(K, N)``, and its reason says so.
         stages: residual stages per delta (each fitted to what the earlier, rounded stages left).
         method: ``"svd"`` (plain), ``"whiten"`` or ``"asvd"`` (need ``data``: the tuned model's activations).
         damping: whitening's damping, relative to the mean of ``diag(XᵀX)``.
@@ -372,17 +376,25 @@ def _choose_ranks(
     """The total rank of each decomposed delta (absent: left out, with the reason in its report)."""
     live = {key: entry for key, entry in deltas.items() if entry.decomposition is not None}
     ranks: dict[str, int] = {}
+    policy = dataclasses.replace(config.policy, allow_growth=True)  # no dense weight to keep in an adapter
     if config.allocate == "uniform":
         for key, entry in live.items():
             site = groups[key][0]
-            decision = choose_rank(config.policy, site.k, site.n, entry.decomposition.s, _cost(site, config))
+            cost = _cost(site, config)
+            decision = choose_rank(policy, site.k, site.n, entry.decomposition.s, cost)
             entry.report.reason = decision.reason
             if not decision.dense:
                 ranks[key] = decision.rank
+                chain = cost.chain_bytes(site.k, site.n, decision.rank)
+                if chain >= cost.dense_bytes:
+                    entry.report.reason += (
+                        f"; factors {chain:,} B ≥ the dense delta's {cost.dense_bytes:,} B: carried anyway "
+                        f"(an adapter keeps no dense weight: left out, the delta would be lost)"
+                    )
         return ranks
     candidates = [
-        AllocationSite(key, groups[key][0].k, groups[key][0].n, entry.decomposition.s, 1.0, config.policy.floor,
-                       min(groups[key][0].k, groups[key][0].n) if config.policy.allow_growth else None)
+        AllocationSite(key, groups[key][0].k, groups[key][0].n, entry.decomposition.s, 1.0, policy.floor,
+                       min(groups[key][0].k, groups[key][0].n))
         for key, entry in live.items()
     ]
     if not candidates:
